@@ -1,0 +1,145 @@
+"""``GradTraceCallback``: gradtrace for ``transformers.Trainer`` and every TRL trainer built on it.
+
+A thin adapter: it maps Trainer events onto a :class:`~gradtrace.session.TraceSession`.
+
+- ``on_train_begin``: start tracking the trainable parameters (after PEFT/accelerate wrapping);
+  when resuming, restore the tracker state saved with the checkpoint.
+- ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
+  exactly what ``optimizer.step()`` applies: fold it into the masks.
+- ``on_optimizer_step``: record what the step changed (``ever_changed`` mode only).
+- ``on_step_end``: measure and log on the trainer's logging steps.
+- ``on_save``: save tracker state, masks and summary into ``checkpoint-N/gradtrace/``.
+- ``on_train_end``: final masks and summary into the run directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from gradtrace.config import TrackerConfig
+from gradtrace.run_info import run_info
+from gradtrace.session import GradTraceWarning, TraceSession
+from gradtrace.tracker import GradTracker
+from gradtrace.wandb_sink import WandbSink
+
+CHECKPOINT_SUBDIR = "gradtrace"
+
+
+def _guarded(method):
+    """Run a callback event; on error warn once and stop tracking rather than crash training."""
+
+    @functools.wraps(method)
+    def wrapper(self: GradTraceCallback, args, state, control, **kwargs):
+        if self._disabled:
+            return control
+        try:
+            method(self, args, state, control, **kwargs)
+        except Exception as err:
+            if self.strict:
+                raise
+            self._disabled = True
+            import warnings
+
+            warnings.warn(f"gradtrace: {method.__name__} failed ({type(err).__name__}: {err}); tracking is "
+                          "switched off for the rest of this run, training continues", GradTraceWarning,
+                          stacklevel=2)
+        return control
+
+    return wrapper
+
+
+class GradTraceCallback(TrainerCallback):
+    """Track which parameters receive gradients and which change, live, from one callback.
+
+    Args:
+        output_dir: where the run log, masks and summary go; default ``<TrainingArguments.output_dir>/gradtrace``.
+        config: a :class:`TrackerConfig`; keyword arguments (e.g. ``cancellation="full"``) build one.
+        log_every: measure every this many optimizer steps; default: on the trainer's logging steps.
+        wandb: log to the active W&B run (the one ``report_to="wandb"`` opened, or your ``wandb.init``).
+        resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
+            default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
+        strict: raise instead of warning when gradtrace itself fails (for tests).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, config: TrackerConfig | None = None, *,
+                 log_every: int | None = None, wandb: bool = True, resume_from: str | os.PathLike | None = None,
+                 strict: bool = False, **config_kwargs: Any):
+        if config is not None and config_kwargs:
+            raise TypeError("pass either config=TrackerConfig(...) or its fields as keywords, not both")
+        self.config = config or TrackerConfig(**config_kwargs)
+        self.output_dir = output_dir
+        self.log_every = log_every
+        self.use_wandb = wandb
+        self.resume_from = resume_from
+        self.strict = strict
+        self.session: TraceSession | None = None
+        self._disabled = False
+
+    @property
+    def tracker(self) -> GradTracker | None:
+        return self.session.tracker if self.session else None
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The latest summary (global / per_layer / per_kind / per_matrix fractions)."""
+        return self.session.last_summary if self.session else None
+
+    @property
+    def run_dir(self) -> str | None:
+        return str(self.session.run_dir) if self.session else None
+
+    @_guarded
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise ValueError("the Trainer passed no model to on_train_begin")
+        tracker = GradTracker(model, self.config)
+        mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
+        info = run_info(
+            tracker, optimizer,
+            max_grad_norm=args.max_grad_norm,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            mixed_precision=mixed,
+            world_size=args.world_size,
+            model_class=type(model).__name__,
+            model_name=getattr(getattr(model, "config", None), "_name_or_path", None),
+            trainer_output_dir=args.output_dir,
+        )
+        run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
+        sinks = [WandbSink(step_key="train/global_step")] if self.use_wandb else []
+        self.session = TraceSession(tracker, run_dir, sinks=sinks, info=info, strict=self.strict,
+                                    is_main_process=state.is_world_process_zero)
+        resumed_from = None
+        if state.global_step > 0:
+            checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            resumed_from = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
+            self.session.restore_state(resumed_from)
+        self.session.start(step=state.global_step, resumed_from=resumed_from)
+
+    @_guarded
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.session.tracker.observe_gradients()
+
+    @_guarded
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.session.tracker.observe_update()
+
+    @_guarded
+    def on_step_end(self, args, state, control, **kwargs):
+        due = state.global_step % self.log_every == 0 if self.log_every else control.should_log
+        if due:
+            self.session.log(state.global_step)
+
+    @_guarded
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.session.save_state(os.path.join(checkpoint, CHECKPOINT_SUBDIR), step=state.global_step)
+
+    @_guarded
+    def on_train_end(self, args, state, control, **kwargs):
+        self.session.finish(state.global_step)

@@ -1,0 +1,92 @@
+"""gradtrace in a plain PyTorch loop: hook the optimizer, and every step is tracked.
+
+    tracer = gradtrace.trace(model, optimizer, "runs/my-run", log_every=10)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()          # gradtrace reads the clipped gradient just before the step
+        optimizer.zero_grad()
+    tracer.finish()               # masks.safetensors + summary.json in runs/my-run
+
+The optimizer's step pre-hook sees ``.grad`` exactly as the step will apply it (accumulated over any
+micro-batches and clipped), and the post-hook sees the result of the step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradtrace.config import TrackerConfig
+from gradtrace.run_info import run_info
+from gradtrace.session import TraceSession
+from gradtrace.tracker import GradTracker
+
+
+class Tracer:
+    """A tracked plain loop; returned by :func:`trace`."""
+
+    def __init__(self, session: TraceSession, optimizer: torch.optim.Optimizer, log_every: int | None):
+        self.session = session
+        self.log_every = log_every
+        self._handles = [
+            optimizer.register_step_pre_hook(lambda *_: self.session.tracker.observe_gradients()),
+            optimizer.register_step_post_hook(lambda *_: self._after_step()),
+        ]
+        session.start(step=0)
+
+    @property
+    def tracker(self) -> GradTracker:
+        return self.session.tracker
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen so far."""
+        return self.session.tracker.steps
+
+    def _after_step(self) -> None:
+        self.session.tracker.observe_update()
+        if self.log_every and self.step % self.log_every == 0:
+            self.session.log(self.step)
+
+    def log(self) -> dict[str, Any]:
+        """Measure and log now; returns the summary."""
+        return self.session.log(self.step)
+
+    def save_state(self, directory: str | os.PathLike) -> None:
+        """Save tracker state (to resume from) and masks into ``directory``, e.g. beside your checkpoint."""
+        self.session.save_state(directory, step=self.step)
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        self.session.restore_state(directory)
+
+    def finish(self) -> str | None:
+        """Final masks and summary; removes the optimizer hooks. Returns the masks file's path."""
+        for handle in self._handles:
+            handle.remove()
+        path = self.session.finish(self.step)
+        return str(path) if path else None
+
+
+def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, *,
+          config: TrackerConfig | None = None, log_every: int | None = 10, wandb: bool = True,
+          strict: bool = False, is_main_process: bool = True, **info: Any) -> Tracer:
+    """Start tracking ``model``'s trainable parameters through ``optimizer``'s steps.
+
+    Logs every ``log_every`` optimizer steps to ``output_dir/log.jsonl`` and, if a run is active, to
+    W&B under ``gradtrace/`` against ``gradtrace/step``. Extra keyword arguments (e.g.
+    ``max_grad_norm=1.0``) are recorded in the run's info.
+    """
+    tracker = GradTracker(model, config)
+    sinks = []
+    if wandb:
+        from gradtrace.wandb_sink import WandbSink
+
+        sinks.append(WandbSink(step_key="gradtrace/step"))
+    session = TraceSession(tracker, output_dir, sinks=sinks, info=run_info(tracker, optimizer, **info),
+                           strict=strict, is_main_process=is_main_process)
+    return Tracer(session, optimizer, log_every)

@@ -1,0 +1,147 @@
+"""A traced run: the tracker plus where its results go (run log, sinks, masks, checkpoints).
+
+Integrations (the Trainer callback, the plain-loop helper) drive a :class:`TraceSession`; sinks such as
+W&B plug in through the small :class:`Sink` protocol. Nothing the instrument does may stop training:
+a failing sink or write is reported once and skipped, unless ``strict=True`` (tests use it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+from safetensors.torch import load_file, save_file
+
+from gradtrace.atomic import write_atomic, write_json_atomic
+from gradtrace.masks_file import save_masks
+from gradtrace.run_log import RunLog
+from gradtrace.summary import summarize
+from gradtrace.tracker import GradTracker
+
+MASKS_NAME = "masks.safetensors"
+SUMMARY_NAME = "summary.json"
+STATE_NAME = "tracker_state.safetensors"
+
+
+class GradTraceWarning(RuntimeWarning):
+    """gradtrace degraded (a sink or a write failed) but training goes on."""
+
+
+class Sink(Protocol):
+    """Somewhere summaries go besides the local run log (e.g. W&B)."""
+
+    name: str
+
+    def log(self, summary: dict[str, Any], step: int) -> None: ...
+
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None: ...
+
+
+class TraceSession:
+    """Owns a tracker's outputs under ``run_dir``: ``log.jsonl``, ``masks.safetensors``, ``summary.json``."""
+
+    def __init__(self, tracker: GradTracker, run_dir: str | os.PathLike, *, sinks: list[Sink] | None = None,
+                 info: dict[str, Any] | None = None, strict: bool = False, is_main_process: bool = True):
+        self.tracker = tracker
+        self.run_dir = Path(run_dir)
+        self.sinks = list(sinks or [])
+        self.info = dict(info or {})
+        self.strict = strict
+        self.is_main_process = is_main_process
+        self.run_log = RunLog(self.run_dir) if is_main_process else None
+        self.last_summary: dict[str, Any] | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ failure policy
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"gradtrace: {message}", GradTraceWarning, stacklevel=3)
+
+    def _attempt(self, key: str, what: str, action, *args) -> Any:
+        try:
+            return action(*args)
+        except Exception as err:
+            if self.strict:
+                raise
+            self.warn_once(key, f"{what} failed ({type(err).__name__}: {err}); training continues")
+            return None
+
+    # ------------------------------------------------------------------ events
+    def start(self, *, step: int = 0, resumed_from: str | None = None) -> None:
+        if self.run_log is not None:
+            record = {"event": "start", "time": time.time(), "step": step, "info": self.info}
+            if resumed_from:
+                record["resumed_from"] = resumed_from
+            self._attempt("runlog", "writing the run log", self.run_log.append, record)
+
+    def log(self, step: int) -> dict[str, Any]:
+        """Measure now (one host sync), append to the run log and send to every sink."""
+        summary = summarize(self.tracker.measure(), step=step)
+        self.last_summary = summary
+        if not self.is_main_process:
+            return summary
+        self._attempt("runlog", "writing the run log", self.run_log.append,
+                      {"event": "log", "time": time.time(), **summary})
+        for sink in list(self.sinks):
+            try:
+                sink.log(summary, step)
+            except Exception as err:
+                if self.strict:
+                    raise
+                self.sinks.remove(sink)
+                self.warn_once(f"sink-{sink.name}", f"{sink.name} logging failed ({type(err).__name__}: {err}); "
+                               f"it is switched off, the local run log in {self.run_dir} goes on")
+        return summary
+
+    def export(self, directory: str | os.PathLike | None = None, *, step: int) -> Path | None:
+        """Write ``masks.safetensors`` and ``summary.json`` (atomically) into ``directory`` or the run dir."""
+        if not self.is_main_process:
+            return None
+        target = Path(directory) if directory is not None else self.run_dir
+        summary = self.last_summary if self.last_summary and self.last_summary["step"] == step else self.log(step)
+
+        def write() -> Path:
+            path = target / MASKS_NAME
+            save_masks(path, self.tracker.packed_masks(), dtypes=self.tracker.dtypes(),
+                       step=step, info=self.info)
+            write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary})
+            return path
+
+        return self._attempt(f"export-{target}", f"writing masks to {target}", write)
+
+    def save_state(self, directory: str | os.PathLike, *, step: int) -> None:
+        """Save everything needed to resume into ``directory`` (with the masks, for inspection)."""
+        target = Path(directory)
+
+        def write() -> None:
+            tensors = self.tracker.state_tensors()
+            write_atomic(target / STATE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
+
+        if self.is_main_process:
+            self._attempt("save-state", f"saving tracker state to {target}", write)
+        self.export(target, step=step)
+
+    def restore_state(self, directory: str | os.PathLike) -> None:
+        """Load the state :meth:`save_state` wrote. Raises if it is missing or belongs to another model."""
+        path = Path(directory) / STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no gradtrace tracker state in this checkpoint, so the masks "
+                                    "cannot continue from it")
+        self.tracker.load_state_tensors(load_file(str(path)), source=str(path))
+
+    def finish(self, step: int) -> Path | None:
+        """Final measurement and export; tells each sink the run ended."""
+        masks_path = self.export(step=step)
+        if not self.is_main_process:
+            return masks_path
+        summary = self.last_summary or {}
+        self._attempt("runlog", "writing the run log", self.run_log.append,
+                      {"event": "end", "time": time.time(), "step": step,
+                       "masks": str(masks_path) if masks_path else None})
+        for sink in list(self.sinks):
+            self._attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
+        return masks_path

@@ -1,0 +1,88 @@
+"""Per-parameter tracker state, declared once.
+
+Each accumulator says how long it is for a parameter of ``numel`` elements, its dtype, where it lives
+and how it combines across data-parallel ranks. Allocation, checkpoint save/restore and distributed
+merging all iterate over these declarations instead of naming fields one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from gradtrace.bitpack import packed_length
+from gradtrace.config import TrackerConfig
+
+Reduce = Literal["or", "sum", "none"]
+Placement = Literal["param", "reference"]
+
+
+def lowbits_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-step change detector: 1 byte for 2-byte values, 2 bytes for wider ones.
+
+    The detector keeps a byte-wise XOR of each element (see ``tracker._change_signature``); a change of
+    a bf16 weight by k < 256 ULPs always alters it. Tests check its recall against exact copies.
+    """
+    return torch.uint8 if torch.empty((), dtype=param_dtype).element_size() <= 2 else torch.int16
+
+
+def sampled_length(numel: int, stride: int) -> int:
+    """Elements ``0, stride, 2*stride, ...`` of a flattened parameter: the subset with gradient sums."""
+    return math.ceil(numel / stride)
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """One per-parameter state tensor."""
+
+    name: str
+    reduce: Reduce  # across data-parallel ranks: bitwise OR, SUM, or identical on every rank
+    length: Callable[[int, TrackerConfig], int]
+    dtype: Callable[[torch.dtype], torch.dtype]
+    enabled: Callable[[TrackerConfig], bool]
+    placement: Placement = "param"
+    doc: str = ""
+
+
+ACCUMULATORS: tuple[Accumulator, ...] = (
+    Accumulator("gradient_bits", "or", lambda n, c: packed_length(n), lambda d: torch.uint8,
+                lambda c: True, doc="bit i set once element i received a finite nonzero gradient"),
+    Accumulator("signed_sum", "sum", lambda n, c: sampled_length(n, c.stride), lambda d: torch.float32,
+                lambda c: c.tracks_sums, doc="sum of finite gradients, on the sampled elements"),
+    Accumulator("abs_sum", "sum", lambda n, c: sampled_length(n, c.stride), lambda d: torch.float32,
+                lambda c: c.tracks_sums, doc="sum of |finite gradients|, on the sampled elements"),
+    Accumulator("ever_changed_bits", "or", lambda n, c: packed_length(n), lambda d: torch.uint8,
+                lambda c: c.ever_changed, doc="bit i set once an optimizer step changed element i"),
+    Accumulator("last_lowbits", "none", lambda n, c: n, lowbits_dtype,
+                lambda c: c.ever_changed, doc="low bits of each element after the last step"),
+    Accumulator("reference", "none", lambda n, c: n, lambda d: d,
+                lambda c: True, placement="reference", doc="the element's value when tracking began"),
+)
+
+# Counters kept per device as one int64 vector, so a step adds to them without any host sync.
+COUNTERS: tuple[str, ...] = (
+    "zero_gradient_steps",  # optimizer steps whose gradient was exactly zero everywhere
+    "nonfinite_gradient_elements",  # NaN/inf gradient elements seen (never written into any state)
+    "changed_elements_total",  # sum over steps of elements changed by that step (ever_changed mode)
+    "last_step_nonzero",  # elements with a nonzero gradient at the latest step
+    "last_step_changed",  # elements changed by the latest step (ever_changed mode)
+)
+COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+
+
+def enabled_accumulators(config: TrackerConfig) -> list[Accumulator]:
+    return [acc for acc in ACCUMULATORS if acc.enabled(config)]
+
+
+def bytes_per_element(config: TrackerConfig, param_dtype: torch.dtype, *, placement: Placement = "param") -> float:
+    """State bytes per tracked element, asymptotically, for accumulators at ``placement``."""
+    n = 1 << 20
+    total = 0
+    for acc in enabled_accumulators(config):
+        if acc.placement == placement:
+            total += acc.length(n, config) * torch.empty((), dtype=acc.dtype(param_dtype)).element_size()
+    return total / n

@@ -1,0 +1,92 @@
+"""From per-parameter counts to fractions: global, per layer, per module kind, per matrix.
+
+Every element falls in exactly one category (fractions of tracked elements, summing to 1):
+
+- ``no_gradient``: never received a nonzero gradient and is unchanged;
+- ``changed_without_gradient``: never received a gradient but changed (weight decay, momentum);
+- ``updated``: received a gradient and changed (bitwise, in its storage dtype);
+- ``cancelled``: received gradients but is unchanged, and they cancelled: |Σg| <= ε·Σ|g|;
+- ``absorbed``: received a consistent gradient but is unchanged: its updates were lost to the
+  storage precision (e.g. bf16 rounding).
+
+``cancelled``/``absorbed`` split the "gradient but unchanged" elements in the proportion seen on the
+elements whose gradient sums are kept (all of them with ``cancellation="full"``): exact in that mode,
+an unbiased estimate with ``"sampled"``, absent with ``"off"`` or when no sampled element is in the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gradtrace.grouping import by_kind, by_layer, total
+from gradtrace.tracker import Measurement
+
+CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed")
+
+
+def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_tolerance: float = 1e-3) -> dict:
+    """Fractions of one group's elements; ``None`` where a value cannot be known."""
+    n = counts["numel"]
+    if n == 0:
+        return {}
+    gradient, updated, both = counts["gradient"], counts["updated"], counts["gradient_and_updated"]
+    gradient_unchanged = gradient - both
+    out: dict[str, float | None] = {
+        "gradient_sparsity": 1 - gradient / n,
+        "update_sparsity": 1 - updated / n,
+        f"update_sparsity_abs_{abs_tolerance:g}": 1 - counts["updated_abs"] / n,
+        f"update_sparsity_rel_{rel_tolerance:g}": 1 - counts["updated_rel"] / n,
+        "no_gradient": (n - gradient - (updated - both)) / n,
+        "changed_without_gradient": (updated - both) / n,
+        "updated": both / n,
+        "gradient_unchanged": gradient_unchanged / n,
+        "cancelled": None,
+        "absorbed": None,
+    }
+    if gradient_unchanged == 0:
+        out["cancelled"] = out["absorbed"] = 0.0
+    elif counts.get("sampled_gradient_unchanged", 0) > 0:
+        share = counts["sampled_cancelled"] / counts["sampled_gradient_unchanged"]
+        out["cancelled"] = gradient_unchanged * share / n
+        out["absorbed"] = gradient_unchanged * (1 - share) / n
+    if counts.get("ever_changed_tracked"):
+        out["ever_changed"] = counts["ever_changed"] / n
+    return out
+
+
+def summarize(measurement: Measurement, *, step: int | None = None) -> dict[str, Any]:
+    """Plain-data summary of a measurement (JSON-ready): what the run log, W&B and reports read."""
+    cfg = measurement.config
+    per_param = measurement.per_param
+    if cfg.ever_changed:
+        per_param = {name: {**counts, "ever_changed_tracked": 1} for name, counts in per_param.items()}
+    tol = {"abs_tolerance": cfg.abs_tolerance, "rel_tolerance": cfg.rel_tolerance}
+    overall = total(per_param)
+    global_ = fractions(overall, **tol)
+    counters = measurement.counters
+    steps = measurement.step
+    numel = overall["numel"]
+    global_.update({
+        "optimizer_steps": steps,
+        "zero_gradient_steps": counters["zero_gradient_steps"],
+        "nonfinite_gradient_elements": counters["nonfinite_gradient_elements"],
+        "last_step_gradient_density": counters["last_step_nonzero"] / numel if steps else 0.0,
+        "tracked_elements": numel,
+    })
+    if cfg.ever_changed:
+        global_["last_step_changed_fraction"] = counters["last_step_changed"] / numel if steps else 0.0
+        global_["mean_step_changed_fraction"] = counters["changed_elements_total"] / (numel * steps) if steps else 0.0
+    bins = len(measurement.cancellation_histogram)
+    return {
+        "step": measurement.step if step is None else step,
+        "optimizer_steps": steps,
+        "global": global_,
+        "per_layer": {str(layer): fractions(c, **tol) for layer, c in by_layer(per_param).items()},
+        "per_kind": {kind: fractions(c, **tol) for kind, c in by_kind(per_param).items()},
+        "per_matrix": {name: {**fractions(c, **tol), "numel": c["numel"]} for name, c in per_param.items()},
+        "cancellation_histogram": {
+            "edges": [i / bins for i in range(bins + 1)],
+            "counts": list(measurement.cancellation_histogram),
+        },
+    }

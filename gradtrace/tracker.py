@@ -1,0 +1,329 @@
+"""The core tracker: per-parameter gradient and update state, kept beside each parameter.
+
+Call :meth:`GradTracker.observe_gradients` once per optimizer step while ``.grad`` holds the gradient
+the optimizer is about to apply (after accumulation and clipping), and :meth:`observe_update` right
+after ``optimizer.step()``. Both only queue tensor ops on the parameters' devices: no host sync.
+:meth:`measure` (at logging steps) turns the state into per-parameter counts with one host sync.
+
+This module knows nothing of transformers, TRL or W&B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradtrace.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
+from gradtrace.config import TrackerConfig
+from gradtrace.masks_file import PackedMask
+from gradtrace.state import COUNTER_INDEX, COUNTERS, enabled_accumulators, lowbits_dtype
+
+# Per-parameter counts produced by measure(); fractions are derived in gradtrace.summary.
+COUNT_FIELDS: tuple[str, ...] = (
+    "numel",
+    "gradient",  # elements that ever received a finite nonzero gradient
+    "updated",  # stored value differs bitwise from the reference
+    "updated_abs",  # |θ - θ0| > abs_tolerance (delta in the storage dtype, as the paper's script)
+    "updated_rel",  # |θ - θ0| > rel_tolerance * max(|θ|, |θ0|) (Zhu et al.)
+    "gradient_and_updated",
+    "ever_changed",  # ever changed by some step (ever_changed mode; else 0)
+    "sampled",  # elements with gradient sums
+    "sampled_gradient",
+    "sampled_gradient_unchanged",
+    "sampled_cancelled",  # sampled, gradient, unchanged, |Σg| <= ε Σ|g|
+)
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The locally held part of a tensor: a DTensor's shard (FSDP2), else the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory viewed as integers of equal width, for bitwise comparison."""
+    return tensor.view(_INT_VIEW[tensor.element_size()])
+
+
+def _change_signature(tensor: torch.Tensor) -> torch.Tensor:
+    """Per element, the XOR of its bytes (2-byte dtypes) or of its 16-bit halves (wider dtypes).
+
+    Any change of fewer than 256 (resp. 65536) units in the last place alters it, and so does a sign
+    flip, which a plain low-byte snapshot misses when a weight crosses zero symmetrically.
+    """
+    low = lowbits_dtype(tensor.dtype)
+    width = tensor.element_size() // torch.empty((), dtype=low).element_size()
+    parts = tensor.reshape(-1).view(low).reshape(-1, width)
+    if width == 1:  # 1-byte dtypes: the value itself
+        return parts[:, 0].clone()
+    signature = parts[:, 0] ^ parts[:, 1]
+    for i in range(2, width):
+        signature ^= parts[:, i]
+    return signature
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """Parameter name as the unwrapped model reports it (no DDP ``module.`` / compile prefixes)."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+@dataclass
+class Measurement:
+    """Counts at one moment: per parameter, plus tracker-wide counters and a ratio histogram."""
+
+    step: int
+    per_param: dict[str, dict[str, int]]
+    counters: dict[str, int]
+    cancellation_histogram: list[int]  # counts of |Σg|/Σ|g| in equal bins over [0, 1], sampled elements
+    config: TrackerConfig = field(default_factory=TrackerConfig)
+
+
+class GradTracker:
+    """Tracks, for every trainable parameter, which elements received a gradient and which changed.
+
+    Args:
+        model: a module (its ``requires_grad`` parameters are tracked) or ``(name, parameter)`` pairs.
+        config: what to track; see :class:`TrackerConfig` for the bytes per parameter of each mode.
+    """
+
+    def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None):
+        self.config = config or TrackerConfig()
+        named = model.named_parameters() if isinstance(model, nn.Module) else model
+        self._params: list[tuple[str, nn.Parameter]] = [
+            (strip_wrapper_prefix(name), p) for name, p in named if p.requires_grad
+        ]
+        if not self._params:
+            raise ValueError("GradTracker found no trainable parameters (requires_grad=True) to track")
+        names = [name for name, _ in self._params]
+        if len(set(names)) != len(names):
+            raise ValueError("parameter names are not unique after removing wrapper prefixes")
+        self._accumulators = enabled_accumulators(self.config)
+        self._primary = _local(self._params[0][1]).device
+        self.steps = 0
+        self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
+        self.state: dict[str, dict[str, torch.Tensor]] = {name: self._allocate(p) for name, p in self._params}
+
+    # ------------------------------------------------------------------ set-up
+    def _allocate(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
+        local = _local(param).detach()
+        numel = local.numel()
+        state: dict[str, torch.Tensor] = {}
+        for acc in self._accumulators:
+            if acc.name == "reference":
+                state[acc.name] = self._reference_copy(local)
+            elif acc.name == "last_lowbits":
+                state[acc.name] = _change_signature(local).clone()
+            else:
+                state[acc.name] = torch.zeros(acc.length(numel, self.config), dtype=acc.dtype(local.dtype),
+                                              device=local.device)
+        return state
+
+    def _reference_copy(self, local: torch.Tensor) -> torch.Tensor:
+        device = torch.device(self.config.reference_device)
+        copy = local.to(device, copy=True)
+        if device.type == "cpu" and local.device.type == "cuda":
+            copy = copy.pin_memory()  # lets measure() copy it back without a host sync
+        return copy
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [name for name, _ in self._params]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self._params)
+
+    def dtypes(self) -> dict[str, str]:
+        return {name: str(p.dtype).removeprefix("torch.") for name, p in self._params}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self._params}
+
+    # ------------------------------------------------------------------ hot path
+    @torch.no_grad()
+    def observe_gradients(self) -> None:
+        """Fold the current ``.grad`` of every tracked parameter into the state (one optimizer step).
+
+        Non-finite gradient elements are counted and otherwise ignored: they never set a mask bit and
+        never enter the sums. A parameter whose ``.grad`` is ``None`` received no gradient this step.
+        """
+        stride = self.config.stride
+        step_nonzero = torch.zeros((), dtype=torch.int64, device=self._primary)
+        nonfinite = torch.zeros((), dtype=torch.int64, device=self._primary)
+        for name, param in self._params:
+            grad = param.grad
+            if grad is None:
+                continue
+            grad = _local(grad)
+            if grad.is_sparse:
+                grad = grad.to_dense()
+            state = self.state[name]
+            finite = torch.isfinite(grad)
+            nonzero = grad.ne(0).logical_and_(finite)
+            or_pack_into(state["gradient_bits"], nonzero)
+            step_nonzero += nonzero.sum().to(self._primary, non_blocking=True)
+            nonfinite += (finite.numel() - finite.sum()).to(self._primary, non_blocking=True)
+            if self.config.tracks_sums:
+                sampled = grad.reshape(-1)[::stride].float()
+                sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0)
+                state["signed_sum"].add_(sampled)
+                state["abs_sum"].add_(sampled.abs_())
+        counters = self.counters
+        counters[COUNTER_INDEX["last_step_nonzero"]] = step_nonzero
+        counters[COUNTER_INDEX["zero_gradient_steps"]] += step_nonzero.eq(0)
+        counters[COUNTER_INDEX["nonfinite_gradient_elements"]] += nonfinite
+        self.steps += 1
+
+    @torch.no_grad()
+    def observe_update(self) -> None:
+        """After ``optimizer.step()``: record which elements that step changed (``ever_changed`` mode).
+
+        A no-op unless ``config.ever_changed``; the update mask against the start needs no per-step work.
+        """
+        if not self.config.ever_changed:
+            return
+        step_changed = torch.zeros((), dtype=torch.int64, device=self._primary)
+        for name, param in self._params:
+            state = self.state[name]
+            low = _change_signature(_local(param).detach())
+            changed = low.ne(state["last_lowbits"])
+            or_pack_into(state["ever_changed_bits"], changed)
+            state["last_lowbits"].copy_(low)
+            step_changed += changed.sum().to(self._primary, non_blocking=True)
+        self.counters[COUNTER_INDEX["last_step_changed"]] = step_changed
+        self.counters[COUNTER_INDEX["changed_elements_total"]] += step_changed
+
+    # ------------------------------------------------------------------ measuring
+    @torch.no_grad()
+    def _update_masks(self, param: nn.Parameter, state: Mapping[str, torch.Tensor]):
+        current = _local(param).detach().reshape(-1)
+        reference = state["reference"].to(current.device, non_blocking=True).reshape(-1)
+        updated = _raw_bits(current).ne(_raw_bits(reference))
+        delta = current - reference  # in the storage dtype, like the paper's script
+        updated_abs = delta.abs().le(self.config.abs_tolerance).logical_not_()
+        cur32, ref32 = current.float(), reference.float()
+        bound = torch.maximum(cur32.abs(), ref32.abs()).mul_(self.config.rel_tolerance)
+        updated_rel = (cur32 - ref32).abs().le(bound).logical_not_()
+        return updated, updated_abs, updated_rel
+
+    @torch.no_grad()
+    def measure(self) -> Measurement:
+        """Per-parameter counts of every category, with a single device-to-host transfer."""
+        cfg = self.config
+        bins = cfg.histogram_bins
+        histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
+        rows = []
+        for name, param in self._params:
+            state = self.state[name]
+            numel = _local(param).numel()
+            gradient = unpack_bits(state["gradient_bits"], numel)
+            updated, updated_abs, updated_rel = self._update_masks(param, state)
+            zero = torch.zeros((), dtype=torch.int64, device=gradient.device)
+            ever = popcount(state["ever_changed_bits"]) if cfg.ever_changed else zero
+            if cfg.tracks_sums:
+                sampled_gradient = gradient[:: cfg.stride]
+                signed, absolute = state["signed_sum"].abs(), state["abs_sum"]
+                unchanged = sampled_gradient & updated[:: cfg.stride].logical_not()
+                cancelled = unchanged & signed.le(absolute * cfg.cancel_epsilon)
+                ratio = (signed / absolute.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0, 1)
+                bucket = (ratio * bins).long().clamp_(max=bins - 1)
+                histogram.index_add_(0, bucket.to(self._primary), sampled_gradient.long().to(self._primary))
+                sampled = (torch.tensor(sampled_gradient.numel(), device=gradient.device),
+                           sampled_gradient.sum(), unchanged.sum(), cancelled.sum())
+            else:
+                sampled = (zero, zero, zero, zero)
+            row = torch.stack([
+                torch.tensor(numel, device=gradient.device), gradient.sum(), updated.sum(), updated_abs.sum(),
+                updated_rel.sum(), (gradient & updated).sum(), ever, *sampled,
+            ]).to(self._primary)
+            rows.append(row)
+        table = torch.cat([torch.stack(rows).reshape(-1), histogram, self.counters]).tolist()  # the one sync
+        width = len(COUNT_FIELDS)
+        per_param = {
+            name: dict(zip(COUNT_FIELDS, table[i * width:(i + 1) * width], strict=True))
+            for i, (name, _) in enumerate(self._params)
+        }
+        offset = len(self._params) * width
+        return Measurement(
+            step=self.steps,
+            per_param=per_param,
+            cancellation_histogram=table[offset:offset + bins],
+            counters=dict(zip(COUNTERS, table[offset + bins:], strict=True)),
+            config=cfg,
+        )
+
+    @torch.no_grad()
+    def packed_masks(self) -> dict[str, dict[str, PackedMask]]:
+        """The masks for export, bit-packed on the CPU: ``{kind: {name: PackedMask}}``.
+
+        Kinds: ``gradient``, ``update`` (bitwise), ``update_abs_<tol>``, ``update_rel_<tol>`` and, in
+        ``ever_changed`` mode, ``ever_changed``.
+        """
+        cfg = self.config
+        kinds: dict[str, dict[str, PackedMask]] = {
+            "gradient": {}, "update": {}, f"update_abs_{cfg.abs_tolerance:g}": {},
+            f"update_rel_{cfg.rel_tolerance:g}": {},
+        }
+        if cfg.ever_changed:
+            kinds["ever_changed"] = {}
+        names = list(kinds)
+        for name, param in self._params:
+            state = self.state[name]
+            shape = tuple(_local(param).shape)
+            masks = [state["gradient_bits"], *(pack_bits(m) for m in self._update_masks(param, state))]
+            if cfg.ever_changed:
+                masks.append(state["ever_changed_bits"])
+            for kind, bits in zip(names, masks, strict=True):
+                kinds[kind][name] = PackedMask(bits.to("cpu", copy=True), shape)
+        return kinds
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume, as flat CPU tensors (``"{accumulator}/{parameter}"``)."""
+        tensors = {f"{key}/{name}": value.to("cpu", copy=True).contiguous()
+                   for name, state in self.state.items() for key, value in state.items()}
+        tensors["counters"] = self.counters.cpu()
+        tensors["steps"] = torch.tensor([self.steps], dtype=torch.int64)
+        return tensors
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tracker state") -> None:
+        """Restore from :meth:`state_tensors`; refuses state of another model or another config."""
+        for name, state in self.state.items():
+            for key, value in state.items():
+                saved = tensors.get(f"{key}/{name}")
+                if saved is None:
+                    raise ValueError(f"{source}: no {key!r} for parameter {name!r}; was it saved for another "
+                                     "model or with another TrackerConfig?")
+                if saved.shape != value.shape or saved.dtype != value.dtype:
+                    raise ValueError(f"{source}: {key!r} of {name!r} is {tuple(saved.shape)} {saved.dtype}, "
+                                     f"expected {tuple(value.shape)} {value.dtype}")
+        expected = {f"{key}/{name}" for name, state in self.state.items() for key in state} | {"counters", "steps"}
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise ValueError(f"{source}: holds state for parameters this model does not track: {unexpected[:3]}")
+        for name, state in self.state.items():
+            for key, value in state.items():
+                value.copy_(tensors[f"{key}/{name}"])
+        self.counters.copy_(tensors["counters"])
+        self.steps = int(tensors["steps"][0])
+
+    def state_bytes(self) -> dict[str, int]:
+        """Measured bytes of tracker state, split by where it lives (parameter device vs reference)."""
+        out = {"device": self.counters.numel() * self.counters.element_size(), "reference": 0}
+        for state in self.state.values():
+            for key, value in state.items():
+                out["reference" if key == "reference" else "device"] += value.numel() * value.element_size()
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(_local(p).shape) for _, p in self._params)

@@ -1,0 +1,277 @@
+"""The core tracker against the simplest possible independent computation, in a plain loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradtrace
+from gradtrace import GradTracker, TrackerConfig, load_masks
+from gradtrace.summary import summarize
+
+BF16 = torch.bfloat16
+
+
+class Crafted(nn.Module):
+    """Parameters whose fate is known by construction.
+
+    - ``embed`` rows 8..15: tokens never in the data -> never a gradient;
+    - ``dead``: its output is multiplied by 0 -> gradient exactly 0 every step; weight decay moves it;
+    - ``unused``: never called -> ``.grad`` stays None;
+    - ``seesaw[0]``: gradient +1, -1, +1, -1 ... -> cancels; SGD with lr 0.25 brings it back exactly;
+    - ``stuck`` (bf16, value 1.0): constant gradient, lr far below half a bf16 ULP -> absorbed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.proj = nn.Linear(8, 8)
+        self.dead = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+        self.seesaw = nn.Parameter(torch.tensor([0.5, 0.5]))
+        self.stuck = nn.Parameter(torch.ones(4, dtype=BF16))
+
+    def forward(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        hidden = self.embed(tokens)
+        loss = self.proj(hidden).pow(2).mean() + (self.dead(hidden) * 0).sum()
+        sign = 1.0 if step % 2 == 0 else -1.0
+        loss = loss + sign * self.seesaw[0] + self.stuck.float().sum()
+        return loss
+
+
+def crafted_optimizer(model: Crafted) -> torch.optim.Optimizer:
+    return torch.optim.SGD([
+        {"params": [model.embed.weight, *model.proj.parameters(), *model.unused.parameters()], "lr": 0.05},
+        {"params": list(model.dead.parameters()), "lr": 0.05, "weight_decay": 0.1},
+        {"params": [model.seesaw], "lr": 0.25},
+        {"params": [model.stuck], "lr": 1e-4},
+    ])
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def run_crafted(steps: int, config: TrackerConfig, *, accumulation: int = 1, seed: int = 0):
+    """Train the crafted model with a tracker and, independently, the reference bookkeeping."""
+    torch.manual_seed(seed)
+    model = Crafted()
+    optimizer = crafted_optimizer(model)
+    tracker = GradTracker(model, config)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_grad = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    ref_signed = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    ref_abs = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    zero_steps = 0
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for _ in range(accumulation):
+            tokens = torch.randint(0, 8, (6,), generator=generator)
+            (model(tokens, step) / accumulation).backward()
+        any_nonzero = False
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                ref_grad[n] |= p.grad != 0
+                ref_signed[n] += p.grad.float()
+                ref_abs[n] += p.grad.float().abs()
+                any_nonzero |= bool((p.grad != 0).any())
+        zero_steps += not any_nonzero
+        tracker.observe_gradients()
+        optimizer.step()
+        tracker.observe_update()
+        optimizer.zero_grad()
+    ref_updated = {n: raw(p.detach()) != raw(initial[n]) for n, p in model.named_parameters()}
+    return model, tracker, ref_grad, ref_updated, ref_signed, ref_abs, zero_steps
+
+
+def test_masks_and_categories_match_reference_exactly(tmp_path):
+    config = TrackerConfig(cancellation="full", cancel_epsilon=0.1)
+    model, tracker, ref_grad, ref_updated, ref_signed, ref_abs, zero_steps = run_crafted(6, config)
+
+    # The construction really produced each category (otherwise this test proves little).
+    assert not ref_grad["embed.weight"][8:].any() and ref_grad["embed.weight"][:8].all()
+    assert not ref_grad["dead.weight"].any() and ref_updated["dead.weight"].all()
+    assert not ref_grad["unused.weight"].any() and not ref_updated["unused.weight"].any()
+    assert ref_grad["seesaw"][0] and not ref_updated["seesaw"][0] and ref_signed["seesaw"][0] == 0
+    assert ref_grad["stuck"].all() and not ref_updated["stuck"].any()
+
+    # Masks, exported and re-read, equal the reference element for element.
+    session = gradtrace.TraceSession(tracker, tmp_path, strict=True)
+    masks = load_masks(session.finish(step=6))
+    assert set(masks["gradient"]) == set(ref_grad)
+    for name in ref_grad:
+        assert torch.equal(masks["gradient"][name], ref_grad[name]), name
+        assert torch.equal(masks["update"][name], ref_updated[name]), name
+        assert masks["gradient"][name].shape == model.get_parameter(name).shape
+
+    # Categories from the summary equal those counted directly from the reference tensors.
+    counts = dict.fromkeys(("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed"), 0)
+    for name in ref_grad:
+        g, u = ref_grad[name], ref_updated[name]
+        cancelled_el = g & ~u & (ref_signed[name].abs() <= 0.1 * ref_abs[name])
+        counts["no_gradient"] += int((~g & ~u).sum())
+        counts["changed_without_gradient"] += int((~g & u).sum())
+        counts["updated"] += int((g & u).sum())
+        counts["cancelled"] += int(cancelled_el.sum())
+        counts["absorbed"] += int((g & ~u & ~cancelled_el).sum())
+    total = sum(p.numel() for p in model.parameters())
+    summary = summarize(tracker.measure())
+    for category, count in counts.items():
+        assert summary["global"][category] == pytest.approx(count / total, abs=1e-12), category
+    assert sum(summary["global"][c] for c in counts) == pytest.approx(1.0)
+    assert summary["global"]["zero_gradient_steps"] == zero_steps
+    assert summary["global"]["optimizer_steps"] == 6
+    assert summary["per_matrix"]["stuck"]["absorbed"] == 1.0
+    assert summary["per_matrix"]["seesaw"]["cancelled"] == 0.5
+
+
+def test_sampled_sums_agree_with_full_on_the_sampled_elements():
+    full = run_crafted(5, TrackerConfig(cancellation="full"))[1]
+    sampled = run_crafted(5, TrackerConfig(cancellation="sampled", sample_stride=3))[1]
+    for name in full.parameter_names:
+        assert torch.equal(sampled.state[name]["signed_sum"], full.state[name]["signed_sum"][::3])
+        assert torch.equal(sampled.state[name]["gradient_bits"], full.state[name]["gradient_bits"])
+    s_full, s_sampled = summarize(full.measure()), summarize(sampled.measure())
+    assert s_sampled["global"]["update_sparsity"] == s_full["global"]["update_sparsity"]
+    # The split is estimated, but "gradient and unchanged" is exact and the split sums to it.
+    g = s_sampled["global"]
+    assert g["cancelled"] + g["absorbed"] == pytest.approx(s_full["global"]["gradient_unchanged"])
+
+
+def test_cancellation_off_keeps_no_sums_and_leaves_split_unknown():
+    tracker = run_crafted(3, TrackerConfig(cancellation="off"))[1]
+    assert all("signed_sum" not in s for s in tracker.state.values())
+    g = summarize(tracker.measure())["global"]
+    assert g["cancelled"] is None and g["absorbed"] is None
+
+
+def test_accumulation_masks_the_accumulated_gradient_not_micro_batches():
+    """Two micro-batches whose gradients cancel exactly: the optimizer applies 0, so no mask bit."""
+    layer = nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    tracker = GradTracker(layer)
+    micro_batch_saw_nonzero = False
+    for _step in range(3):
+        for x in (torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, 2.0]])):
+            layer(x).sum().backward()
+            micro_batch_saw_nonzero |= bool(layer.weight.grad[0, 0] != 0)
+        tracker.observe_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    masks = tracker.packed_masks()["gradient"]["weight"].to_bool()
+    assert micro_batch_saw_nonzero
+    assert masks.tolist() == [[False, True]]
+    assert tracker.steps == 3
+
+
+def test_nonfinite_gradients_are_counted_and_never_poison_state():
+    param = nn.Parameter(torch.zeros(6))
+    tracker = GradTracker([("p", param)], TrackerConfig(cancellation="full"))
+    param.grad = torch.tensor([1.0, float("nan"), float("inf"), 0.0, -2.0, float("-inf")])
+    tracker.observe_gradients()
+    param.grad = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    tracker.observe_gradients()
+    state = tracker.state["p"]
+    assert torch.isfinite(state["signed_sum"]).all() and torch.isfinite(state["abs_sum"]).all()
+    assert state["signed_sum"].tolist() == [2.0, 1.0, 0.0, 0.0, -2.0, 0.0]
+    assert tracker.packed_masks()["gradient"]["p"].to_bool().tolist() == [True, True, False, False, True, False]
+    assert summarize(tracker.measure())["global"]["nonfinite_gradient_elements"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ever_changed_detector_against_exact_copies(dtype):
+    """Per-step low-bits detector vs comparing full copies of the weights after every step."""
+    torch.manual_seed(1)
+    model = nn.Linear(64, 64).to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    tracker = GradTracker(model, TrackerConfig(ever_changed=True))
+    previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ever = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    changed_total = 0
+    for step in range(8):
+        x = torch.randn(4, 64, dtype=dtype)
+        sign = 1 if step < 4 else -1  # push the weights back the other way: some return to their start
+        (sign * model(x).float().sum()).backward()
+        tracker.observe_gradients()
+        optimizer.step()
+        tracker.observe_update()
+        optimizer.zero_grad()
+        for n, p in model.named_parameters():
+            changed = raw(p.detach()) != raw(previous[n])
+            ever[n] |= changed
+            changed_total += int(changed.sum())
+            previous[n] = p.detach().clone()
+    masks = tracker.packed_masks()
+    for n in ever:
+        detected = masks["ever_changed"][n].to_bool()
+        assert not (detected & ~ever[n]).any(), "the detector never reports a change that did not happen"
+        assert int((detected & ever[n]).sum()) >= 0.999 * int(ever[n].sum())
+        assert int(ever[n].sum()) > 0.5 * ever[n].numel()  # the run really moved most weights
+    summary = summarize(tracker.measure())
+    numel = sum(p.numel() for p in model.parameters())
+    detected_total = summary["global"]["mean_step_changed_fraction"] * numel * 8
+    assert changed_total * 0.999 <= round(detected_total) <= changed_total
+
+
+def test_tolerance_columns_follow_their_definitions():
+    param = nn.Parameter(torch.tensor([1.0, 1.0, 1.0, 100.0, 0.0]))
+    tracker = GradTracker([("p", param)])
+    with torch.no_grad():
+        param.copy_(torch.tensor([1.0 + 2e-6, 1.0 + 2e-5, 1.002, 100.05, 0.0]))
+    masks = tracker.packed_masks()
+    assert masks["update"]["p"].to_bool().tolist() == [True, True, True, True, False]
+    assert masks["update_abs_1e-05"]["p"].to_bool().tolist() == [False, True, True, True, False]
+    # |Δ| <= 1e-3 * max(|w|, |ŵ|): 1.002 moved by 2e-3 > 1.002e-3; 100.05 moved by 0.05 <= 0.10005
+    assert masks["update_rel_0.001"]["p"].to_bool().tolist() == [False, False, True, False, False]
+
+
+def test_state_round_trip_and_refusal_of_another_model(tmp_path):
+    _, tracker, *_ = run_crafted(4, TrackerConfig(cancellation="full", ever_changed=True))
+    fresh = GradTracker(Crafted(), TrackerConfig(cancellation="full", ever_changed=True))
+    fresh.load_state_tensors(tracker.state_tensors())
+    assert fresh.steps == 4
+    for name in tracker.parameter_names:
+        for key, value in tracker.state[name].items():
+            assert torch.equal(fresh.state[name][key], value), (name, key)
+    other = GradTracker(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="another model|no 'gradient_bits'"):
+        other.load_state_tensors(tracker.state_tensors())
+
+
+def test_plain_loop_trace_logs_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = Crafted()
+    optimizer = crafted_optimizer(model)
+    tracer = gradtrace.trace(model, optimizer, tmp_path, log_every=2, wandb=False, strict=True,
+                             max_grad_norm=1.0)
+    for step in range(5):
+        model(torch.tensor([1, 2, 3]), step).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tracer.finish()
+    log = gradtrace.read_run_log(tmp_path)
+    assert [r["step"] for r in log["logs"]] == [2, 4, 5]
+    assert log["info"]["max_grad_norm"] == 1.0
+    assert log["info"]["optimizer"]["param_groups"][1]["weight_decay"] == 0.1
+    assert log["info"]["parameters"]["elements_by_dtype"] == {"float32": 16 * 8 + 3 * 72 + 2, "bfloat16": 4}
+    masks = load_masks(path)
+    assert masks.step == 5 and not masks["gradient"]["embed.weight"][4:].any()
+    assert masks["gradient"]["embed.weight"][1:4].all()
+
+
+def test_state_bytes_per_mode_match_documentation():
+    big = nn.Linear(1024, 1024, bias=False)
+    n = big.weight.numel()
+    for config, expected in [
+        (TrackerConfig(cancellation="off"), 0.125),
+        (TrackerConfig(cancellation="sampled", sample_stride=64), 0.125 + 8 / 64),
+        (TrackerConfig(cancellation="full"), 0.125 + 8),
+        (TrackerConfig(cancellation="off", ever_changed=True), 0.125 + 0.125 + 2),
+    ]:
+        measured = GradTracker(big, config).state_bytes()
+        assert math.isclose((measured["device"] - 40) / n, expected), config
+        assert measured["reference"] == 4 * n
