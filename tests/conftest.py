@@ -16,6 +16,15 @@ from transformers import TrainerCallback  # noqa: E402
 from gradtrace.tracker import strip_wrapper_prefix  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: as fast for these tiny models, and two thrash on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def base_path(tmp_path_factory) -> str:
     """A freshly built tiny Qwen2 model and its tokenizer, saved as a local folder (float32)."""
