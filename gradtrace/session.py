@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from gradtrace.atomic import write_atomic, write_json_atomic
@@ -98,36 +99,47 @@ class TraceSession:
         return summary
 
     def export(self, directory: str | os.PathLike | None = None, *, step: int) -> Path | None:
-        """Write ``masks.safetensors`` and ``summary.json`` (atomically) into ``directory`` or the run dir."""
-        if not self.is_main_process:
-            return None
+        """Write ``masks.safetensors`` and ``summary.json`` (atomically) into ``directory`` or the run dir.
+
+        Every rank must call it (for sharded parameters it gathers the masks); the main process writes.
+        """
         target = Path(directory) if directory is not None else self.run_dir
         summary = self.last_summary if self.last_summary and self.last_summary["step"] == step else self.log(step)
+        masks = self.tracker.packed_masks()
+        if not self.is_main_process:
+            return None
 
         def write() -> Path:
             path = target / MASKS_NAME
-            save_masks(path, self.tracker.packed_masks(), dtypes=self.tracker.dtypes(),
-                       step=step, info=self.info)
+            save_masks(path, masks, dtypes=self.tracker.dtypes(), step=step, info=self.info)
             write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary})
             return path
 
         return self._attempt(f"export-{target}", f"writing masks to {target}", write)
 
+    @staticmethod
+    def state_path(directory: str | os.PathLike) -> Path:
+        """This rank's tracker-state file in ``directory``: one per rank, since under FSDP2 each holds
+        only its own shards (``tracker_state.safetensors`` in a single process)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            return Path(directory) / STATE_NAME.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors")
+        return Path(directory) / STATE_NAME
+
     def save_state(self, directory: str | os.PathLike, *, step: int) -> None:
         """Save everything needed to resume into ``directory`` (with the masks, for inspection)."""
-        target = Path(directory)
+        path = self.state_path(directory)
 
         def write() -> None:
             tensors = self.tracker.state_tensors()
-            write_atomic(target / STATE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
 
-        if self.is_main_process:
-            self._attempt("save-state", f"saving tracker state to {target}", write)
-        self.export(target, step=step)
+        self._attempt("save-state", f"saving tracker state to {path}", write)
+        self.export(directory, step=step)
 
     def restore_state(self, directory: str | os.PathLike) -> None:
         """Load the state :meth:`save_state` wrote. Raises if it is missing or belongs to another model."""
-        path = Path(directory) / STATE_NAME
+        path = self.state_path(directory)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no gradtrace tracker state in this checkpoint, so the masks "
                                     "cannot continue from it")

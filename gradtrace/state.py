@@ -30,9 +30,9 @@ def lowbits_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.uint8 if torch.empty((), dtype=param_dtype).element_size() <= 2 else torch.int16
 
 
-def sampled_length(numel: int, stride: int) -> int:
-    """Elements ``0, stride, 2*stride, ...`` of a flattened parameter: the subset with gradient sums."""
-    return math.ceil(numel / stride)
+def sampled_length(numel: int, stride: int, start: int = 0) -> int:
+    """Elements ``start, start + stride, ...`` of a flattened (local) parameter: those with gradient sums."""
+    return max(0, math.ceil((numel - start) / stride))
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Accumulator:
 
     name: str
     reduce: Reduce  # across data-parallel ranks: bitwise OR, SUM, or identical on every rank
-    length: Callable[[int, TrackerConfig], int]
+    length: Callable[[int, TrackerConfig, int], int]  # (local numel, config, sample start) -> elements
     dtype: Callable[[torch.dtype], torch.dtype]
     enabled: Callable[[TrackerConfig], bool]
     placement: Placement = "param"
@@ -49,28 +49,31 @@ class Accumulator:
 
 
 ACCUMULATORS: tuple[Accumulator, ...] = (
-    Accumulator("gradient_bits", "or", lambda n, c: packed_length(n), lambda d: torch.uint8,
+    Accumulator("gradient_bits", "or", lambda n, c, s: packed_length(n), lambda d: torch.uint8,
                 lambda c: True, doc="bit i set once element i received a finite nonzero gradient"),
-    Accumulator("signed_sum", "sum", lambda n, c: sampled_length(n, c.stride), lambda d: torch.float32,
+    Accumulator("signed_sum", "sum", lambda n, c, s: sampled_length(n, c.stride, s), lambda d: torch.float32,
                 lambda c: c.tracks_sums, doc="sum of finite gradients, on the sampled elements"),
-    Accumulator("abs_sum", "sum", lambda n, c: sampled_length(n, c.stride), lambda d: torch.float32,
+    Accumulator("abs_sum", "sum", lambda n, c, s: sampled_length(n, c.stride, s), lambda d: torch.float32,
                 lambda c: c.tracks_sums, doc="sum of |finite gradients|, on the sampled elements"),
-    Accumulator("ever_changed_bits", "or", lambda n, c: packed_length(n), lambda d: torch.uint8,
+    Accumulator("ever_changed_bits", "or", lambda n, c, s: packed_length(n), lambda d: torch.uint8,
                 lambda c: c.ever_changed, doc="bit i set once an optimizer step changed element i"),
-    Accumulator("last_lowbits", "none", lambda n, c: n, lowbits_dtype,
+    Accumulator("last_lowbits", "none", lambda n, c, s: n, lowbits_dtype,
                 lambda c: c.ever_changed, doc="low bits of each element after the last step"),
-    Accumulator("reference", "none", lambda n, c: n, lambda d: d,
+    Accumulator("reference", "none", lambda n, c, s: n, lambda d: d,
                 lambda c: True, placement="reference", doc="the element's value when tracking began"),
 )
 
-# Counters kept per device as one int64 vector, so a step adds to them without any host sync.
-COUNTERS: tuple[str, ...] = (
-    "zero_gradient_steps",  # optimizer steps whose gradient was exactly zero everywhere
-    "nonfinite_gradient_elements",  # NaN/inf gradient elements seen (never written into any state)
-    "changed_elements_total",  # sum over steps of elements changed by that step (ever_changed mode)
-    "last_step_nonzero",  # elements with a nonzero gradient at the latest step
-    "last_step_changed",  # elements changed by the latest step (ever_changed mode)
-)
+# Tracker-wide counters, kept on the device as one int64 vector so a step adds to them without any
+# host sync. "sum": local to this rank's shards, summed across ranks when measured; "none": already
+# global (the per-step gradient total is reduced across shards before it is tested for zero).
+COUNTER_REDUCE: dict[str, Reduce] = {
+    "zero_gradient_steps": "none",  # optimizer steps whose gradient was exactly zero everywhere
+    "last_step_nonzero": "none",  # elements with a nonzero gradient at the latest step
+    "nonfinite_gradient_elements": "sum",  # NaN/inf gradient elements seen (never written into any state)
+    "changed_elements_total": "sum",  # sum over steps of elements changed by that step (ever_changed mode)
+    "last_step_changed": "sum",  # elements changed by the latest step (ever_changed mode)
+}
+COUNTERS: tuple[str, ...] = tuple(COUNTER_REDUCE)
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
 
@@ -84,5 +87,5 @@ def bytes_per_element(config: TrackerConfig, param_dtype: torch.dtype, *, placem
     total = 0
     for acc in enabled_accumulators(config):
         if acc.placement == placement:
-            total += acc.length(n, config) * torch.empty((), dtype=acc.dtype(param_dtype)).element_size()
+            total += acc.length(n, config, 0) * torch.empty((), dtype=acc.dtype(param_dtype)).element_size()
     return total / n

@@ -15,12 +15,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from gradtrace import sharding
 from gradtrace.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.config import TrackerConfig
 from gradtrace.masks_file import PackedMask
-from gradtrace.state import COUNTER_INDEX, COUNTERS, enabled_accumulators, lowbits_dtype
+from gradtrace.state import COUNTER_INDEX, COUNTER_REDUCE, COUNTERS, enabled_accumulators, lowbits_dtype
 
 # Per-parameter counts produced by measure(); fractions are derived in gradtrace.summary.
 COUNT_FIELDS: tuple[str, ...] = (
@@ -40,10 +42,7 @@ COUNT_FIELDS: tuple[str, ...] = (
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The locally held part of a tensor: a DTensor's shard (FSDP2), else the tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
+_local = sharding.local
 
 
 def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,6 +92,9 @@ class GradTracker:
     Args:
         model: a module (its ``requires_grad`` parameters are tracked) or ``(name, parameter)`` pairs.
         config: what to track; see :class:`TrackerConfig` for the bytes per parameter of each mode.
+
+    Under FSDP2 (parameters sharded as DTensors) each rank keeps state for its local shard only; then
+    :meth:`measure` and :meth:`packed_masks` are collectives that every rank must call together.
     """
 
     def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None):
@@ -108,12 +110,22 @@ class GradTracker:
             raise ValueError("parameter names are not unique after removing wrapper prefixes")
         self._accumulators = enabled_accumulators(self.config)
         self._primary = _local(self._params[0][1]).device
+        sharded = [p for _, p in self._params if sharding.is_sharded(p)]
+        self._group = sharding.shard_group(sharded[0]) if sharded else None
+        self._sample_start = {name: sharding.sample_start(p, self.config.stride) for name, p in self._params}
         self.steps = 0
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
-        self.state: dict[str, dict[str, torch.Tensor]] = {name: self._allocate(p) for name, p in self._params}
+        self.state: dict[str, dict[str, torch.Tensor]] = {
+            name: self._allocate(p, self._sample_start[name]) for name, p in self._params
+        }
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded across ranks (FSDP2), so counts are reduced and masks gathered."""
+        return self._group is not None
 
     # ------------------------------------------------------------------ set-up
-    def _allocate(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
+    def _allocate(self, param: nn.Parameter, sample_start: int) -> dict[str, torch.Tensor]:
         local = _local(param).detach()
         numel = local.numel()
         state: dict[str, torch.Tensor] = {}
@@ -123,7 +135,7 @@ class GradTracker:
             elif acc.name == "last_lowbits":
                 state[acc.name] = _change_signature(local).clone()
             else:
-                state[acc.name] = torch.zeros(acc.length(numel, self.config), dtype=acc.dtype(local.dtype),
+                state[acc.name] = torch.zeros(acc.length(numel, self.config, sample_start), dtype=acc.dtype(local.dtype),
                                               device=local.device)
         return state
 
@@ -172,10 +184,13 @@ class GradTracker:
             step_nonzero += nonzero.sum().to(self._primary, non_blocking=True)
             nonfinite += (finite.numel() - finite.sum()).to(self._primary, non_blocking=True)
             if self.config.tracks_sums:
-                sampled = grad.reshape(-1)[::stride].float()
+                sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
                 sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0)
                 state["signed_sum"].add_(sampled)
                 state["abs_sum"].add_(sampled.abs_())
+        if self._group is not None:
+            # A step is "all-zero" only if every shard is; one scalar all-reduce, no host sync on GPU.
+            dist.all_reduce(step_nonzero, group=self._group)
         counters = self.counters
         counters[COUNTER_INDEX["last_step_nonzero"]] = step_nonzero
         counters[COUNTER_INDEX["zero_gradient_steps"]] += step_nonzero.eq(0)
@@ -229,9 +244,10 @@ class GradTracker:
             zero = torch.zeros((), dtype=torch.int64, device=gradient.device)
             ever = popcount(state["ever_changed_bits"]) if cfg.ever_changed else zero
             if cfg.tracks_sums:
-                sampled_gradient = gradient[:: cfg.stride]
+                start = self._sample_start[name]
+                sampled_gradient = gradient[start:: cfg.stride]
                 signed, absolute = state["signed_sum"].abs(), state["abs_sum"]
-                unchanged = sampled_gradient & updated[:: cfg.stride].logical_not()
+                unchanged = sampled_gradient & updated[start:: cfg.stride].logical_not()
                 cancelled = unchanged & signed.le(absolute * cfg.cancel_epsilon)
                 ratio = (signed / absolute.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0, 1)
                 bucket = (ratio * bins).long().clamp_(max=bins - 1)
@@ -245,7 +261,17 @@ class GradTracker:
                 updated_rel.sum(), (gradient & updated).sum(), ever, *sampled,
             ]).to(self._primary)
             rows.append(row)
-        table = torch.cat([torch.stack(rows).reshape(-1), histogram, self.counters]).tolist()  # the one sync
+        local_counters = self.counters.clone()
+        if self._group is not None:
+            # Counts of local shards add up to the full parameters' counts; already-global counters are
+            # zeroed on all ranks but one so the same all-reduce leaves them as they are.
+            for name, reduce in COUNTER_REDUCE.items():
+                if reduce == "none" and dist.get_rank(self._group) != 0:
+                    local_counters[COUNTER_INDEX[name]] = 0
+        flat = torch.cat([torch.stack(rows).reshape(-1), histogram, local_counters])
+        if self._group is not None:
+            dist.all_reduce(flat, group=self._group)
+        table = flat.tolist()  # the one device-to-host sync
         width = len(COUNT_FIELDS)
         per_param = {
             name: dict(zip(COUNT_FIELDS, table[i * width:(i + 1) * width], strict=True))
@@ -262,28 +288,31 @@ class GradTracker:
 
     @torch.no_grad()
     def packed_masks(self) -> dict[str, dict[str, PackedMask]]:
-        """The masks for export, bit-packed on the CPU: ``{kind: {name: PackedMask}}``.
+        """The masks for export, bit-packed on the CPU: ``{kind: {name: PackedMask}}``, full shapes.
 
         Kinds: ``gradient``, ``update`` (bitwise), ``update_abs_<tol>``, ``update_rel_<tol>`` and, in
-        ``ever_changed`` mode, ``ever_changed``.
+        ``ever_changed`` mode, ``ever_changed``. Sharded parameters are gathered (a collective).
         """
         cfg = self.config
-        kinds: dict[str, dict[str, PackedMask]] = {
-            "gradient": {}, "update": {}, f"update_abs_{cfg.abs_tolerance:g}": {},
-            f"update_rel_{cfg.rel_tolerance:g}": {},
-        }
+        kinds = ["gradient", "update", f"update_abs_{cfg.abs_tolerance:g}", f"update_rel_{cfg.rel_tolerance:g}"]
         if cfg.ever_changed:
-            kinds["ever_changed"] = {}
-        names = list(kinds)
+            kinds.append("ever_changed")
+        out: dict[str, dict[str, PackedMask]] = {kind: {} for kind in kinds}
         for name, param in self._params:
             state = self.state[name]
-            shape = tuple(_local(param).shape)
-            masks = [state["gradient_bits"], *(pack_bits(m) for m in self._update_masks(param, state))]
-            if cfg.ever_changed:
-                masks.append(state["ever_changed_bits"])
-            for kind, bits in zip(names, masks, strict=True):
-                kinds[kind][name] = PackedMask(bits.to("cpu", copy=True), shape)
-        return kinds
+            numel = _local(param).numel()
+            if sharding.is_sharded(param):
+                masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(param, state)]
+                if cfg.ever_changed:
+                    masks.append(unpack_bits(state["ever_changed_bits"], numel))
+                packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
+            else:
+                packed = [state["gradient_bits"], *(pack_bits(m) for m in self._update_masks(param, state))]
+                if cfg.ever_changed:
+                    packed.append(state["ever_changed_bits"])
+            for kind, bits in zip(kinds, packed, strict=True):
+                out[kind][name] = PackedMask(bits.to("cpu", copy=True), tuple(param.shape))
+        return out
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
