@@ -96,6 +96,11 @@ class GradTraceCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin")
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
+            # DeepSpeed applies and frees the gradients inside accelerator.backward, before the Trainer's
+            # optimizer-step events: reading .grad there would yield empty masks, silently.
+            raise NotImplementedError("DeepSpeed is not supported yet (its gradients live inside the engine "
+                                      "and are gone by on_pre_optimizer_step); use DDP or FSDP2")
         tracker = GradTracker(model, self.config)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
         info = run_info(
