@@ -1,0 +1,210 @@
+"""``gradtrace watch RUN_DIR``: a live terminal view of a run, following its ``log.jsonl`` as it grows.
+
+Shows the run's progress (logging step, optimizer steps), the current global fractions with a sparkline
+of their history, and per-layer / per-kind bars of update and gradient sparsity. It needs nothing but
+the run log, so it works on another machine that sees the run directory (e.g. a shared filesystem).
+
+The log is followed incrementally: each poll reads only the bytes appended since the last one (a run
+log holds a full per-matrix summary per line, so re-reading it every second would grow costly) and
+keeps a line that is still being written for the next poll.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from gradtrace.report import metric_keys, percent, run_label
+from gradtrace.run_log import LOG_NAME
+
+WATCH_METRICS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*",
+                 "cancelled", "absorbed", "changed_without_gradient", "updated", "no_gradient")
+_SPARK = "▁▂▃▄▅▆▇█"
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+class LogFollower:
+    """Incremental reader of a run log: call :meth:`poll` repeatedly; it reads only new complete lines.
+
+    State: ``info`` (of the latest start), ``latest`` (the last ``log`` record appended), ``history``
+    (step -> global fractions, newest record per step, as :func:`~gradtrace.run_log.read_run_log` keeps),
+    and ``ended`` (an ``end`` record came after the latest ``start``).
+    """
+
+    def __init__(self, run_dir_or_file: str | os.PathLike):
+        path = Path(run_dir_or_file)
+        # A directory that may not exist yet (watch started before training), or the log file itself.
+        self.path = path if path.suffix == ".jsonl" else path / LOG_NAME
+        self._reset()
+
+    def _reset(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.latest: dict[str, Any] | None = None
+        self.history: dict[int, dict[str, float]] = {}
+        self.ended = False
+        self._offset = 0
+        self._pending = b""
+
+    def poll(self) -> bool:
+        """Read what was appended since the last poll; ``True`` if any complete record was read."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size < self._offset:  # truncated or replaced: start over
+            self._reset()
+        if size == self._offset:
+            return False
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read(size - self._offset)
+        self._offset += len(data)
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()  # b"" after a complete line, else a line still being written
+        changed = False
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            changed |= self._apply(record)
+        return changed
+
+    def _apply(self, record: Mapping[str, Any]) -> bool:
+        event = record.get("event")
+        if event == "start":
+            self.info = dict(record.get("info") or {})
+            self.ended = False
+        elif event == "log":
+            self.latest = dict(record)
+            self.history[int(record["step"])] = {k: v for k, v in (record.get("global") or {}).items()
+                                                 if isinstance(v, (int, float))}
+        elif event == "end":
+            self.ended = True
+        else:
+            return False
+        return True
+
+
+def fraction_bar(value: float | None, width: int = 30) -> str:
+    """A bar ``width`` characters wide filled to ``value`` (0..1), in eighths of a character."""
+    if value is None or not math.isfinite(value):
+        return " " * width
+    eighths = round(max(0.0, min(1.0, value)) * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (_EIGHTHS[part] if part else "")).ljust(width)
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    """The last ``width`` values as a sparkline scaled to their own range."""
+    values = [v for v in values if math.isfinite(v)][-width:]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = high - low
+    return "".join(_SPARK[round((v - low) / span * (len(_SPARK) - 1)) if span else 0] for v in values)
+
+
+def _bars_table(title: str, groups: Mapping[str, Mapping[str, Any]], label: str, width: int) -> Table:
+    """Update and gradient sparsity of each group as bars, fitted into ``width`` terminal columns."""
+    label_width = max([len(label), *(len(k) for k in groups)])
+    # Two bars share what the label, the two percentages (7 chars) and the column padding leave.
+    bar_width = max(5, min(40, (width - label_width - 2 * 7 - 5 * 2) // 2))
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
+    table.add_column(label, justify="right", style="bold", no_wrap=True, min_width=label_width)
+    table.add_column("update sparsity", no_wrap=True, min_width=bar_width)
+    table.add_column("", justify="right", no_wrap=True, min_width=7)
+    table.add_column("gradient sparsity", no_wrap=True, min_width=bar_width)
+    table.add_column("", justify="right", no_wrap=True, min_width=7)
+    for key, values in groups.items():
+        update, gradient = values.get("update_sparsity"), values.get("gradient_sparsity")
+        table.add_row(key, Text(fraction_bar(update, bar_width), style="green"), percent(update),
+                      Text(fraction_bar(gradient, bar_width), style="cyan"), percent(gradient))
+    return table
+
+
+def render(follower: LogFollower, *, width: int = 100) -> Group:
+    """The dashboard for the follower's current state (a rich renderable), fitted to ``width`` columns."""
+    label = run_label(follower.path.parent, follower.info)
+    status = "finished" if follower.ended else "running" if follower.latest else "waiting for the first measurement"
+    latest = follower.latest
+    header = Text()
+    header.append(f"{label}", style="bold")
+    header.append(f"  ·  {status}", style="green" if follower.ended else "yellow")
+    if latest is not None:
+        header.append(f"  ·  step {latest['step']}  ·  optimizer steps {latest.get('optimizer_steps')}")
+        tracked = (latest.get("global") or {}).get("tracked_elements")
+        if tracked:
+            header.append(f"  ·  {tracked:,} tracked elements")
+    header.append(f"\n{follower.path}", style="dim")
+    parts: list[Any] = [Panel(header, title="gradtrace watch", title_align="left")]
+    if latest is None:
+        return Group(*parts)
+    current = latest.get("global") or {}
+    steps = sorted(follower.history)
+    metrics = metric_keys(current, WATCH_METRICS)
+    spark_width = max(8, min(40, width - max(len(m) for m in metrics) - 7 - 20 - 8))
+    fractions = Table(title="global (fraction of tracked elements)", title_justify="left", show_edge=False,
+                      pad_edge=False, box=None)
+    fractions.add_column("metric", no_wrap=True)
+    fractions.add_column("now", justify="right", no_wrap=True, min_width=7)
+    fractions.add_column("", no_wrap=True, min_width=20)
+    fractions.add_column(f"over {len(steps)} logs", no_wrap=True)
+    for metric in metrics:
+        history = [follower.history[s][metric] for s in steps if metric in follower.history[s]]
+        fractions.add_row(metric, percent(current.get(metric)), fraction_bar(current.get(metric), 20),
+                          sparkline(history, spark_width))
+    parts.append(fractions)
+    # Kinds (a dozen rows) before layers (one row per block): a terminal too short for the whole view
+    # crops the bottom, so the long table goes last.
+    per_kind = latest.get("per_kind") or {}
+    if per_kind:
+        parts.append(_bars_table("per module kind", per_kind, "kind", width))
+    per_layer = latest.get("per_layer") or {}
+    if per_layer:
+        parts.append(_bars_table("per layer", dict(sorted(per_layer.items(), key=lambda kv: int(kv[0]))),
+                                 "layer", width))
+    return Group(*parts)
+
+
+def watch(run_dir: str | os.PathLike, *, once: bool = False, interval: float = 1.0,
+          console: Console | None = None, timeout: float | None = None) -> int:
+    """Follow ``run_dir``'s log and redraw until an ``end`` record appears or Ctrl-C; returns an exit code.
+
+    ``once``: render the current state once and return (0, or 1 if there is no run log). ``timeout``
+    (seconds) stops following after that long (for scripts and tests); by default it follows forever.
+    """
+    console = console or Console()
+    follower = LogFollower(run_dir)
+    follower.poll()
+    if once:
+        if not follower.path.is_file():
+            console.print(f"no gradtrace run log at {follower.path}", style="red", markup=False)
+            return 1
+        console.print(render(follower, width=console.width))
+        return 0
+    started = time.monotonic()
+    try:
+        with Live(render(follower, width=console.width), console=console, refresh_per_second=4,
+                  transient=False) as live:
+            while not follower.ended:
+                if timeout is not None and time.monotonic() - started > timeout:
+                    break
+                time.sleep(interval)
+                if follower.poll():
+                    live.update(render(follower, width=console.width))
+            live.update(render(follower, width=console.width))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a user stops watching: not an error
+    return 0
