@@ -60,13 +60,15 @@ class GradTraceCallback(TrainerCallback):
         config: a :class:`TrackerConfig`; keyword arguments (e.g. ``cancellation="full"``) build one.
         log_every: measure every this many optimizer steps; default: on the trainer's logging steps.
         wandb: log to the active W&B run (the one ``report_to="wandb"`` opened, or your ``wandb.init``).
+        wandb_heatmaps: also log the layer × kind heatmap images (about 0.2 s of rendering per log).
         resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
             default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
         strict: raise instead of warning when gradtrace itself fails (for tests).
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, config: TrackerConfig | None = None, *,
-                 log_every: int | None = None, wandb: bool = True, resume_from: str | os.PathLike | None = None,
+                 log_every: int | None = None, wandb: bool = True, wandb_heatmaps: bool = True,
+                 resume_from: str | os.PathLike | None = None,
                  strict: bool = False, **config_kwargs: Any):
         if config is not None and config_kwargs:
             raise TypeError("pass either config=TrackerConfig(...) or its fields as keywords, not both")
@@ -74,6 +76,7 @@ class GradTraceCallback(TrainerCallback):
         self.output_dir = output_dir
         self.log_every = log_every
         self.use_wandb = wandb
+        self.wandb_heatmaps = wandb_heatmaps
         self.resume_from = resume_from
         self.strict = strict
         self.session: TraceSession | None = None
@@ -116,7 +119,7 @@ class GradTraceCallback(TrainerCallback):
             trainer_output_dir=args.output_dir,
         )
         run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
-        sinks = [WandbSink(step_key="train/global_step")] if self.use_wandb else []
+        sinks = [WandbSink(step_key="train/global_step", heatmaps=self.wandb_heatmaps)] if self.use_wandb else []
         self.session = TraceSession(tracker, run_dir, sinks=sinks, info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
         resumed_from = None
