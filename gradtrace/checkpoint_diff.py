@@ -1,0 +1,499 @@
+"""Post-hoc update sparsity between two checkpoints, streamed one tensor pair at a time.
+
+``sparsity(θ₀, θ₁) = 1 − ‖θ₁ − θ₀‖₀ / n`` (Mukherjee et al., arXiv 2505.11711, §2.2) is reported under
+several *criteria* for "this element is unchanged":
+
+- an **absolute tolerance** ``tol``: unchanged iff ``|θ₁ − θ₀| ≤ tol`` with the delta computed in the
+  stored dtype, exactly like the paper's ``isclose(delta, 0, atol=tol)`` (the tolerance is rounded to
+  that dtype too, and a NaN delta counts as changed);
+- tolerance ``0`` is **bit-exact** equality of the stored values (so ``-0.0`` vs ``+0.0`` is a change
+  and two identical NaNs are not);
+- a **relative tolerance** ``η`` (Zhu et al., arXiv 2511.08567): unchanged iff
+  ``|ŵ − w| ≤ η·max(|w|, |ŵ|)``, computed in float32.
+
+Checkpoints are Hugging Face model folders (a single ``*.safetensors`` file, or shards listed in
+``model.safetensors.index.json``) or a raw ``.safetensors`` file. Only one tensor pair is resident at
+a time (memory ≈ twice the largest tensor plus a few fixed-size chunks), never two whole models.
+Names, shapes and dtypes must match; any mismatch raises :class:`CheckpointDiffError` naming both
+checkpoints and the tensor. Non-float tensors (integer buffers) are skipped with a note.
+
+The bitwise "changed" mask can be written as kind ``"update"`` of a gradtrace masks file, so post-hoc
+and live masks are directly comparable (``gradtrace overlap``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from gradtrace.bitpack import pack_bits
+from gradtrace.grouping import by_kind, by_layer, total
+from gradtrace.masks_file import PackedMask, save_masks
+
+DEFAULT_TOLERANCES: tuple[str, ...] = ("0", "1e-5")
+INDEX_NAME = "model.safetensors.index.json"
+
+# Elements per chunk: bounds the temporaries of one comparison (~30 MB for 1 M elements) independently of
+# the tensor size. A multiple of 8 so every chunk but the last packs into whole bytes.
+CHUNK_ELEMENTS = 1 << 20
+
+# Same-width integer views for bitwise comparison, by element size in bytes.
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class CheckpointDiffError(ValueError):
+    """Two checkpoints cannot be compared (missing file, different names, shapes or dtypes)."""
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One definition of "unchanged": an absolute tolerance (0 = bit-exact) or a relative one."""
+
+    label: str  # as given by the user, e.g. "1e-5"; the key in the results
+    value: float
+    relative: bool = False
+
+    @property
+    def key(self) -> str:
+        """Key of this criterion's count in the per-tensor count dicts."""
+        return f"rel:{self.label}" if self.relative else f"abs:{self.label}"
+
+    @property
+    def mask_kind(self) -> str:
+        """Masks-file kind of this criterion's "changed" mask, spelled like the live tracker's
+        (``update_abs_1e-05``, ``update_rel_0.001``: ``%g`` of the value) so the two compare directly."""
+        if not self.relative and self.value == 0:
+            return "update"
+        return f"update_rel_{self.value:g}" if self.relative else f"update_abs_{self.value:g}"
+
+
+def make_criteria(
+    tolerances: Sequence[float | str] = DEFAULT_TOLERANCES, relative: Sequence[float | str] = ()
+) -> list[Criterion]:
+    """Parse tolerances (strings keep their spelling as label; floats are formatted with ``%g``)."""
+    criteria: list[Criterion] = []
+    seen: set[str] = set()
+    for values, is_relative in ((tolerances, False), (relative, True)):
+        for raw in values:
+            label = raw.strip() if isinstance(raw, str) else format(float(raw), "g")
+            try:
+                value = float(label)
+            except ValueError as err:
+                raise ValueError(f"tolerance {raw!r} is not a number") from err
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"tolerance {raw!r} must be a finite number >= 0")
+            criterion = Criterion(label, value, is_relative)
+            if criterion.key not in seen:
+                seen.add(criterion.key)
+                criteria.append(criterion)
+    if not criteria:
+        raise ValueError("at least one tolerance is needed")
+    return criteria
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def checkpoint_index(path: str | os.PathLike) -> dict[str, Path]:
+    """Map every tensor name of a checkpoint to the ``.safetensors`` file holding it.
+
+    ``path`` is a ``.safetensors`` file or a folder with one, several (then their names must not
+    overlap) or a ``model.safetensors.index.json`` listing shards.
+    """
+    root = Path(path)
+    if root.is_file():
+        return {name: root for name in _keys_of(root)}
+    if not root.is_dir():
+        raise CheckpointDiffError(f"{root}: no such checkpoint (expected a folder or a .safetensors file)")
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    if indexes:
+        index = root / INDEX_NAME if (root / INDEX_NAME).exists() else indexes[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            mapping = {str(name): root / str(file) for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointDiffError(f"{index}: unreadable shard index ({err})") from err
+        for file in sorted(set(mapping.values())):
+            if not file.is_file():
+                raise CheckpointDiffError(f"{index}: lists shard {file.name}, which does not exist")
+        return mapping
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in root.iterdir())[:8]
+        raise CheckpointDiffError(f"{root}: no *.safetensors file in this folder (found {found}); "
+                                  "convert .bin checkpoints with save_pretrained(safe_serialization=True)")
+    mapping = {}
+    for file in files:
+        for name in _keys_of(file):
+            if name in mapping:
+                raise CheckpointDiffError(f"{root}: tensor {name!r} is in both {mapping[name].name} and "
+                                          f"{file.name} (add a {INDEX_NAME} to say which is meant)")
+            mapping[name] = file
+    return mapping
+
+
+def _keys_of(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:  # safetensors raises several exception types for unreadable files
+        raise CheckpointDiffError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+
+
+def _is_float(st_dtype: str) -> bool:
+    """Safetensors dtype strings: F16, BF16, F32, F64, F8_E4M3, F8_E5M2... are floating point."""
+    return st_dtype.startswith("F") or st_dtype == "BF16"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor both checkpoints hold, as read from their headers (no data read)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling, e.g. "BF16"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return _is_float(self.dtype)
+
+
+class CheckpointPair:
+    """Two checkpoints side by side; :meth:`load` reads one tensor pair at a time.
+
+    The constructor checks names, shapes and dtypes from the headers alone, so a mismatch is reported
+    before any data is read. Each :meth:`load` opens the shards afresh and closes them at once: a
+    tensor from ``safe_open`` is a view of the file's memory map, and pages read through a handle
+    kept open stay resident until it closes (measured: +1 tensor per tensor read), whereas a closed
+    handle's tensor releases its pages when the tensor is freed.
+    """
+
+    def __init__(self, base: str | os.PathLike, tuned: str | os.PathLike, *, allow_missing: bool = False,
+                 device: str = "cpu"):
+        self.base, self.tuned = Path(base), Path(tuned)
+        self.device = device
+        self.notes: list[str] = []
+        self._files = (checkpoint_index(self.base), checkpoint_index(self.tuned))
+        only_base = [n for n in self._files[0] if n not in self._files[1]]
+        only_tuned = [n for n in self._files[1] if n not in self._files[0]]
+        if (only_base or only_tuned) and not allow_missing:
+            detail = []
+            if only_base:
+                detail.append(f"{len(only_base)} only in {self.base} (e.g. {only_base[0]!r})")
+            if only_tuned:
+                detail.append(f"{len(only_tuned)} only in {self.tuned} (e.g. {only_tuned[0]!r})")
+            raise CheckpointDiffError(f"{self.base} and {self.tuned} hold different tensors: "
+                                      + "; ".join(detail) + " (allow_missing / --allow-missing skips them)")
+        if only_base or only_tuned:
+            self.notes.append(f"skipped {len(only_base)} tensors only in {self.base} and "
+                              f"{len(only_tuned)} only in {self.tuned}")
+        self.specs: list[TensorSpec] = []
+        with contextlib.ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for name in self._files[0]:
+                if name not in self._files[1]:
+                    continue
+                spec_a, spec_b = self._spec(stack, handles, 0, name), self._spec(stack, handles, 1, name)
+                if spec_a.shape != spec_b.shape:
+                    raise CheckpointDiffError(f"tensor {name!r} has shape {list(spec_a.shape)} in {self.base} "
+                                              f"but {list(spec_b.shape)} in {self.tuned}")
+                if spec_a.dtype != spec_b.dtype:
+                    raise CheckpointDiffError(f"tensor {name!r} is {spec_a.dtype} in {self.base} but "
+                                              f"{spec_b.dtype} in {self.tuned}; compare checkpoints saved in the "
+                                              "same dtype")
+                self.specs.append(spec_a)
+
+    def _open(self, file: Path) -> Any:
+        try:
+            return safe_open(str(file), framework="pt", device=self.device)
+        except Exception as err:  # safetensors raises several exception types for unreadable files
+            raise CheckpointDiffError(f"{file}: cannot open ({type(err).__name__}: {err})") from err
+
+    def _spec(self, stack: contextlib.ExitStack, handles: dict[Path, Any], side: int, name: str) -> TensorSpec:
+        file = self._files[side][name]
+        if file not in handles:
+            handles[file] = stack.enter_context(self._open(file))
+        try:
+            sl = handles[file].get_slice(name)
+            return TensorSpec(name, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
+        except Exception as err:
+            raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
+
+    def _read(self, side: int, name: str) -> torch.Tensor:
+        file = self._files[side][name]
+        try:
+            with self._open(file) as handle:
+                return handle.get_tensor(name)
+        except CheckpointDiffError:
+            raise
+        except Exception as err:
+            raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
+
+    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor ``name`` from the base and from the tuned checkpoint."""
+        return self._read(0, name), self._read(1, name)
+
+    def close(self) -> None:
+        """Nothing stays open between loads; kept so the pair can be used as a context manager."""
+
+    def __enter__(self) -> CheckpointPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting
+
+
+def compare_tensors(
+    base: torch.Tensor, tuned: torch.Tensor, criteria: Sequence[Criterion], *, with_masks: bool = False
+) -> tuple[dict[str, int], dict[str, PackedMask]]:
+    """Count unchanged elements of one tensor pair under each criterion, chunk by chunk.
+
+    Returns ``({criterion.key: unchanged elements, "numel": n}, {mask kind: packed "changed" mask})``;
+    the masks (bit-packed, 1 bit per element) are only built when ``with_masks`` is set, and then
+    always include kind ``"update"`` (bitwise change) besides one per non-zero criterion.
+    """
+    if base.shape != tuned.shape or base.dtype != tuned.dtype:
+        raise ValueError(f"tensor pair differs: {base.dtype}{list(base.shape)} vs {tuned.dtype}{list(tuned.shape)}")
+    flat_a, flat_b = base.reshape(-1), tuned.reshape(-1)
+    n = flat_a.numel()
+    int_view = _INT_VIEW[flat_a.element_size()]
+    # float8 has no arithmetic on CPU: its deltas are taken in float32 (exact for float8 values).
+    delta_dtype = torch.float32 if flat_a.element_size() == 1 else flat_a.dtype
+    rel_dtype = torch.promote_types(flat_a.dtype, torch.float32)
+    counts = {"numel": n, **{c.key: 0 for c in criteria}}
+    packed: dict[str, list[torch.Tensor]] = {}
+    if with_masks:
+        packed = {"update": [], **{c.mask_kind: [] for c in criteria}}
+
+    # Scratch buffers reused by every chunk: fresh allocations per op would cost page faults and
+    # allocator churn on every chunk of every tensor.
+    size = min(n, CHUNK_ELEMENTS)
+
+    def scratch(dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=flat_a.device)
+
+    same_bits_buf, same_buf = scratch(torch.bool), scratch(torch.bool)
+    delta_buf = scratch(delta_dtype) if any(not c.relative and c.value for c in criteria) else None
+    if any(c.relative for c in criteria):
+        r1, r2, r3 = scratch(rel_dtype), scratch(rel_dtype), scratch(rel_dtype)
+        ra, rb = (None, None) if rel_dtype == flat_a.dtype else (scratch(rel_dtype), scratch(rel_dtype))
+
+    for start in range(0, n, CHUNK_ELEMENTS):
+        stop = min(n, start + CHUNK_ELEMENTS)
+        m = stop - start
+        a, b = flat_a[start:stop], flat_b[start:stop]
+        same_bits = torch.eq(a.view(int_view), b.view(int_view), out=same_bits_buf[:m])
+        delta_ready = False
+        packed_now: set[str] = set()  # "1e-5" and "1e-05" are two criteria but one mask kind
+        for c in criteria:
+            if c.relative:
+                a32 = a if ra is None else ra[:m].copy_(a)
+                b32 = b if rb is None else rb[:m].copy_(b)
+                diff = torch.sub(b32, a32, out=r1[:m]).abs_()
+                scale = torch.maximum(torch.abs(a32, out=r2[:m]), torch.abs(b32, out=r3[:m]), out=r2[:m])
+                same = torch.le(diff, scale.mul_(c.value), out=same_buf[:m])
+            elif c.value == 0:
+                same = same_bits
+            else:
+                delta = delta_buf[:m]
+                if not delta_ready:
+                    if delta_dtype == a.dtype:
+                        torch.sub(b, a, out=delta)
+                    else:
+                        torch.sub(b.to(delta_dtype), a.to(delta_dtype), out=delta)
+                    delta.abs_()
+                    delta_ready = True
+                # Same as torch.isclose(delta, 0, atol=tol): the scalar is rounded to the delta's dtype
+                # and a NaN delta compares False (changed).
+                same = torch.le(delta, c.value, out=same_buf[:m])
+            counts[c.key] += int(torch.count_nonzero(same))
+            if with_masks and c.mask_kind != "update" and c.mask_kind not in packed_now:
+                packed_now.add(c.mask_kind)
+                packed[c.mask_kind].append(pack_bits(~same).cpu())
+        if with_masks:
+            packed["update"].append(pack_bits(~same_bits).cpu())
+    shape = tuple(base.shape)
+    masks = {kind: PackedMask(torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8), shape)
+             for kind, chunks in packed.items()}
+    return counts, masks
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+@dataclass
+class DiffResult:
+    """Per-tensor unchanged counts of a checkpoint diff, plus groupings and exports (JSON, CSV)."""
+
+    base: str
+    tuned: str
+    criteria: list[Criterion]
+    per_tensor: dict[str, dict[str, int]]  # name -> {"numel": n, criterion.key: unchanged elements}
+    specs: dict[str, TensorSpec]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tolerances(self) -> list[Criterion]:
+        return [c for c in self.criteria if not c.relative]
+
+    @property
+    def relative(self) -> list[Criterion]:
+        return [c for c in self.criteria if c.relative]
+
+    def sparsity(self, counts: Mapping[str, float]) -> dict[str, dict[str, float | None]]:
+        """``{"abs": {label: sparsity}, "rel": {label: sparsity}}`` for one count dict (fractions)."""
+        n = counts.get("numel", 0)
+        return {"abs": {c.label: _ratio(counts.get(c.key, 0), n) for c in self.tolerances},
+                "rel": {c.label: _ratio(counts.get(c.key, 0), n) for c in self.relative}}
+
+    def groups(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Summed counts: ``{"global": {"all": counts}, "layer": {...}, "kind": {...}, "matrix": {...}}``."""
+        return {"global": {"all": total(self.per_tensor)},
+                "layer": {str(k): v for k, v in by_layer(self.per_tensor).items()},
+                "kind": by_kind(self.per_tensor),
+                "matrix": dict(self.per_tensor)}
+
+    @property
+    def numel(self) -> int:
+        return int(total(self.per_tensor).get("numel", 0))
+
+    def global_sparsity(self) -> dict[str, float | None]:
+        """Update sparsity over all compared elements, per absolute tolerance label (fraction)."""
+        return self.sparsity(total(self.per_tensor))["abs"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary; ``"global"`` maps each absolute tolerance label to the sparsity."""
+        def entry(counts: Mapping[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+            s = self.sparsity(counts)
+            out: dict[str, Any] = {"numel": int(counts.get("numel", 0)), **(extra or {}), "sparsity": s["abs"]}
+            if self.relative:
+                out["sparsity_relative"] = s["rel"]
+            return out
+
+        groups = self.groups()
+        everything = groups["global"]["all"]
+        result: dict[str, Any] = {
+            "base": self.base,
+            "tuned": self.tuned,
+            "tolerances": [c.label for c in self.tolerances],
+            "relative": [c.label for c in self.relative],
+            "numel": int(everything.get("numel", 0)),
+            "global": self.sparsity(everything)["abs"],
+        }
+        if self.relative:
+            result["global_relative"] = self.sparsity(everything)["rel"]
+        result["per_layer"] = {k: entry(v) for k, v in groups["layer"].items()}
+        result["per_kind"] = {k: entry(v) for k, v in groups["kind"].items()}
+        result["per_matrix"] = {
+            k: entry(v, {"shape": list(self.specs[k].shape), "dtype": self.specs[k].dtype})
+            for k, v in groups["matrix"].items()}
+        result["skipped"] = self.skipped
+        result["notes"] = self.notes
+        return result
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        """One row per group (scope = global / layer / kind / matrix), one column per criterion."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["scope", "name", "numel"] + [f"sparsity@{c.label}" for c in self.tolerances]
+                        + [f"sparsity_rel@{c.label}" for c in self.relative])
+        for scope, groups in self.groups().items():
+            for name, counts in groups.items():
+                s = self.sparsity(counts)
+                values = list(s["abs"].values()) + list(s["rel"].values())
+                writer.writerow([scope, name, int(counts.get("numel", 0))]
+                                + ["" if v is None else repr(v) for v in values])
+        return buffer.getvalue()
+
+
+def diff_checkpoints(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    *,
+    tolerances: Sequence[float | str] = DEFAULT_TOLERANCES,
+    relative: Sequence[float | str] = (),
+    masks_out: str | os.PathLike | None = None,
+    allow_missing: bool = False,
+    device: str = "cpu",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> DiffResult:
+    """Update sparsity of ``tuned`` relative to ``base``, streamed one tensor pair at a time.
+
+    ``tolerances`` are absolute (``0`` = bit-exact); ``relative`` are Zhu et al.'s η. With
+    ``masks_out`` the "changed" masks are saved as a gradtrace masks file: kind ``"update"`` is the
+    bitwise change (like the live tracker's), ``"update_abs_<tol:g>"`` / ``"update_rel_<η:g>"`` the others;
+    holding them costs 1 bit per element per kind. ``progress(i, total, name)`` is called per tensor.
+    Raises :class:`CheckpointDiffError` on missing files or mismatched names, shapes or dtypes.
+    """
+    criteria = make_criteria(tolerances, relative)
+    per_tensor: dict[str, dict[str, int]] = {}
+    specs: dict[str, TensorSpec] = {}
+    skipped: list[dict[str, str]] = []
+    masks: dict[str, dict[str, PackedMask]] = {}
+    dtypes: dict[str, str] = {}
+    with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device) as pair:
+        notes = list(pair.notes)
+        for i, spec in enumerate(pair.specs):
+            if progress is not None:
+                progress(i, len(pair.specs), spec.name)
+            if not spec.is_float:
+                skipped.append({"name": spec.name, "dtype": spec.dtype, "reason": "not a floating-point tensor"})
+                continue
+            a, b = pair.load(spec.name)
+            counts, tensor_masks = compare_tensors(a, b, criteria, with_masks=masks_out is not None)
+            del a, b  # release this pair's pages before the next one is read
+            per_tensor[spec.name] = counts
+            specs[spec.name] = spec
+            dtypes[spec.name] = _torch_dtype_name(spec.dtype)
+            for kind, mask in tensor_masks.items():
+                masks.setdefault(kind, {})[spec.name] = mask
+    if skipped:
+        notes.append(f"skipped {len(skipped)} non-float tensors (e.g. {skipped[0]['name']!r}, {skipped[0]['dtype']})")
+    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes)
+    if masks_out is not None:
+        if not masks:
+            raise CheckpointDiffError(f"{base} vs {tuned}: no floating-point tensors to write masks for")
+        info = {"source": "gradtrace diff", "base": str(Path(base).resolve()), "tuned": str(Path(tuned).resolve()),
+                "update": "stored value differs bitwise between base and tuned",
+                "tolerances": [c.label for c in result.tolerances], "relative": [c.label for c in result.relative]}
+        save_masks(masks_out, masks, dtypes=dtypes, info=info)
+    return result
+
+
+_ST_TO_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _torch_dtype_name(st_dtype: str) -> str:
+    """torch's spelling (``"bfloat16"``) of a safetensors dtype, as stored in masks files."""
+    return _ST_TO_TORCH.get(st_dtype, st_dtype.lower())
+

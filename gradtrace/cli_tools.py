@@ -1,0 +1,294 @@
+"""Command-line front ends of the mask toolkit: ``gradtrace diff``, ``gradtrace overlap``, ``gradtrace rank``.
+
+The main CLI (:mod:`gradtrace.cli`) calls :func:`add_parsers` on its sub-parsers; each sub-command sets
+``func``, a handler taking the parsed namespace and returning the exit status (0 success, 1 when the
+inputs cannot be compared, with the reason on stderr). :func:`main` runs the three stand-alone::
+
+    python -m gradtrace.cli_tools diff BASE TUNED --tolerance 0 --tolerance 1e-5 --json
+
+This module only presents: numbers come from :mod:`gradtrace.checkpoint_diff`,
+:mod:`gradtrace.overlap` and :mod:`gradtrace.update_rank`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gradtrace.checkpoint_diff import DEFAULT_TOLERANCES, CheckpointDiffError, diff_checkpoints, make_criteria
+from gradtrace.masks_file import MaskFileError
+from gradtrace.overlap import OverlapError, overlap_report
+from gradtrace.update_rank import update_ranks
+
+_INPUT_ERRORS = (CheckpointDiffError, OverlapError, MaskFileError, OSError)
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _tolerance(text: str) -> str:
+    """argparse type: keep the spelling (it is the JSON key) but reject what is not a number >= 0."""
+    try:
+        make_criteria([text])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text.strip()
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        with open(output, "w") as handle:
+            handle.write(text if text.endswith("\n") else text + "\n")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _dumps(payload: Any) -> str:
+    return json.dumps(payload, indent=2, allow_nan=False)
+
+
+@contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A transient progress bar on stderr (only on a terminal, so pipes and logs stay clean)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(i: int, n: int, name: str) -> None:
+            bar.update(task, completed=i, total=n, description=f"{description} {name}")
+
+        yield update
+
+
+def _fail(command: str, err: Exception) -> int:
+    Console(stderr=True, highlight=False).print(f"[bold red]gradtrace {command}: error:[/] {escape(str(err))}")
+    return 1
+
+
+def _add_output_options(parser: argparse.ArgumentParser, csv: bool = True) -> None:
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    if csv:
+        fmt.add_argument("--csv", action="store_true", help="print CSV (one row per group) instead of tables")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the JSON/CSV to FILE instead of stdout")
+
+
+# --------------------------------------------------------------------------------------------------
+# diff
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """``gradtrace diff``: update sparsity between two checkpoints."""
+    tolerances = args.tolerance or list(DEFAULT_TOLERANCES)
+    try:
+        with _progress(not (args.json or args.csv), "diff") as progress:
+            result = diff_checkpoints(args.base, args.tuned, tolerances=tolerances, relative=args.relative or (),
+                                      masks_out=args.masks_out, allow_missing=args.allow_missing,
+                                      device=args.device, progress=progress)
+    except _INPUT_ERRORS as err:
+        return _fail("diff", err)
+    if args.json:
+        _emit(_dumps(result.to_dict()), args.output)
+        return 0
+    if args.csv:
+        _emit(result.to_csv(), args.output)
+        return 0
+    console = Console()
+    data = result.to_dict()
+    columns = [f"|Δ|≤{c.label} %" if c.value else "bit-exact %" for c in result.tolerances]
+    columns += [f"rel≤{c.label} %" for c in result.relative]
+
+    def table(title: str, rows: dict[str, dict[str, Any]], first: str) -> Table:
+        t = Table(title=title, title_justify="left")
+        t.add_column(first)
+        t.add_column("elements", justify="right")
+        for col in columns:
+            t.add_column(col, justify="right")
+        for name, row in rows.items():
+            values = list(row["sparsity"].values()) + list(row.get("sparsity_relative", {}).values())
+            t.add_row(escape(str(name)), f"{row['numel']:,}", *(_pct(v) for v in values))
+        return t
+
+    console.print(f"[bold]update sparsity[/] of {escape(args.tuned)} relative to {escape(args.base)} "
+                  "(% of elements unchanged, per criterion)")
+    everything = {"all": {"numel": data["numel"], "sparsity": data["global"],
+                          "sparsity_relative": data.get("global_relative", {})}}
+    console.print(table("global", everything, ""))
+    if data["per_layer"]:
+        console.print(table("per layer", data["per_layer"], "layer"))
+    console.print(table("per module kind", data["per_kind"], "kind"))
+    if args.per_matrix:
+        console.print(table("per matrix", data["per_matrix"], "tensor"))
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
+    if args.masks_out:
+        console.print(f"masks written to {escape(args.masks_out)} (kind 'update' = bitwise change)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# overlap
+
+
+def run_overlap(args: argparse.Namespace) -> int:
+    """``gradtrace overlap``: how much the subnetworks of several runs coincide."""
+    try:
+        report = overlap_report(args.masks, kind=args.kind)
+    except _INPUT_ERRORS as err:
+        return _fail("overlap", err)
+    if args.json:
+        _emit(_dumps(report), args.output)
+        return 0
+    console = Console()
+    if "global" in report:
+        a, b = report["runs"]
+        console.print(f"[bold]overlap[/] of {escape(repr(args.kind))} masks: run 1 = {escape(a)}, run 2 = {escape(b)}")
+        console.print("o₁ = |I₁∩I₂|/|I₁| (chance 1−s₂), o₂ = |I₁∩I₂|/|I₂| (chance 1−s₁), "
+                      "Jaccard J (chance pq/(p+q−pq)); d = density; all in %")
+        t = Table(title_justify="left")
+        for col in ("group", "d₁", "d₂", "o₁", "chance", "o₂", "chance", "J", "chance"):
+            t.add_column(col, justify="left" if col == "group" else "right")
+        groups = [("all", report["global"])]
+        groups += [(f"layer {k}", v) for k, v in report["per_layer"].items()]
+        groups += [(f"kind {k}", v) for k, v in report["per_kind"].items()]
+        for name, g in groups:
+            d1 = None if g["sparsity_1"] is None else 1 - g["sparsity_1"]
+            d2 = None if g["sparsity_2"] is None else 1 - g["sparsity_2"]
+            t.add_row(escape(name), _pct(d1), _pct(d2), _pct(g["overlap"]), _pct(g["chance"]), _pct(g["overlap_2"]),
+                      _pct(g["chance_2"]), _pct(g["jaccard"]), _pct(g["jaccard_chance"]))
+        console.print(t)
+        return 0
+    runs = report["runs"]
+    console.print(f"[bold]pairwise overlap[/] of {escape(repr(args.kind))} masks; runs:")
+    for i, run in enumerate(runs):
+        console.print(f"  {i + 1}: {escape(run)} (update sparsity {_pct(report['sparsity'][i])} %)")
+    for key, title in (("overlap", escape("o = |Iᵢ∩Iⱼ| / |Iᵢ| % (row i, column j) [chance]")),
+                       ("jaccard", escape("Jaccard % [chance]"))):
+        t = Table(title=title, title_justify="left")
+        t.add_column("")
+        for j in range(len(runs)):
+            t.add_column(str(j + 1), justify="right")
+        chance = report["matrix"]["chance" if key == "overlap" else "jaccard_chance"]
+        for i in range(len(runs)):
+            t.add_row(str(i + 1), *(escape(f"{_pct(report['matrix'][key][i][j], 1)} [{_pct(chance[i][j], 1)}]")
+                                    for j in range(len(runs))))
+        console.print(t)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# rank
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    """``gradtrace rank``: rank of each update matrix and of a random matrix with the same support."""
+    try:
+        with _progress(not args.json, "rank") as progress:
+            result = update_ranks(args.base, args.tuned, max_dim=args.max_dim, baseline=not args.no_baseline,
+                                  seed=args.seed, allow_missing=args.allow_missing, device=args.device,
+                                  progress=progress)
+    except _INPUT_ERRORS as err:
+        return _fail("rank", err)
+    data = result.to_dict()
+    if args.json:
+        _emit(_dumps(data), args.output)
+        return 0
+    console = Console()
+    g = data["global"]
+    console.print(f"[bold]update rank[/] of {escape(args.tuned)} − {escape(args.base)}: mean rank/min(m,n) over "
+                  f"{g['matrices']} matrices = {_pct(g['mean_rank_fraction'])} % "
+                  f"(random matrix on the same support: {_pct(g['mean_random_rank_fraction'])} %)")
+    rows = data["per_matrix"] if args.per_matrix else data["per_kind"]
+    t = Table(title="per matrix" if args.per_matrix else "per module kind (means)", title_justify="left")
+    t.add_column("tensor" if args.per_matrix else "kind")
+    for col in ("shape" if args.per_matrix else "matrices", "density %", "rank %", "random-support rank %"):
+        t.add_column(col, justify="right")
+    for name, row in rows.items():
+        if args.per_matrix:
+            t.add_row(escape(name), "×".join(map(str, row["shape"])), _pct(row["density"]), _pct(row["rank_fraction"]),
+                      _pct(row["random_rank_fraction"]))
+        else:
+            t.add_row(escape(name), str(row["matrices"]), _pct(row["mean_density"]), _pct(row["mean_rank_fraction"]),
+                      _pct(row["mean_random_rank_fraction"]))
+    console.print(t)
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``diff``, ``overlap`` and ``rank`` on a sub-parsers object; each sets ``func=handler``."""
+    p = subparsers.add_parser(
+        "diff", help="update sparsity between two checkpoints (post hoc)",
+        description="Fraction of elements unchanged between two checkpoints (HF folders, sharded or not, or "
+                    ".safetensors files), streamed one tensor at a time. Tolerance 0 = bit-exact equality; "
+                    "other tolerances: |θ₁−θ₀| ≤ tol with the delta in the stored dtype (Mukherjee et al.).")
+    p.add_argument("base", help="checkpoint before training (folder or .safetensors file)")
+    p.add_argument("tuned", help="checkpoint after training")
+    p.add_argument("--tolerance", "-t", action="append", type=_tolerance, metavar="TOL",
+                   help="absolute tolerance; repeat for several (default: 0 and 1e-5)")
+    p.add_argument("--relative", action="append", type=_tolerance, metavar="ETA",
+                   help="relative tolerance of Zhu et al.: unchanged iff |ŵ−w| ≤ η·max(|w|,|ŵ|), in fp32 (e.g. 1e-3)")
+    p.add_argument("--masks-out", metavar="FILE",
+                   help="write the changed-element masks (kind 'update' = bitwise) as a gradtrace masks file")
+    p.add_argument("--per-matrix", action="store_true", help="also show one row per tensor")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="skip (with a note) tensors present in only one checkpoint instead of failing")
+    p.add_argument("--device", default="cpu", help="device to compare on (default: cpu)")
+    _add_output_options(p)
+    p.set_defaults(func=run_diff)
+
+    p = subparsers.add_parser(
+        "overlap", help="overlap between the masks of two or more runs",
+        description="o₁ = |I₁∩I₂|/|I₁|, o₂ = |I₁∩I₂|/|I₂| and Jaccard, each beside its value for independent "
+                    "random masks of the same densities; global, per layer, per module kind; a pairwise "
+                    "matrix for more than two runs.")
+    p.add_argument("masks", nargs="+", metavar="MASKS", help="gradtrace masks files (at least two)")
+    p.add_argument("--kind", default="update", help="mask kind to compare: update (default) or gradient")
+    _add_output_options(p, csv=False)
+    p.set_defaults(func=run_overlap)
+
+    p = subparsers.add_parser(
+        "rank", help="rank of the update matrices ΔW between two checkpoints",
+        description="torch.linalg.matrix_rank (default tolerance) of each 2-D ΔW = W₁−W₀ in fp32, as % of "
+                    "min(m,n), beside the rank of a random matrix on the same sparse support.")
+    p.add_argument("base", help="checkpoint before training")
+    p.add_argument("tuned", help="checkpoint after training")
+    p.add_argument("--max-dim", type=int, metavar="N", help="skip matrices with a side longer than N (noted)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the random-support baseline (halves the time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
+    p.add_argument("--per-matrix", action="store_true", help="one row per matrix instead of per module kind")
+    p.add_argument("--allow-missing", action="store_true", help="skip tensors present in only one checkpoint")
+    p.add_argument("--device", default="cpu", help="device for the SVDs (default: cpu)")
+    _add_output_options(p, csv=False)
+    p.set_defaults(func=run_rank)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point for the three sub-commands (the same ones ``gradtrace`` offers)."""
+    parser = argparse.ArgumentParser(prog="gradtrace", description="gradtrace mask toolkit")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    if args.command == "overlap" and len(args.masks) < 2:
+        parser.error("overlap needs at least two masks files")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
