@@ -275,3 +275,19 @@ def test_state_bytes_per_mode_match_documentation():
         measured = GradTracker(big, config).state_bytes()
         assert math.isclose((measured["device"] - 40) / n, expected), config
         assert measured["reference"] == 4 * n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_bit_level_nonzero_and_finite_equals_the_float_definition(dtype):
+    """The fast raw-bits test gives exactly (g != 0) & isfinite(g), edge values included."""
+    from gradtrace.tracker import _nonzero_and_finite
+
+    finfo = torch.finfo(dtype)
+    edge = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), finfo.max,
+                         -finfo.max, finfo.tiny, finfo.smallest_normal / 4, -finfo.tiny / 8], dtype=torch.float64)
+    values = torch.cat([edge, torch.randn(5000, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (5000,))])
+    grad = values.to(dtype)
+    grad[::5] = 0
+    nonzero, finite = _nonzero_and_finite(grad)
+    assert torch.equal(finite, torch.isfinite(grad))
+    assert torch.equal(nonzero, (grad != 0) & torch.isfinite(grad))
