@@ -26,3 +26,11 @@ def test_plain_loop_example(tmp_path, capsys):
     assert "never received a gradient: 64 of 128" in capsys.readouterr().out
     assert summary["optimizer_steps"] == 40
     assert [r["step"] for r in gradtrace.read_run_log(tmp_path)["logs"]] == [10, 20, 30, 40]
+
+
+def test_subnetwork_grpo_example(tmp_path, capsys):
+    result = load("subnetwork_grpo").main(str(tmp_path), steps=4, base_steps=10)
+    assert result["moved_outside_mask"] == 0  # the restriction held under AdamW with weight decay
+    assert 0 < result["subnetwork_density"] < 1
+    assert result["identical_bitwise"] >= 1 - result["subnetwork_density"]  # at least everything outside
+    assert "identical_1e-4" in capsys.readouterr().out
