@@ -179,17 +179,20 @@ class GradTracker:
 
     # ------------------------------------------------------------------ hot path
     @torch.no_grad()
-    def observe_gradients(self) -> None:
-        """Fold the current ``.grad`` of every tracked parameter into the state (one optimizer step).
+    def observe_gradients(self, grads: Mapping[str, torch.Tensor | None] | None = None) -> None:
+        """Fold one optimizer step's gradients into the state.
 
-        Non-finite gradient elements are counted and otherwise ignored: they never set a mask bit and
-        never enter the sums. A parameter whose ``.grad`` is ``None`` received no gradient this step.
+        By default reads each tracked parameter's ``.grad``. Engines that keep gradients elsewhere
+        (DeepSpeed's partitioned buffers) pass ``grads``: ``{parameter name: gradient}``, each laid out
+        like the parameter's local data. Non-finite gradient elements are counted and otherwise ignored:
+        they never set a mask bit and never enter the sums. A missing or ``None`` gradient means the
+        parameter received no gradient this step.
         """
         stride = self.config.stride
         step_nonzero = torch.zeros((), dtype=torch.int64, device=self._primary)
         nonfinite = torch.zeros((), dtype=torch.int64, device=self._primary)
         for name, param in self._params:
-            grad = param.grad
+            grad = param.grad if grads is None else grads.get(name)
             if grad is None:
                 continue
             grad = _local(grad)

@@ -291,3 +291,25 @@ def test_bit_level_nonzero_and_finite_equals_the_float_definition(dtype):
     nonzero, finite = _nonzero_and_finite(grad)
     assert torch.equal(finite, torch.isfinite(grad))
     assert torch.equal(nonzero, (grad != 0) & torch.isfinite(grad))
+
+
+def test_explicit_gradients_equal_reading_dot_grad():
+    """Engines that keep gradients outside ``.grad`` (DeepSpeed) hand them over by name."""
+    from_grad = run_crafted(4, TrackerConfig(cancellation="full"))[1]
+    torch.manual_seed(0)
+    model = Crafted()
+    optimizer = crafted_optimizer(model)
+    explicit = GradTracker(model, TrackerConfig(cancellation="full"))
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        model(torch.randint(0, 8, (6,), generator=generator), step).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        optimizer.zero_grad()  # .grad is gone, as inside DeepSpeed; only the mapping has it
+        explicit.observe_gradients(grads)
+        for name, p in model.named_parameters():
+            p.grad = grads.get(name)
+        optimizer.step()
+        optimizer.zero_grad()
+    for name in from_grad.parameter_names:
+        for key in ("gradient_bits", "signed_sum", "abs_sum"):
+            assert torch.equal(explicit.state[name][key], from_grad.state[name][key]), (name, key)
