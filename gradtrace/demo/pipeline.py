@@ -44,10 +44,6 @@ class DemoRun:
     metric: str
 
 
-def _callback(run_dir: Path) -> GradTraceCallback:
-    return GradTraceCallback(output_dir=run_dir, cancellation="full", ever_changed=True)
-
-
 def run_demo(
     output_dir: str | Path = "gradtrace-demo",
     *,
@@ -71,83 +67,23 @@ def run_demo(
     console.print(f"• base policy: {base_steps} SFT steps on the in-distribution task (addition)…")
     base = runs.make_base_policy(out, steps=base_steps, seed=seed, dtype=torch.float32, quiet=True)
 
+    # (name, description, trainer function, extra arguments, weight dtype): same base, lr and steps.
     plans = [
-        (
-            "grpo",
-            f"TRL GRPO, {dtype}",
-            lambda cb, d: runs.run_grpo(
-                base,
-                out / "grpo",
-                callbacks=[cb],
-                learning_rate=learning_rate,
-                max_steps=steps,
-                dtype=d,
-                seed=seed,
-                report_to=report_to,
-                run_name="grpo",
-                quiet=True,
-            ),
-        ),
-        (
-            "sft-in",
-            f"SFT in-distribution, {dtype}",
-            lambda cb, d: runs.run_sft(
-                base,
-                out / "sft-in",
-                callbacks=[cb],
-                task=IN_TASK,
-                learning_rate=learning_rate,
-                max_steps=steps,
-                dtype=d,
-                seed=seed,
-                report_to=report_to,
-                run_name="sft-in",
-                quiet=True,
-            ),
-        ),
-        (
-            "sft-out",
-            f"SFT out-of-distribution, {dtype}",
-            lambda cb, d: runs.run_sft(
-                base,
-                out / "sft-out",
-                callbacks=[cb],
-                task=OUT_TASK,
-                learning_rate=learning_rate,
-                max_steps=steps,
-                dtype=d,
-                seed=seed,
-                report_to=report_to,
-                run_name="sft-out",
-                quiet=True,
-            ),
-        ),
+        ("grpo", f"TRL GRPO, {dtype}", runs.run_grpo, {}, weights),
+        ("sft-in", f"SFT in-distribution, {dtype}", runs.run_sft, {"task": IN_TASK}, weights),
+        ("sft-out", f"SFT out-of-distribution, {dtype}", runs.run_sft, {"task": OUT_TASK}, weights),
     ]
-    results: list[DemoRun] = []
-    for name, description, launch in plans:
-        results.append(_traced(console, out, name, description, launch, weights))
     if fp32_contrast and weights != torch.float32:
-        results.append(
-            _traced(
-                console,
-                out,
-                "grpo-fp32",
-                "TRL GRPO, float32 (contrast)",
-                lambda cb, d: runs.run_grpo(
-                    base,
-                    out / "grpo-fp32",
-                    callbacks=[cb],
-                    learning_rate=learning_rate,
-                    max_steps=steps,
-                    dtype=d,
-                    seed=seed,
-                    report_to=report_to,
-                    run_name="grpo-fp32",
-                    quiet=True,
-                ),
-                torch.float32,
-            )
-        )
+        plans.append(("grpo-fp32", "TRL GRPO, float32 (contrast)", runs.run_grpo, {}, torch.float32))
+    results: list[DemoRun] = []
+    for name, description, run, extra, run_dtype in plans:
+        console.print(f"• {description}…")
+        run_dir = out / name / "gradtrace"
+        callback = GradTraceCallback(output_dir=run_dir, cancellation="full", ever_changed=True)
+        result = run(base, out / name, callbacks=[callback], learning_rate=learning_rate, max_steps=steps,
+                     dtype=run_dtype, seed=seed, report_to=report_to, run_name=name, quiet=True, **extra)
+        results.append(DemoRun(name, description, run_dir, callback.summary or {}, result.seconds,
+                               _final_metric(result.log_history)))
 
     console.print(results_table(results, learning_rate=learning_rate, steps=steps))
     console.print(f"Masks and run logs: {out}/<run>/gradtrace/ (masks.safetensors, summary.json, log.jsonl)")
@@ -172,17 +108,13 @@ def _quiet_libraries() -> None:
     torch.set_num_threads(1)
 
 
-def _traced(console: Console, out: Path, name: str, description: str, launch, dtype: torch.dtype) -> DemoRun:
-    run_dir = out / name / "gradtrace"
-    console.print(f"• {description}…")
-    callback = _callback(run_dir)
-    result = launch(callback, dtype)
-    history = [h for h in result.log_history if "loss" in h or "reward" in h]
-    metric = ""
-    if history:
-        last = history[-1]
-        metric = f"{last['reward']:.2f}" if "reward" in last else f"{last['loss']:.3f}"
-    return DemoRun(name, description, run_dir, callback.summary or {}, result.seconds, metric)
+def _final_metric(log_history: list[dict[str, Any]]) -> str:
+    """The last logged reward (GRPO) or loss (SFT), formatted for the table."""
+    history = [h for h in log_history if "loss" in h or "reward" in h]
+    if not history:
+        return ""
+    last = history[-1]
+    return f"{last['reward']:.2f}" if "reward" in last else f"{last['loss']:.3f}"
 
 
 def _cell(value: Any) -> str:
