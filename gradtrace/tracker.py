@@ -10,6 +10,7 @@ This module knows nothing of transformers, TRL or W&B.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,12 @@ def _change_signature(tensor: torch.Tensor) -> torch.Tensor:
     return signature
 
 
+@functools.cache
+def _inf_bits(dtype: torch.dtype) -> int:
+    """The bit pattern of +inf in ``dtype``, as an integer of the same width."""
+    return int(torch.tensor(float("inf"), dtype=dtype).view(_INT_VIEW[dtype.itemsize]).item())
+
+
 def _nonzero_and_finite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks ``(grad != 0 and finite, finite)``.
 
@@ -80,8 +87,7 @@ def _nonzero_and_finite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return grad.ne(0).logical_and_(finite), finite
     bits = grad.view(_INT_VIEW[width])
     magnitude = bits & torch.iinfo(bits.dtype).max  # clears the sign bit: -0.0 -> 0, -x -> x
-    inf_bits = torch.tensor(float("inf"), dtype=grad.dtype).view(bits.dtype).item()
-    finite = magnitude.lt(inf_bits)
+    finite = magnitude.lt(_inf_bits(grad.dtype))
     return magnitude.ne(0).logical_and_(finite), finite
 
 

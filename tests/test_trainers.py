@@ -133,3 +133,47 @@ def test_a_failing_instrument_never_stops_training(tmp_path, base_path):
                                   logging_steps=1, learning_rate=1e-2)
     assert result.trainer.state.global_step == 3
     assert sum("gradtrace" in str(w.message) for w in caught) == 1  # said once
+
+
+def _trl_args(config_class, output_dir, **extra):
+    """CPU settings shared with the demo runs (no autocast, no checkpointing, no saving)."""
+    from gradtrace.demo.runs import _common_args
+
+    common = _common_args(output_dir, learning_rate=1e-2, max_steps=3, seed=0, report_to="none", logging_steps=1,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=1, max_grad_norm=1.0,
+                          save_steps=None, run_name=None, use_cpu=True)
+    return config_class(**common, **extra)
+
+
+def test_rloo_trainer(tmp_path, base_path, reference):
+    from trl import RLOOConfig, RLOOTrainer
+
+    from gradtrace.demo.tiny import load_base, load_tokenizer, prompt_dataset, reward_exact_match
+
+    callback, callbacks = traced(tmp_path, reference)
+    args = _trl_args(RLOOConfig, tmp_path, num_generations=4, max_completion_length=4)
+    trainer = RLOOTrainer(model=load_base(base_path, torch.bfloat16), reward_funcs=reward_exact_match, args=args,
+                          train_dataset=prompt_dataset("add", n=64), processing_class=load_tokenizer(base_path),
+                          callbacks=callbacks)
+    trainer.train()
+    assert_masks_equal_reference(load_masks(tmp_path / "gradtrace" / "masks.safetensors"), reference)
+    assert callback.summary["optimizer_steps"] == 3
+
+
+def test_kto_trainer(tmp_path, base_path, reference):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from gradtrace.demo.tiny import load_base, load_tokenizer, preference_dataset
+
+    pairs = preference_dataset("add", n=32)
+    unpaired = Dataset.from_dict({
+        "prompt": list(pairs["prompt"]) * 2,
+        "completion": list(pairs["chosen"]) + list(pairs["rejected"]),
+        "label": [True] * len(pairs) + [False] * len(pairs),
+    }).shuffle(seed=0)
+    callback, callbacks = traced(tmp_path, reference)
+    trainer = KTOTrainer(model=load_base(base_path, torch.float32), args=_trl_args(KTOConfig, tmp_path),
+                         train_dataset=unpaired, processing_class=load_tokenizer(base_path), callbacks=callbacks)
+    trainer.train()
+    assert_masks_equal_reference(load_masks(tmp_path / "gradtrace" / "masks.safetensors"), reference)
