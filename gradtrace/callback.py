@@ -3,7 +3,9 @@
 A thin adapter: it maps Trainer events onto a :class:`~gradtrace.session.TraceSession`.
 
 - ``on_train_begin``: start tracking the trainable parameters (after PEFT/accelerate wrapping);
-  when resuming, restore the tracker state saved with the checkpoint.
+  when resuming, restore the tracker state saved with the checkpoint. Under DeepSpeed ZeRO-0/1/2 the
+  gradient is applied and freed inside ``accelerator.backward``, before the two optimizer-step events
+  below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.deepspeed_support`).
 - ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
   exactly what ``optimizer.step()`` applies: fold it into the masks.
 - ``on_optimizer_step``: record what the step changed (``ever_changed`` mode only).
@@ -20,6 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from gradtrace import deepspeed_support
 from gradtrace.config import TrackerConfig
 from gradtrace.run_info import run_info
 from gradtrace.session import GradTraceWarning, TraceSession
@@ -41,12 +44,7 @@ def _guarded(method):
         except Exception as err:
             if self.strict:
                 raise
-            self._disabled = True
-            import warnings
-
-            warnings.warn(f"gradtrace: {method.__name__} failed ({type(err).__name__}: {err}); tracking is "
-                          "switched off for the rest of this run, training continues", GradTraceWarning,
-                          stacklevel=2)
+            self._switch_off(method.__name__, err)
         return control
 
     return wrapper
@@ -81,6 +79,16 @@ class GradTraceCallback(TrainerCallback):
         self.strict = strict
         self.session: TraceSession | None = None
         self._disabled = False
+        self._deepspeed: deepspeed_support.DeepSpeedHandle | None = None  # hook in the engine's step
+
+    def _switch_off(self, where: str, err: BaseException) -> None:
+        import warnings
+
+        self._disabled = True
+        if self._deepspeed is not None:
+            self._deepspeed.remove()
+        warnings.warn(f"gradtrace: {where} failed ({type(err).__name__}: {err}); tracking is switched off for "
+                      "the rest of this run, training continues", GradTraceWarning, stacklevel=3)
 
     @property
     def tracker(self) -> GradTracker | None:
@@ -99,11 +107,11 @@ class GradTraceCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin")
-        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
-            # DeepSpeed applies and frees the gradients inside accelerator.backward, before the Trainer's
-            # optimizer-step events: reading .grad there would yield empty masks, silently.
-            raise NotImplementedError("DeepSpeed is not supported yet (its gradients live inside the engine "
-                                      "and are gone by on_pre_optimizer_step); use DDP or FSDP2")
+        deepspeed = bool(getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)
+                         or deepspeed_support.is_deepspeed_object(optimizer))
+        if deepspeed:
+            # NotImplementedError under ZeRO-3, before any state is allocated for its empty placeholders
+            deepspeed_support.check_supported(optimizer, model)
         tracker = GradTracker(model, self.config)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
         info = run_info(
@@ -127,15 +135,22 @@ class GradTraceCallback(TrainerCallback):
             checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             resumed_from = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
             self.session.restore_state(resumed_from)
+        if deepspeed:
+            # DeepSpeed applies and frees the gradient inside accelerator.backward, before the Trainer's
+            # optimizer-step events (where .grad is None): read it inside the engine's optimizer step.
+            on_error = None if self.strict else functools.partial(self._switch_off, "tracking in DeepSpeed's step")
+            self._deepspeed = deepspeed_support.attach_to_deepspeed(tracker, optimizer, on_error=on_error)
         self.session.start(step=state.global_step, resumed_from=resumed_from)
 
     @_guarded
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.session.tracker.observe_gradients()
+        if self._deepspeed is None:  # under DeepSpeed the hook in the engine's step has done it
+            self.session.tracker.observe_gradients()
 
     @_guarded
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.session.tracker.observe_update()
+        if self._deepspeed is None:
+            self.session.tracker.observe_update()
 
     @_guarded
     def on_step_end(self, args, state, control, **kwargs):
@@ -150,4 +165,7 @@ class GradTraceCallback(TrainerCallback):
 
     @_guarded
     def on_train_end(self, args, state, control, **kwargs):
+        if self._deepspeed is not None:
+            self._deepspeed.remove()
+            self._deepspeed = None
         self.session.finish(state.global_step)

@@ -1,0 +1,283 @@
+"""DeepSpeed ZeRO-1/2: read the gradient inside the engine, right before its optimizer step.
+
+Under DeepSpeed the engine owns the gradient. Through accelerate (and so ``transformers.Trainer`` and
+TRL), ``accelerator.backward`` runs ``engine.backward`` and, at the accumulation boundary,
+``engine.step()``: the gradient is reduced, applied and freed before the Trainer's
+``on_pre_optimizer_step``, and ``.grad`` is ``None`` there. Under ZeRO-2 the reduced gradient never
+exists in ``.grad`` at all: each rank holds only its partition, in the optimizer's flat buffers.
+
+:func:`attach_to_deepspeed` wraps the ZeRO optimizer's ``step`` (the engine calls
+``self.optimizer.step()``). Inside it, before the real step, each tracked parameter's full reduced
+gradient is read with DeepSpeed's public ``deepspeed.utils.safe_get_full_grad`` and folded into the
+tracker; after the real step, :meth:`GradTracker.observe_update` runs. Under ZeRO-1/2 the module's
+parameters are replicated on every rank and hold the updated values after the step (the engine
+all-gathers the updated partitions inside ``step``), so the tracker's reference copies and update masks
+work unchanged, and every rank ends with the same masks, as under DDP.
+
+What the tracker sees, per optimizer step (what the optimizer applies):
+
+- the gradient accumulated over the micro-batches and averaged over the data-parallel ranks;
+- unscaled (fp16 loss scale) and clipped exactly as DeepSpeed is about to do it, when the tracker keeps
+  gradient sums (``cancellation`` not ``"off"``) and the optimizer is DeepSpeed's ZeRO-1/2 optimizer:
+  the factor is computed with DeepSpeed's own norm (``scaled_global_norm``) and formula. The masks
+  themselves do not depend on a positive scale factor, so with ``cancellation="off"`` that work is skipped;
+- a step that DeepSpeed then skips (fp16 overflow) is still observed, as in a non-DeepSpeed Trainer
+  with a gradient scaler: its non-finite elements are counted and set no mask bit.
+
+Stage 0 (DeepSpeed without ZeRO) goes through the same hook: the gradient is in ``.grad`` during the
+step, and in fp32 the engine clips it before calling ``step``; under stage 0's fp16/bf16 optimizer
+wrappers the sums are of the unclipped gradient (the masks are the same either way).
+
+Tested (2 CPU processes, gloo, DeepSpeed 0.19.8, through ``transformers.Trainer``): ZeRO-1 with gradient
+accumulation, ZeRO-2 and stage 0 in fp32 give the masks and per-step counts of a single process without
+DeepSpeed; bf16 ZeRO-1/2 ran (plain engine loop) without a reference. Not tested: CPU/NVMe offload,
+GPUs/NCCL, pipeline or tensor parallelism, MoE.
+
+Cost: ``safe_get_full_grad`` assembles each parameter's full fp32 gradient from the ranks' partitions
+with one all-reduce per parameter, i.e. about one extra full-gradient all-reduce (in fp32) per
+optimizer step, plus one transient fp32 buffer of the largest parameter's size (the gradients are
+fetched one parameter at a time, as the tracker asks for them, never all at once).
+
+ZeRO-3 (partitioned parameters) is not supported: the tracker would need per-rank shards of the
+parameters as under FSDP2. It is detected and refused with ``NotImplementedError``.
+
+``deepspeed`` is imported only when a function here is called with a DeepSpeed object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from gradtrace.tracker import GradTracker
+
+__all__ = [
+    "DeepSpeedHandle",
+    "attach_to_deepspeed",
+    "check_supported",
+    "find_zero_optimizer",
+    "is_deepspeed_object",
+    "zero_stage",
+]
+
+
+# accelerate's wrappers: what a Trainer callback receives as ``optimizer`` (the first) under DeepSpeed.
+_ACCELERATE_WRAPPERS = ("DeepSpeedOptimizerWrapper", "DeepSpeedEngineWrapper")
+
+
+def _from_deepspeed(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] == "deepspeed"
+
+
+def is_deepspeed_object(obj: Any) -> bool:
+    """Whether ``obj`` is a DeepSpeed engine or optimizer, or accelerate's wrapper of one.
+
+    Cheap and import-free: decides from the classes' modules, so it can be asked of any optimizer.
+    """
+    if obj is None:
+        return False
+    if _from_deepspeed(obj) or type(obj).__name__ in _ACCELERATE_WRAPPERS:
+        return True
+    # accelerate's DeepSpeedOptimizerWrapper(.optimizer) and DeepSpeedEngineWrapper(.engine)
+    inner = getattr(obj, "engine", None) or getattr(obj, "optimizer", None)
+    return inner is not None and inner is not obj and _from_deepspeed(inner)
+
+
+def _engine_of(obj: Any) -> Any | None:
+    """The DeepSpeedEngine if ``obj`` is one or accelerate's DeepSpeedEngineWrapper of one, else None."""
+    engine = getattr(obj, "engine", obj)
+    return engine if callable(getattr(engine, "zero_optimization_stage", None)) else None
+
+
+def find_zero_optimizer(obj: Any) -> Any:
+    """The optimizer whose ``step`` the DeepSpeed engine calls, from what the caller has at hand.
+
+    Accepts a ``DeepSpeedEngine`` (its ``.optimizer``), accelerate's ``DeepSpeedEngineWrapper``
+    (``.engine.optimizer``), accelerate's ``DeepSpeedOptimizerWrapper`` (``.optimizer``; what
+    ``Trainer`` callbacks receive as ``optimizer``) or the ZeRO optimizer itself.
+    """
+    engine = _engine_of(obj)
+    if engine is not None:
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("this DeepSpeed engine has no optimizer (inference engine?); nothing to track")
+        return optimizer
+    inner = getattr(obj, "optimizer", None)
+    if inner is not None and (_from_deepspeed(inner) or type(obj).__name__ == "DeepSpeedOptimizerWrapper"):
+        return inner  # accelerate's DeepSpeedOptimizerWrapper (ZeRO-0 in fp32: the client torch optimizer)
+    if _from_deepspeed(obj):
+        return obj
+    raise TypeError(f"not a DeepSpeed engine or optimizer: {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def zero_stage(obj: Any, params: list[torch.nn.Parameter] | None = None) -> int:
+    """The ZeRO stage (0-3) of a DeepSpeed engine/optimizer (or their accelerate wrappers).
+
+    From the engine when given one; else from the optimizer's class and, as a cross-check, from the
+    parameters (ZeRO-3 gives each parameter a ``ds_id``).
+    """
+    engine = _engine_of(obj)
+    if engine is not None:
+        return int(engine.zero_optimization_stage())
+    if params is not None and any(hasattr(p, "ds_id") for p in params):
+        return 3
+    optimizer = find_zero_optimizer(obj)
+    name = type(optimizer).__name__
+    if name == "DeepSpeedZeroOptimizer_Stage3" or hasattr(optimizer, "get_fp32_grad_for_param"):
+        return 3
+    if name == "DeepSpeedZeroOptimizer":
+        return 2 if getattr(optimizer, "partition_gradients", False) else 1
+    return 0
+
+
+def check_supported(engine_or_optimizer: Any, model: torch.nn.Module | Iterable[torch.nn.Parameter] | None = None) -> int:
+    """The ZeRO stage, after checking that gradtrace can track it: raises ``NotImplementedError`` under
+    ZeRO-3 and ``TypeError`` if ``engine_or_optimizer`` is no DeepSpeed object.
+
+    Cheap; call it before building a tracker (under ZeRO-3 the module's parameters are empty placeholders).
+    """
+    params = list(model.parameters() if isinstance(model, torch.nn.Module) else model or [])
+    find_zero_optimizer(engine_or_optimizer)  # TypeError if it is none of the accepted objects
+    stage = zero_stage(engine_or_optimizer, params)
+    if stage >= 3 or any(hasattr(p, "ds_id") for p in params):
+        raise NotImplementedError(
+            "gradtrace supports DeepSpeed ZeRO stages 0-2, not ZeRO-3: under ZeRO-3 each rank holds only a "
+            "partition of every parameter, which the tracker's reference copies and masks do not handle yet; "
+            "use ZeRO-1/2, DDP or FSDP2")
+    return stage
+
+
+class _FullGradients(Mapping):
+    """``{name: full reduced gradient}``, each fetched from DeepSpeed only when the tracker asks for it.
+
+    ``safe_get_full_grad`` is a collective under ZeRO-1/2 (an all-reduce per parameter): every rank asks
+    for the same parameters in the same order, which the tracker's fixed parameter order guarantees.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], scale: torch.Tensor | float | None):
+        from deepspeed.utils import safe_get_full_grad
+
+        self._get = safe_get_full_grad
+        self._params = params
+        self._inverse = None if scale is None else 1.0 / scale
+
+    def __getitem__(self, name: str) -> torch.Tensor | None:
+        param = self._params[name]
+        grad = self._get(param)
+        if grad is None or self._inverse is None:
+            return grad
+        # The same operation DeepSpeed applies to its flat partitions (unscale_and_clip_grads). Never
+        # in place on the parameter's own .grad (stage 0 keeps the gradient there).
+        return grad.mul(self._inverse) if grad is param.grad else grad.mul_(self._inverse)
+
+    def get(self, name: str, default: Any = None) -> torch.Tensor | None:
+        # Mapping.get would swallow a KeyError raised inside DeepSpeed; only unknown names default.
+        return self[name] if name in self._params else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+
+def _applied_scale(optimizer: Any) -> torch.Tensor | float | None:
+    """The factor DeepSpeed's ZeRO-1/2 ``step`` will divide the gradient by (loss scale × clipping), or
+    ``None`` when it divides by nothing or the optimizer is not one whose formula is known here.
+
+    Mirrors ``DeepSpeedZeroOptimizer.unscale_and_clip_grads``, with the norm from its own
+    ``scaled_global_norm`` (partition-local, one scalar all-reduce): the norm ``step`` is about to compute.
+    """
+    if not all(hasattr(optimizer, attr) for attr in ("scaled_global_norm", "clip_grad", "loss_scale")):
+        return None
+    clip_grad, loss_scale = float(optimizer.clip_grad), optimizer.loss_scale
+    if clip_grad == 0.0 and loss_scale == 1.0:
+        return None
+    if clip_grad <= 0.0:
+        return loss_scale
+    norm = optimizer.scaled_global_norm()
+    clip = torch.clamp(((norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
+    # An invalid norm (inf/NaN, or DeepSpeed's -1 for them) means overflow: DeepSpeed skips the step, and
+    # the gradient is only unscaled here. No host sync: DeepSpeed's own step syncs on the norm anyway.
+    valid = torch.isfinite(norm) & norm.ge(0)
+    return torch.where(valid, clip * loss_scale, torch.full_like(clip, float(loss_scale)))
+
+
+class DeepSpeedHandle:
+    """Returned by :func:`attach_to_deepspeed`; :meth:`remove` restores the optimizer's own ``step``."""
+
+    def __init__(self, tracker: GradTracker, optimizer: Any, stage: int,
+                 on_error: Callable[[BaseException], None] | None):
+        self.tracker = tracker
+        self.optimizer = optimizer
+        self.stage = stage
+        self.on_error = on_error
+        self._params = dict(tracker.named_parameters())
+        self._had_own_step = "step" in vars(optimizer)
+        self._original_step = optimizer.step
+        self._active = True
+        optimizer.step = self._step
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def remove(self) -> None:
+        """Stop tracking: the optimizer's ``step`` is what it was before. Idempotent."""
+        if not self._active:
+            return
+        self._active = False
+        if vars(self.optimizer).get("step") == self._step:
+            if self._had_own_step:
+                self.optimizer.step = self._original_step
+            else:
+                del self.optimizer.step
+
+    def _fail(self, err: BaseException) -> None:
+        if self.on_error is None:
+            raise err
+        self.remove()
+        self.on_error(err)
+
+    def _step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._active:
+            return self._original_step(*args, **kwargs)
+        try:
+            scale = _applied_scale(self.optimizer) if self.tracker.config.tracks_sums else None
+            self.tracker.observe_gradients(_FullGradients(self._params, scale))
+        except Exception as err:
+            self._fail(err)
+        result = self._original_step(*args, **kwargs)
+        if self._active:
+            try:
+                self.tracker.observe_update()
+            except Exception as err:
+                self._fail(err)
+        return result
+
+
+def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
+                        on_error: Callable[[BaseException], None] | None = None) -> DeepSpeedHandle:
+    """Track ``tracker``'s parameters through a DeepSpeed ZeRO-0/1/2 engine's optimizer steps.
+
+    Args:
+        tracker: built on the unwrapped model (``engine.module``, or the ``model`` a Trainer callback
+            receives), so its parameter names are the module's.
+        engine_or_optimizer: the ``DeepSpeedEngine``, its ZeRO optimizer, or accelerate's wrapper of
+            either (a Trainer callback's ``optimizer`` argument is accelerate's
+            ``DeepSpeedOptimizerWrapper``).
+        on_error: called with the exception if tracking fails inside the step; the hook then removes
+            itself and the real step still runs. Default: the exception propagates (stops training).
+
+    Every rank must attach: reading the full gradient is a collective (one all-reduce per parameter, in
+    the tracker's fixed order), so a failure on one rank only would leave the others waiting in it until
+    the process group's timeout. Returns a handle whose ``remove()`` detaches. Raises
+    ``NotImplementedError`` under ZeRO-3.
+    """
+    stage = check_supported(engine_or_optimizer, [p for _, p in tracker.named_parameters()])
+    optimizer = find_zero_optimizer(engine_or_optimizer)
+    if isinstance(getattr(optimizer.step, "__self__", None), DeepSpeedHandle):
+        raise RuntimeError("this DeepSpeed optimizer is already tracked by gradtrace; remove() that handle first")
+    return DeepSpeedHandle(tracker, optimizer, stage, on_error)

@@ -1,0 +1,114 @@
+"""A tiny model through a real transformers.Trainer under DeepSpeed (ZeRO-0/1/2), with gradtrace.
+
+Run under torchrun (DeepSpeed's CPU accelerator, gloo), or as one plain process without DeepSpeed (the
+reference, on the same global batches):
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/distributed/trainer_deepspeed.py OUT STAGE PER_DEVICE_BATCH GA [lenient]
+    python tests/distributed/trainer_deepspeed.py OUT none GLOBAL_BATCH 1
+
+STAGE is the ZeRO stage, or ``none`` for no DeepSpeed at all (the reference). Every optimizer step is
+logged, so per-step counts (e.g. the step's gradient density) can be compared as well as the final masks.
+``lenient`` runs the callback with ``strict=False`` (its warnings are recorded: ZeRO-3 is refused so).
+Each rank writes ``OUT/rank{r}.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from gradtrace import GradTraceCallback, GradTraceWarning  # noqa: E402
+
+VOCAB, SEQ, USED, STEPS = 96, 12, 48, 4
+
+
+class Recorder(TrainerCallback):
+    """Placed after gradtrace's callback: what it attached, and whether ``.grad`` was there to read."""
+
+    def __init__(self, traced: GradTraceCallback):
+        self.traced = traced
+        self.handle = None
+        self.grad_was_none_at_pre_step: list[bool] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.handle = self.traced._deepspeed
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grad_was_none_at_pre_step.append(all(p.grad is None for p in self.model.parameters()))
+
+
+def dataset(n: int) -> Dataset:
+    generator = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, USED, (n, SEQ), generator=generator)  # rows >= USED never appear
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def deepspeed_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW as DeepSpeed's client optimizer
+        "steps_per_print": 10_000,
+    }
+
+
+def main(out: str, stage: int | None, batch: int, accumulation: int, strict: bool = True) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    distributed = "WORLD_SIZE" in os.environ
+    args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1,
+                             report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                             disable_tqdm=True, seed=0, data_seed=0, lr_scheduler_type="constant",
+                             deepspeed=None if stage is None else deepspeed_config(stage),
+                             ddp_backend="gloo" if distributed else None)
+    callback = GradTraceCallback(strict=strict, wandb=False, cancellation="full")
+    recorder = Recorder(callback)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(64), callbacks=[callback, recorder])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GradTraceWarning)
+        trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tracker = callback.tracker
+    digest = hashlib.sha256()
+    for name in tracker.parameter_names if tracker else []:  # this rank's gradient mask bits: ranks must agree
+        digest.update(tracker.state[name]["gradient_bits"].cpu().numpy().tobytes())
+    handle = recorder.handle
+    record = {
+        "world_size": world,
+        "optimizer_steps": tracker.steps if tracker else None,
+        "trainer_steps": trainer.state.global_step,
+        "stage": handle.stage if handle else None,
+        "zero_optimizer": type(handle.optimizer).__name__ if handle else None,
+        "hook_removed": handle is not None and not handle.active and "step" not in vars(handle.optimizer),
+        "grad_was_none_at_pre_step": recorder.grad_was_none_at_pre_step,
+        "gradient_digest": digest.hexdigest(),
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)],
+    }
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
+        json.dump(record, stream)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+         strict=sys.argv[5:] != ["lenient"])
