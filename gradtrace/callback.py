@@ -110,7 +110,7 @@ class GradTraceCallback(TrainerCallback):
         deepspeed = bool(getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)
                          or deepspeed_support.is_deepspeed_object(optimizer))
         if deepspeed:
-            # NotImplementedError under ZeRO-3, before any state is allocated for its empty placeholders
+            # a clear error for anything DeepSpeed-like that the adapter cannot track, before allocating state
             deepspeed_support.check_supported(optimizer, model)
         tracker = GradTracker(model, self.config)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2: read the gradient inside the engine, right before its optimizer step.
+"""DeepSpeed ZeRO-0/1/2/3: read the gradient inside the engine, right before its optimizer step.
 
 Under DeepSpeed the engine owns the gradient. Through accelerate (and so ``transformers.Trainer`` and
 TRL), ``accelerator.backward`` runs ``engine.backward`` and, at the accumulation boundary,
@@ -18,7 +18,7 @@ What the tracker sees, per optimizer step (what the optimizer applies):
 
 - the gradient accumulated over the micro-batches and averaged over the data-parallel ranks;
 - unscaled (fp16 loss scale) and clipped exactly as DeepSpeed is about to do it, when the tracker keeps
-  gradient sums (``cancellation`` not ``"off"``) and the optimizer is DeepSpeed's ZeRO-1/2 optimizer:
+  gradient sums (``cancellation`` not ``"off"``) and the optimizer is DeepSpeed's ZeRO-1/2/3 optimizer:
   the factor is computed with DeepSpeed's own norm (``scaled_global_norm``) and formula. The masks
   themselves do not depend on a positive scale factor, so with ``cancellation="off"`` that work is skipped;
 - a step that DeepSpeed then skips (fp16 overflow) is still observed, as in a non-DeepSpeed Trainer
@@ -38,8 +38,20 @@ with one all-reduce per parameter, i.e. about one extra full-gradient all-reduce
 optimizer step, plus one transient fp32 buffer of the largest parameter's size (the gradients are
 fetched one parameter at a time, as the tracker asks for them, never all at once).
 
-ZeRO-3 (partitioned parameters) is not supported: the tracker would need per-rank shards of the
-parameters as under FSDP2. It is detected and refused with ``NotImplementedError``.
+ZeRO-3 (partitioned parameters): the module's parameters are empty placeholders, and each rank holds
+only its partition of every parameter (``param.ds_tensor``) and of its reduced gradient. As under FSDP2,
+the tracker keeps state for the local partition only (:mod:`gradtrace.sharding`: the valid, unpadded
+part of ``ds_tensor``), so its memory per rank falls with the world size; counts are summed across the
+partition group at measuring time and full masks are all-gathered for export. Inside the step the hook
+reads each rank's gradient partition with ``deepspeed.utils.safe_get_local_grad`` (no communication),
+narrowed to the valid length; after the real step the updated values are read from ``ds_tensor``. The
+clipping factor for the sums mirrors ``DeepSpeedZeroOptimizer_Stage3.step``: the norm is DeepSpeed's own
+``_get_norm_groups`` combined with ``combine_grad_norm_groups`` (a few scalar all-reduces), and the
+formula is ``unscale_and_clip_grads``'s; if those (private) methods are missing, or under Muon (whose
+update replaces the gradient), the sums are of the unclipped gradient (the masks are the same either
+way). Tested like ZeRO-1/2 (fp32, 2 CPU processes): masks and per-step counts equal a single process's.
+Not tested under ZeRO-3: parameter/optimizer offload (the mask all-gather runs on the partition's
+device), hpZ/MiCS secondary partitions, fp16/bf16.
 
 ``deepspeed`` is imported only when a function here is called with a DeepSpeed object.
 """
@@ -51,6 +63,7 @@ from typing import Any
 
 import torch
 
+from gradtrace import sharding
 from gradtrace.tracker import GradTracker
 
 __all__ = [
@@ -133,40 +146,46 @@ def zero_stage(obj: Any, params: list[torch.nn.Parameter] | None = None) -> int:
 
 
 def check_supported(engine_or_optimizer: Any, model: torch.nn.Module | Iterable[torch.nn.Parameter] | None = None) -> int:
-    """The ZeRO stage, after checking that gradtrace can track it: raises ``NotImplementedError`` under
-    ZeRO-3 and ``TypeError`` if ``engine_or_optimizer`` is no DeepSpeed object.
+    """The ZeRO stage (0-3), after checking that gradtrace can track it: raises ``TypeError`` if
+    ``engine_or_optimizer`` is no DeepSpeed object, ``ValueError`` for an engine without optimizer.
 
-    Cheap; call it before building a tracker (under ZeRO-3 the module's parameters are empty placeholders).
+    Cheap; call it before building a tracker.
     """
     params = list(model.parameters() if isinstance(model, torch.nn.Module) else model or [])
     find_zero_optimizer(engine_or_optimizer)  # TypeError if it is none of the accepted objects
     stage = zero_stage(engine_or_optimizer, params)
-    if stage >= 3 or any(hasattr(p, "ds_id") for p in params):
-        raise NotImplementedError(
-            "gradtrace supports DeepSpeed ZeRO stages 0-2, not ZeRO-3: under ZeRO-3 each rank holds only a "
-            "partition of every parameter, which the tracker's reference copies and masks do not handle yet; "
-            "use ZeRO-1/2, DDP or FSDP2")
-    return stage
+    return 3 if any(hasattr(p, "ds_id") for p in params) else stage
 
 
 class _FullGradients(Mapping):
-    """``{name: full reduced gradient}``, each fetched from DeepSpeed only when the tracker asks for it.
+    """``{name: reduced gradient}``, each fetched from DeepSpeed only when the tracker asks for it.
 
-    ``safe_get_full_grad`` is a collective under ZeRO-1/2 (an all-reduce per parameter): every rank asks
-    for the same parameters in the same order, which the tracker's fixed parameter order guarantees.
+    ZeRO-0/1/2: the full gradient. ``safe_get_full_grad`` is a collective there (an all-reduce per
+    parameter): every rank asks for the same parameters in the same order, which the tracker's fixed
+    parameter order guarantees. ZeRO-3 (``local=True``): the rank's partition of the gradient, from
+    ``safe_get_local_grad`` (no communication), narrowed to the valid part so that it is laid out like
+    :func:`gradtrace.sharding.local` of the parameter.
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], scale: torch.Tensor | float | None):
-        from deepspeed.utils import safe_get_full_grad
+    def __init__(self, params: dict[str, torch.nn.Parameter], scale: torch.Tensor | float | None, *,
+                 local: bool = False):
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-        self._get = safe_get_full_grad
+        self._get = safe_get_local_grad if local else safe_get_full_grad
+        self._local = local
         self._params = params
         self._inverse = None if scale is None else 1.0 / scale
 
     def __getitem__(self, name: str) -> torch.Tensor | None:
         param = self._params[name]
         grad = self._get(param)
-        if grad is None or self._inverse is None:
+        if grad is None:
+            return None
+        if self._local:
+            # ZeRO-3's partition buffer itself (fp32: ``.float()`` copies nothing): never modified here.
+            grad = grad.reshape(-1).narrow(0, 0, sharding.local(param).numel())
+            return grad if self._inverse is None else grad.mul(self._inverse)
+        if self._inverse is None:
             return grad
         # The same operation DeepSpeed applies to its flat partitions (unscale_and_clip_grads). Never
         # in place on the parameter's own .grad (stage 0 keeps the gradient there).
@@ -183,21 +202,41 @@ class _FullGradients(Mapping):
         return len(self._params)
 
 
+def _scaled_norm(optimizer: Any) -> Callable[[], torch.Tensor] | None:
+    """How the optimizer's ``step`` computes the (loss-scaled) global gradient norm, or ``None`` if unknown.
+
+    ZeRO-1/2: ``scaled_global_norm``. ZeRO-3: ``step`` combines ``_get_norm_groups()`` with
+    ``combine_grad_norm_groups``; both only read the partitioned gradients (one scalar all-reduce per
+    parameter group). Not under Muon, whose step replaces the gradient before taking the norm.
+    """
+    if hasattr(optimizer, "scaled_global_norm"):
+        return optimizer.scaled_global_norm
+    if hasattr(optimizer, "_get_norm_groups") and not getattr(optimizer, "use_muon", False):
+        def norm() -> torch.Tensor:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            return combine_grad_norm_groups(optimizer._get_norm_groups())
+
+        return norm
+    return None
+
+
 def _applied_scale(optimizer: Any) -> torch.Tensor | float | None:
-    """The factor DeepSpeed's ZeRO-1/2 ``step`` will divide the gradient by (loss scale × clipping), or
+    """The factor DeepSpeed's ZeRO-1/2/3 ``step`` will divide the gradient by (loss scale × clipping), or
     ``None`` when it divides by nothing or the optimizer is not one whose formula is known here.
 
-    Mirrors ``DeepSpeedZeroOptimizer.unscale_and_clip_grads``, with the norm from its own
-    ``scaled_global_norm`` (partition-local, one scalar all-reduce): the norm ``step`` is about to compute.
+    Mirrors ``unscale_and_clip_grads`` of ``DeepSpeedZeroOptimizer`` and ``DeepSpeedZeroOptimizer_Stage3``
+    (the same formula), with the norm computed as their ``step`` is about to compute it.
     """
-    if not all(hasattr(optimizer, attr) for attr in ("scaled_global_norm", "clip_grad", "loss_scale")):
+    scaled_norm = _scaled_norm(optimizer)
+    if scaled_norm is None or not all(hasattr(optimizer, attr) for attr in ("clip_grad", "loss_scale")):
         return None
     clip_grad, loss_scale = float(optimizer.clip_grad), optimizer.loss_scale
     if clip_grad == 0.0 and loss_scale == 1.0:
         return None
     if clip_grad <= 0.0:
         return loss_scale
-    norm = optimizer.scaled_global_norm()
+    norm = scaled_norm()
     clip = torch.clamp(((norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
     # An invalid norm (inf/NaN, or DeepSpeed's -1 for them) means overflow: DeepSpeed skips the step, and
     # the gradient is only unscaled here. No host sync: DeepSpeed's own step syncs on the norm anyway.
@@ -246,7 +285,7 @@ class DeepSpeedHandle:
             return self._original_step(*args, **kwargs)
         try:
             scale = _applied_scale(self.optimizer) if self.tracker.config.tracks_sums else None
-            self.tracker.observe_gradients(_FullGradients(self._params, scale))
+            self.tracker.observe_gradients(_FullGradients(self._params, scale, local=self.stage >= 3))
         except Exception as err:
             self._fail(err)
         result = self._original_step(*args, **kwargs)
@@ -260,7 +299,7 @@ class DeepSpeedHandle:
 
 def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
                         on_error: Callable[[BaseException], None] | None = None) -> DeepSpeedHandle:
-    """Track ``tracker``'s parameters through a DeepSpeed ZeRO-0/1/2 engine's optimizer steps.
+    """Track ``tracker``'s parameters through a DeepSpeed ZeRO-0/1/2/3 engine's optimizer steps.
 
     Args:
         tracker: built on the unwrapped model (``engine.module``, or the ``model`` a Trainer callback
@@ -272,11 +311,15 @@ def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
             itself and the real step still runs. Default: the exception propagates (stops training).
 
     Every rank must attach: reading the full gradient is a collective (one all-reduce per parameter, in
-    the tracker's fixed order), so a failure on one rank only would leave the others waiting in it until
-    the process group's timeout. Returns a handle whose ``remove()`` detaches. Raises
-    ``NotImplementedError`` under ZeRO-3.
+    the tracker's fixed order; under ZeRO-3 the norm and the tracker's own reductions are), so a failure
+    on one rank only would leave the others waiting in it until the process group's timeout. Returns a
+    handle whose ``remove()`` detaches. Under ZeRO-3 the tracker must have been built on the partitioned
+    module (it then keeps state for the local partitions only: ``tracker.sharded``).
     """
     stage = check_supported(engine_or_optimizer, [p for _, p in tracker.named_parameters()])
+    if stage >= 3 and not all(sharding.is_zero3(p) for _, p in tracker.named_parameters()):
+        raise ValueError("ZeRO-3: build the GradTracker on the engine's partitioned module (after "
+                         "deepspeed.initialize), so that it tracks each rank's partitions")
     optimizer = find_zero_optimizer(engine_or_optimizer)
     if isinstance(getattr(optimizer.step, "__self__", None), DeepSpeedHandle):
         raise RuntimeError("this DeepSpeed optimizer is already tracked by gradtrace; remove() that handle first")

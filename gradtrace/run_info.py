@@ -7,6 +7,7 @@ weights are stored in (bf16 absorbs steps below half a ULP), so these travel wit
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import platform
 from collections import Counter
 from typing import Any
@@ -34,9 +35,9 @@ def describe_optimizer(optimizer: Any | None) -> dict[str, Any]:
 def describe_parameters(tracker: GradTracker) -> dict[str, Any]:
     """Element counts per storage dtype of the tracked parameters, and their total."""
     by_dtype: Counter[str] = Counter()
-    for name, param in tracker.named_parameters():
-        by_dtype[str(param.dtype).removeprefix("torch.")] += param.numel()
-        del name
+    for shape, param in zip(tracker.shapes().values(), (p for _, p in tracker.named_parameters()), strict=True):
+        # the full shape: a sharded parameter (FSDP2 DTensor, ZeRO-3 placeholder) reports the whole
+        by_dtype[str(param.dtype).removeprefix("torch.")] += math.prod(shape)
     return {"tracked_elements": sum(by_dtype.values()), "elements_by_dtype": dict(by_dtype),
             "tracked_parameters": len(tracker.parameter_names)}
 

@@ -181,7 +181,7 @@ class GradTracker:
         return {name: str(p.dtype).removeprefix("torch.") for name, p in self._params}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(p.shape) for name, p in self._params}
+        return {name: sharding.full_shape(p) for name, p in self._params}
 
     # ------------------------------------------------------------------ hot path
     @torch.no_grad()
@@ -337,7 +337,7 @@ class GradTracker:
                 if cfg.ever_changed:
                     packed.append(state["ever_changed_bits"])
             for kind, bits in zip(kinds, packed, strict=True):
-                out[kind][name] = PackedMask(bits.to("cpu", copy=True), tuple(param.shape))
+                out[kind][name] = PackedMask(bits.to("cpu", copy=True), sharding.full_shape(param))
         return out
 
     # ------------------------------------------------------------------ persistence

@@ -1,4 +1,4 @@
-"""A tiny model through a real transformers.Trainer under DeepSpeed (ZeRO-0/1/2), with gradtrace.
+"""A tiny model through a real transformers.Trainer under DeepSpeed (ZeRO-0/1/2/3), with gradtrace.
 
 Run under torchrun (DeepSpeed's CPU accelerator, gloo), or as one plain process without DeepSpeed (the
 reference, on the same global batches):
@@ -8,8 +8,9 @@ reference, on the same global batches):
 
 STAGE is the ZeRO stage, or ``none`` for no DeepSpeed at all (the reference). Every optimizer step is
 logged, so per-step counts (e.g. the step's gradient density) can be compared as well as the final masks.
-``lenient`` runs the callback with ``strict=False`` (its warnings are recorded: ZeRO-3 is refused so).
-Each rank writes ``OUT/rank{r}.json``.
+``lenient`` runs the callback with ``strict=False`` (its warnings are recorded).
+Each rank writes ``OUT/rank{r}.json``: what was attached, the tracker's state bytes and whether it
+tracked partitions (ZeRO-3), and a digest of its gradient mask bits (replicated state under ZeRO-0/1/2).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 from gradtrace import GradTraceCallback, GradTraceWarning  # noqa: E402
 
-VOCAB, SEQ, USED, STEPS = 96, 12, 48, 4
+VOCAB, SEQ, USED, STEPS = 95, 12, 48, 4
 
 
 class Recorder(TrainerCallback):
@@ -72,8 +73,9 @@ def deepspeed_config(stage: int) -> dict:
 def main(out: str, stage: int | None, batch: int, accumulation: int, strict: bool = True) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    # odd sizes (hidden 33, vocab 95): ZeRO-3 partitions are uneven and the last one padded, as in real models
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=33, intermediate_size=63, head_dim=8,
+                                         num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1))
     distributed = "WORLD_SIZE" in os.environ
     args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1,
@@ -81,7 +83,9 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
                              disable_tqdm=True, seed=0, data_seed=0, lr_scheduler_type="constant",
                              deepspeed=None if stage is None else deepspeed_config(stage),
                              ddp_backend="gloo" if distributed else None)
-    callback = GradTraceCallback(strict=strict, wandb=False, cancellation="full")
+    # a sampled subset with a stride that does not divide the partitions: under ZeRO-3 it must still be
+    # chosen by global element index, as in the single process
+    callback = GradTraceCallback(strict=strict, wandb=False, cancellation="sampled", sample_stride=3)
     recorder = Recorder(callback)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(64), callbacks=[callback, recorder])
     with warnings.catch_warnings(record=True) as caught:
@@ -103,6 +107,9 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
         "hook_removed": handle is not None and not handle.active and "step" not in vars(handle.optimizer),
         "grad_was_none_at_pre_step": recorder.grad_was_none_at_pre_step,
         "gradient_digest": digest.hexdigest(),
+        "sharded": tracker.sharded if tracker else None,
+        "state_bytes": tracker.state_bytes() if tracker else None,
+        "tracked_numel": tracker.numel if tracker else None,
         "warnings": [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)],
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
