@@ -30,7 +30,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if tail:
         flat = torch.cat([flat, flat.new_zeros(8 - tail)])
     words = flat.contiguous().view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER_MAGIC) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+    return (words * _GATHER_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def or_pack_into(packed: torch.Tensor, mask: torch.Tensor) -> None:

@@ -145,12 +145,20 @@ class GradTraceCallback(TrainerCallback):
     @_guarded
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._deepspeed is None:  # under DeepSpeed the hook in the engine's step has done it
-            self.session.tracker.observe_gradients()
+            self.session.tracker.observe_gradients(detail=self._logs_at(args, state.global_step + 1))
 
     @_guarded
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._deepspeed is None:
             self.session.tracker.observe_update()
+
+    def _logs_at(self, args, step: int) -> bool:
+        """Whether ``step`` will be a logging step (then the step's gradient density is counted too)."""
+        if self.log_every:
+            return step % self.log_every == 0
+        if str(getattr(args, "logging_strategy", "steps")).split(".")[-1].lower() != "steps":
+            return True  # epoch-based logging: cannot tell in advance, so count every step
+        return step % max(1, int(args.logging_steps)) == 0 or (step == 1 and bool(args.logging_first_step))
 
     @_guarded
     def on_step_end(self, args, state, control, **kwargs):

@@ -34,7 +34,7 @@ class Tracer:
         self.session = session
         self.log_every = log_every
         self._handles = [
-            optimizer.register_step_pre_hook(lambda *_: self.session.tracker.observe_gradients()),
+            optimizer.register_step_pre_hook(lambda *_: self._before_step()),
             optimizer.register_step_post_hook(lambda *_: self._after_step()),
         ]
         session.start(step=0)
@@ -47,6 +47,10 @@ class Tracer:
     def step(self) -> int:
         """Optimizer steps seen so far."""
         return self.session.tracker.steps
+
+    def _before_step(self) -> None:
+        upcoming = self.step + 1
+        self.session.tracker.observe_gradients(detail=not self.log_every or upcoming % self.log_every == 0)
 
     def _after_step(self) -> None:
         self.session.tracker.observe_update()

@@ -454,7 +454,7 @@ def _global_table_html(runs: Sequence[RunData]) -> str:
     head = "<th>metric</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs)
     rows = [f'<tr><td class="text">{html.escape(m)}</td>'
             + "".join(_cell(r.final["global"].get(m), fraction=True) for r in runs) + "</tr>" for m in metrics]
-    counts = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_elements", "tracked_elements")
+    counts = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "tracked_elements")
     for key in counts:
         rows.append(f'<tr><td class="text">{key}</td>'
                     + "".join(_cell(r.final["global"].get(key), fraction=False) for r in runs) + "</tr>")

@@ -68,8 +68,10 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
 # global (the per-step gradient total is reduced across shards before it is tested for zero).
 COUNTER_REDUCE: dict[str, Reduce] = {
     "zero_gradient_steps": "none",  # optimizer steps whose gradient was exactly zero everywhere
-    "last_step_nonzero": "none",  # elements with a nonzero gradient at the latest step
-    "nonfinite_gradient_elements": "sum",  # NaN/inf gradient elements seen (never written into any state)
+    "nonfinite_gradient_steps": "none",  # optimizer steps with a NaN/inf anywhere in the gradient
+    "discarded_gradient_elements": "sum",  # elements of parameters whose step gradient held NaN/inf (ignored)
+    "density_nonzero": "sum",  # elements with a nonzero gradient at the latest detailed step
+    "density_step": "none",  # the optimizer step that density_nonzero describes (0: none yet)
     "changed_elements_total": "sum",  # sum over steps of elements changed by that step (ever_changed mode)
     "last_step_changed": "sum",  # elements changed by the latest step (ever_changed mode)
 }

@@ -70,8 +70,10 @@ def summarize(measurement: Measurement, *, step: int | None = None) -> dict[str,
     global_.update({
         "optimizer_steps": steps,
         "zero_gradient_steps": counters["zero_gradient_steps"],
-        "nonfinite_gradient_elements": counters["nonfinite_gradient_elements"],
-        "last_step_gradient_density": counters["last_step_nonzero"] / numel if steps else 0.0,
+        "nonfinite_gradient_steps": counters["nonfinite_gradient_steps"],
+        "discarded_gradient_elements": counters["discarded_gradient_elements"],
+        "step_gradient_density": counters["density_nonzero"] / numel if counters["density_step"] else None,
+        "step_gradient_density_step": counters["density_step"],
         "tracked_elements": numel,
     })
     if cfg.ever_changed:

@@ -74,21 +74,26 @@ def _inf_bits(dtype: torch.dtype) -> int:
     return int(torch.tensor(float("inf"), dtype=dtype).view(_INT_VIEW[dtype.itemsize]).item())
 
 
-def _nonzero_and_finite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks ``(grad != 0 and finite, finite)``.
+def _scan_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's gradient in three facts: ``(nonzero, any_nonzero, any_nonfinite)``.
 
-    For IEEE floats this works on the raw bits: with the sign cleared, a value is zero iff its bits
-    are 0 and finite iff they are below those of +inf (NaNs sort above). Two integer compares are
-    several times cheaper than ``isfinite`` + ``ne`` on bf16, whose float ops convert every element.
+    ``nonzero`` is the elementwise mask ``grad != 0`` and ``any_nonzero`` its ``any()``, NaN/inf counted
+    as nonzero (the caller drops a gradient holding any); the flags are 0-d booleans on its device. For IEEE floats it
+    works on the raw bits: with the sign cleared, a value is zero iff its bits are 0 and non-finite iff
+    they reach those of +inf, so one integer mask, one compare and one max-reduction do it, several
+    times cheaper than ``isfinite``/``ne`` on bf16, whose float ops convert every element.
     """
     width = grad.element_size()
     if not grad.is_floating_point() or width not in (2, 4, 8) or grad.dtype == torch.float8_e4m3fn:
-        finite = torch.isfinite(grad)
-        return grad.ne(0).logical_and_(finite), finite
+        nonzero = grad.ne(0)
+        return nonzero, nonzero.any(), torch.isfinite(grad).logical_not_().any()
     bits = grad.view(_INT_VIEW[width])
     magnitude = bits & torch.iinfo(bits.dtype).max  # clears the sign bit: -0.0 -> 0, -x -> x
-    finite = magnitude.lt(_inf_bits(grad.dtype))
-    return magnitude.ne(0).logical_and_(finite), finite
+    if magnitude.numel() == 0:
+        empty = torch.zeros((), dtype=torch.bool, device=grad.device)
+        return magnitude.ne(0), empty, empty
+    peak = magnitude.amax()
+    return magnitude.ne(0), peak.gt(0), peak.ge(_inf_bits(grad.dtype))
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -185,18 +190,27 @@ class GradTracker:
 
     # ------------------------------------------------------------------ hot path
     @torch.no_grad()
-    def observe_gradients(self, grads: Mapping[str, torch.Tensor | None] | None = None) -> None:
+    def observe_gradients(self, grads: Mapping[str, torch.Tensor | None] | None = None, *,
+                          detail: bool = True) -> None:
         """Fold one optimizer step's gradients into the state.
 
         By default reads each tracked parameter's ``.grad``. Engines that keep gradients elsewhere
         (DeepSpeed's partitioned buffers) pass ``grads``: ``{parameter name: gradient}``, each laid out
-        like the parameter's local data. Non-finite gradient elements are counted and otherwise ignored:
-        they never set a mask bit and never enter the sums. A missing or ``None`` gradient means the
-        parameter received no gradient this step.
+        like the parameter's local data. A missing or ``None`` gradient means the parameter received no
+        gradient this step.
+
+        A parameter whose gradient holds any NaN/inf at this step contributes nothing from it (no mask
+        bit, no sum): such a step is skipped by a loss scaler, or the run has diverged. Those steps and
+        the discarded elements are counted. ``detail=False`` skips counting this step's nonzero
+        elements (the gradient-density curve), a full pass over the mask; integrations ask for it on
+        the steps that will be logged.
         """
         stride = self.config.stride
-        step_nonzero = torch.zeros((), dtype=torch.int64, device=self._primary)
-        nonfinite = torch.zeros((), dtype=torch.int64, device=self._primary)
+        device = self._primary
+        any_nonzero = torch.zeros((), dtype=torch.bool, device=device)
+        any_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        discarded = torch.zeros((), dtype=torch.int64, device=device)
+        step_nonzero = torch.zeros((), dtype=torch.int64, device=device)
         for name, param in self._params:
             grad = param.grad if grads is None else grads.get(name)
             if grad is None:
@@ -205,23 +219,33 @@ class GradTracker:
             if grad.is_sparse:
                 grad = grad.to_dense()
             state = self.state[name]
-            nonzero, finite = _nonzero_and_finite(grad)
-            or_pack_into(state["gradient_bits"], nonzero)
-            step_nonzero += torch.count_nonzero(nonzero).to(self._primary, non_blocking=True)
-            nonfinite += (finite.numel() - torch.count_nonzero(finite)).to(self._primary, non_blocking=True)
+            nonzero, has_nonzero, has_nonfinite = _scan_gradient(grad)
+            keep = has_nonfinite.logical_not()
+            packed = pack_bits(nonzero).mul_(keep)  # a gradient with NaN/inf sets no bit
+            state["gradient_bits"].bitwise_or_(packed)
+            any_nonzero |= (has_nonzero & keep).to(device, non_blocking=True)
+            any_nonfinite |= has_nonfinite.to(device, non_blocking=True)
+            discarded += (has_nonfinite * nonzero.numel()).to(device, non_blocking=True)
+            if detail:
+                step_nonzero += (torch.count_nonzero(nonzero) * keep).to(device, non_blocking=True)
             if self.config.tracks_sums:
                 sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
-                sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0)
+                sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(keep)
                 state["signed_sum"].add_(sampled)
                 state["abs_sum"].add_(sampled.abs_())
+        flags = torch.stack([any_nonzero, any_nonfinite]).to(torch.int64)
         if self._group is not None:
-            # A step is "all-zero" only if every shard is; one scalar all-reduce, no host sync on GPU.
-            dist.all_reduce(step_nonzero, group=self._group)
-        counters = self.counters
-        counters[COUNTER_INDEX["last_step_nonzero"]] = step_nonzero
-        counters[COUNTER_INDEX["zero_gradient_steps"]] += step_nonzero.eq(0)
-        counters[COUNTER_INDEX["nonfinite_gradient_elements"]] += nonfinite
+            # Whether the step was all-zero, or held a NaN, is a question about every shard together:
+            # one 2-element all-reduce, no host sync on GPU.
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         self.steps += 1
+        counters = self.counters
+        counters[COUNTER_INDEX["zero_gradient_steps"]] += 1 - flags[0]
+        counters[COUNTER_INDEX["nonfinite_gradient_steps"]] += flags[1]
+        counters[COUNTER_INDEX["discarded_gradient_elements"]] += discarded
+        if detail:
+            counters[COUNTER_INDEX["density_nonzero"]] = step_nonzero
+            counters[COUNTER_INDEX["density_step"]] = self.steps
 
     @torch.no_grad()
     def observe_update(self) -> None:

@@ -168,17 +168,38 @@ def test_accumulation_masks_the_accumulated_gradient_not_micro_batches():
 
 
 def test_nonfinite_gradients_are_counted_and_never_poison_state():
+    """A parameter's gradient holding NaN/inf is dropped for that step, whole; the rest is kept."""
     param = nn.Parameter(torch.zeros(6))
-    tracker = GradTracker([("p", param)], TrackerConfig(cancellation="full"))
+    other = nn.Parameter(torch.zeros(3))
+    tracker = GradTracker([("p", param), ("other", other)], TrackerConfig(cancellation="full"))
     param.grad = torch.tensor([1.0, float("nan"), float("inf"), 0.0, -2.0, float("-inf")])
+    other.grad = torch.tensor([0.0, 3.0, 0.0])
     tracker.observe_gradients()
     param.grad = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    other.grad = torch.tensor([0.0, 0.0, 0.0])
     tracker.observe_gradients()
     state = tracker.state["p"]
     assert torch.isfinite(state["signed_sum"]).all() and torch.isfinite(state["abs_sum"]).all()
-    assert state["signed_sum"].tolist() == [2.0, 1.0, 0.0, 0.0, -2.0, 0.0]
-    assert tracker.packed_masks()["gradient"]["p"].to_bool().tolist() == [True, True, False, False, True, False]
-    assert summarize(tracker.measure())["global"]["nonfinite_gradient_elements"] == 3
+    assert state["signed_sum"].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    masks = tracker.packed_masks()["gradient"]
+    assert masks["p"].to_bool().tolist() == [True, True, False, False, False, False]
+    assert masks["other"].to_bool().tolist() == [False, True, False]
+    g = summarize(tracker.measure())["global"]
+    assert g["nonfinite_gradient_steps"] == 1 and g["discarded_gradient_elements"] == 6
+    assert g["zero_gradient_steps"] == 0
+    assert g["step_gradient_density"] == 2 / 9 and g["step_gradient_density_step"] == 2
+
+
+def test_density_is_counted_only_on_detailed_steps_and_zero_steps_always():
+    param = nn.Parameter(torch.zeros(4))
+    tracker = GradTracker([("p", param)])
+    param.grad = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    tracker.observe_gradients(detail=True)
+    param.grad = torch.zeros(4)
+    tracker.observe_gradients(detail=False)
+    g = summarize(tracker.measure())["global"]
+    assert g["step_gradient_density"] == 0.25 and g["step_gradient_density_step"] == 1
+    assert g["zero_gradient_steps"] == 1 and g["optimizer_steps"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -272,25 +293,29 @@ def test_state_bytes_per_mode_match_documentation():
         (TrackerConfig(cancellation="full"), 0.125 + 8),
         (TrackerConfig(cancellation="off", ever_changed=True), 0.125 + 0.125 + 2),
     ]:
-        measured = GradTracker(big, config).state_bytes()
-        assert math.isclose((measured["device"] - 40) / n, expected), config
+        tracker = GradTracker(big, config)
+        measured = tracker.state_bytes()
+        counters = tracker.counters.numel() * tracker.counters.element_size()
+        assert math.isclose((measured["device"] - counters) / n, expected), config
         assert measured["reference"] == 4 * n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_bit_level_nonzero_and_finite_equals_the_float_definition(dtype):
-    """The fast raw-bits test gives exactly (g != 0) & isfinite(g), edge values included."""
-    from gradtrace.tracker import _nonzero_and_finite
+def test_bit_level_gradient_scan_equals_the_float_definition(dtype):
+    """The raw-bits scan gives exactly (g != 0), any(g != 0) and any(not finite)."""
+    from gradtrace.tracker import _scan_gradient
 
     finfo = torch.finfo(dtype)
     edge = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), finfo.max,
                          -finfo.max, finfo.tiny, finfo.smallest_normal / 4, -finfo.tiny / 8], dtype=torch.float64)
     values = torch.cat([edge, torch.randn(5000, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (5000,))])
-    grad = values.to(dtype)
-    grad[::5] = 0
-    nonzero, finite = _nonzero_and_finite(grad)
-    assert torch.equal(finite, torch.isfinite(grad))
-    assert torch.equal(nonzero, (grad != 0) & torch.isfinite(grad))
+    for grad in (values.to(dtype), values[torch.isfinite(values)].to(dtype), torch.zeros(7, dtype=dtype),
+                 -torch.zeros(7, dtype=dtype), torch.tensor([0.0, float("nan")], dtype=dtype)):
+        nonzero, any_nonzero, any_nonfinite = _scan_gradient(grad)
+        finite = torch.isfinite(grad)
+        assert torch.equal(nonzero, grad != 0)
+        assert bool(any_nonzero) == bool((grad != 0).any())
+        assert bool(any_nonfinite) == bool((~finite).any())
 
 
 def test_explicit_gradients_equal_reading_dot_grad():
