@@ -75,25 +75,26 @@ def _inf_bits(dtype: torch.dtype) -> int:
 
 
 def _scan_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's gradient in three facts: ``(nonzero, any_nonzero, any_nonfinite)``.
+    """One step's gradient in three facts: ``(nonzero, any_nonzero, all_finite)``.
 
     ``nonzero`` is the elementwise mask ``grad != 0`` and ``any_nonzero`` its ``any()``, NaN/inf counted
-    as nonzero (the caller drops a gradient holding any); the flags are 0-d booleans on its device. For IEEE floats it
-    works on the raw bits: with the sign cleared, a value is zero iff its bits are 0 and non-finite iff
-    they reach those of +inf, so one integer mask, one compare and one max-reduction do it, several
-    times cheaper than ``isfinite``/``ne`` on bf16, whose float ops convert every element.
+    as nonzero (the caller drops a gradient that is not ``all_finite``); the flags are 0-d booleans on
+    its device. For IEEE floats it works on the raw bits: with the sign cleared, a value is zero iff its
+    bits are 0 and finite iff they are below those of +inf, so one integer mask, one compare and one
+    max-reduction do it, several times cheaper than ``isfinite``/``ne`` on bf16, whose float ops
+    convert every element.
     """
     width = grad.element_size()
     if not grad.is_floating_point() or width not in (2, 4, 8) or grad.dtype == torch.float8_e4m3fn:
         nonzero = grad.ne(0)
-        return nonzero, nonzero.any(), torch.isfinite(grad).logical_not_().any()
+        return nonzero, nonzero.any(), torch.isfinite(grad).all()
     bits = grad.view(_INT_VIEW[width])
     magnitude = bits & torch.iinfo(bits.dtype).max  # clears the sign bit: -0.0 -> 0, -x -> x
     if magnitude.numel() == 0:
-        empty = torch.zeros((), dtype=torch.bool, device=grad.device)
-        return magnitude.ne(0), empty, empty
+        nothing = magnitude.ne(0)
+        return nothing, nothing.any(), nothing.all()
     peak = magnitude.amax()
-    return magnitude.ne(0), peak.gt(0), peak.ge(_inf_bits(grad.dtype))
+    return magnitude.ne(0), peak.ne(0), peak.lt(_inf_bits(grad.dtype))
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -143,10 +144,20 @@ class GradTracker:
         self._group = sharding.shard_group(sharded[0]) if sharded else None
         self._sample_start = {name: sharding.sample_start(p, self.config.stride) for name, p in self._params}
         self.steps = 0
+        self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
         self.state: dict[str, dict[str, torch.Tensor]] = {
             name: self._allocate(p, self._sample_start[name]) for name, p in self._params
         }
+
+    def _numel_vector(self, numels: list[int]) -> torch.Tensor:
+        """``numels`` as a tensor on the primary device, cached: built once per set of parameters with
+        gradients, so the per-step path never copies from the host."""
+        key = tuple(numels)
+        cached = self._numel_cache.get(key)
+        if cached is None:
+            cached = self._numel_cache[key] = torch.tensor(numels, dtype=torch.int64, device=self._primary)
+        return cached
 
     @property
     def sharded(self) -> bool:
@@ -207,10 +218,9 @@ class GradTracker:
         """
         stride = self.config.stride
         device = self._primary
-        any_nonzero = torch.zeros((), dtype=torch.bool, device=device)
-        any_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        discarded = torch.zeros((), dtype=torch.int64, device=device)
-        step_nonzero = torch.zeros((), dtype=torch.int64, device=device)
+        # Per-parameter flags are gathered and combined once after the loop: a few ops per step rather
+        # than a few per parameter, which is what a small model's step time is made of.
+        any_nonzero, all_finite, numels, counts = [], [], [], []
         for name, param in self._params:
             grad = param.grad if grads is None else grads.get(name)
             if grad is None:
@@ -219,21 +229,31 @@ class GradTracker:
             if grad.is_sparse:
                 grad = grad.to_dense()
             state = self.state[name]
-            nonzero, has_nonzero, has_nonfinite = _scan_gradient(grad)
-            keep = has_nonfinite.logical_not()
-            packed = pack_bits(nonzero).mul_(keep)  # a gradient with NaN/inf sets no bit
-            state["gradient_bits"].bitwise_or_(packed)
-            any_nonzero |= (has_nonzero & keep).to(device, non_blocking=True)
-            any_nonfinite |= has_nonfinite.to(device, non_blocking=True)
-            discarded += (has_nonfinite * nonzero.numel()).to(device, non_blocking=True)
+            nonzero, has_nonzero, finite = _scan_gradient(grad)
+            state["gradient_bits"].bitwise_or_(pack_bits(nonzero).mul_(finite))  # NaN/inf: no bit at all
             if detail:
-                step_nonzero += (torch.count_nonzero(nonzero) * keep).to(device, non_blocking=True)
+                counts.append(torch.count_nonzero(nonzero))
             if self.config.tracks_sums:
                 sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
-                sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(keep)
+                sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(finite)
                 state["signed_sum"].add_(sampled)
                 state["abs_sum"].add_(sampled.abs_())
-        flags = torch.stack([any_nonzero, any_nonfinite]).to(torch.int64)
+            if grad.device != device:  # model spread over several devices
+                has_nonzero, finite = has_nonzero.to(device, non_blocking=True), finite.to(device, non_blocking=True)
+                counts[-1:] = [c.to(device, non_blocking=True) for c in counts[-1:]]
+            any_nonzero.append(has_nonzero)
+            all_finite.append(finite)
+            numels.append(nonzero.numel())
+        flags = torch.zeros(2, dtype=torch.int64, device=device)  # [some nonzero gradient, some NaN/inf]
+        discarded = torch.zeros((), dtype=torch.int64, device=device)
+        step_nonzero = torch.zeros((), dtype=torch.int64, device=device)
+        if numels:
+            finite = torch.stack(all_finite)
+            flags[0] = (torch.stack(any_nonzero) & finite).any()
+            flags[1] = finite.logical_not().any()
+            discarded = (finite.logical_not() * self._numel_vector(numels)).sum()
+            if detail:
+                step_nonzero = (torch.stack(counts) * finite).sum()
         if self._group is not None:
             # Whether the step was all-zero, or held a NaN, is a question about every shard together:
             # one 2-element all-reduce, no host sync on GPU.

@@ -302,7 +302,7 @@ def test_state_bytes_per_mode_match_documentation():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_bit_level_gradient_scan_equals_the_float_definition(dtype):
-    """The raw-bits scan gives exactly (g != 0), any(g != 0) and any(not finite)."""
+    """The raw-bits scan gives exactly (g != 0), any(g != 0) and all(finite)."""
     from gradtrace.tracker import _scan_gradient
 
     finfo = torch.finfo(dtype)
@@ -311,11 +311,11 @@ def test_bit_level_gradient_scan_equals_the_float_definition(dtype):
     values = torch.cat([edge, torch.randn(5000, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (5000,))])
     for grad in (values.to(dtype), values[torch.isfinite(values)].to(dtype), torch.zeros(7, dtype=dtype),
                  -torch.zeros(7, dtype=dtype), torch.tensor([0.0, float("nan")], dtype=dtype)):
-        nonzero, any_nonzero, any_nonfinite = _scan_gradient(grad)
+        nonzero, any_nonzero, all_finite = _scan_gradient(grad)
         finite = torch.isfinite(grad)
         assert torch.equal(nonzero, grad != 0)
         assert bool(any_nonzero) == bool((grad != 0).any())
-        assert bool(any_nonfinite) == bool((~finite).any())
+        assert bool(all_finite) == bool(finite.all())
 
 
 def test_explicit_gradients_equal_reading_dot_grad():
