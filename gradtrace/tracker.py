@@ -305,6 +305,7 @@ class GradTracker:
         cfg = self.config
         bins = cfg.histogram_bins
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
+        count = torch.count_nonzero  # on a bool mask: no int64 copy, unlike .sum()
         rows = []
         for name, param in self._params:
             state = self.state[name]
@@ -323,12 +324,12 @@ class GradTracker:
                 bucket = (ratio * bins).long().clamp_(max=bins - 1)
                 histogram.index_add_(0, bucket.to(self._primary), sampled_gradient.long().to(self._primary))
                 sampled = (torch.tensor(sampled_gradient.numel(), device=gradient.device),
-                           sampled_gradient.sum(), unchanged.sum(), cancelled.sum())
+                           count(sampled_gradient), count(unchanged), count(cancelled))
             else:
                 sampled = (zero, zero, zero, zero)
             row = torch.stack([
-                torch.tensor(numel, device=gradient.device), gradient.sum(), updated.sum(), updated_abs.sum(),
-                updated_rel.sum(), (gradient & updated).sum(), ever, *sampled,
+                torch.tensor(numel, device=gradient.device), count(gradient), count(updated), count(updated_abs),
+                count(updated_rel), count(gradient & updated), ever, *sampled,
             ]).to(self._primary)
             rows.append(row)
         local_counters = self.counters.clone()
