@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -95,6 +96,29 @@ def _scan_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
         return nothing, nothing.any(), nothing.all()
     peak = magnitude.amax()
     return magnitude.ne(0), peak.ne(0), peak.lt(_inf_bits(grad.dtype))
+
+
+def _scan_and_pack(grad: torch.Tensor, *, count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor | None]:
+    """``(packed nonzero bits, any_nonzero, all_finite, nonzero count or None)`` for one gradient.
+
+    The same facts as :func:`_scan_gradient` plus :func:`pack_bits`. On the CPU, for IEEE floats, it
+    runs through NumPy on a zero-copy view: NumPy's integer mask, compare and ``packbits`` (whose
+    ``bitorder="little"`` is gradtrace's layout) are ~4x faster there than torch's boolean kernels.
+    Tests check both paths bit for bit.
+    """
+    width = grad.element_size()
+    ieee = grad.is_floating_point() and width in (2, 4, 8) and grad.dtype != torch.float8_e4m3fn
+    if grad.device.type == "cpu" and ieee and grad.numel() > 0 and grad.is_contiguous():
+        bits = grad.detach().reshape(-1).view(_INT_VIEW[width]).numpy()
+        magnitude = bits & np.iinfo(bits.dtype).max  # clears the sign bit: -0.0 -> 0, -x -> x
+        peak = int(magnitude.max())
+        nonzero = magnitude != 0
+        packed = torch.from_numpy(np.packbits(nonzero, bitorder="little"))
+        counted = torch.tensor(int(np.count_nonzero(nonzero))) if count else None
+        return packed, torch.tensor(peak != 0), torch.tensor(peak < _inf_bits(grad.dtype)), counted
+    nonzero, any_nonzero, all_finite = _scan_gradient(grad)
+    return pack_bits(nonzero), any_nonzero, all_finite, torch.count_nonzero(nonzero) if count else None
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -229,10 +253,10 @@ class GradTracker:
             if grad.is_sparse:
                 grad = grad.to_dense()
             state = self.state[name]
-            nonzero, has_nonzero, finite = _scan_gradient(grad)
-            state["gradient_bits"].bitwise_or_(pack_bits(nonzero).mul_(finite))  # NaN/inf: no bit at all
+            packed, has_nonzero, finite, nonzero_count = _scan_and_pack(grad, count=detail)
+            state["gradient_bits"].bitwise_or_(packed.mul_(finite))  # NaN/inf: no bit at all
             if detail:
-                counts.append(torch.count_nonzero(nonzero))
+                counts.append(nonzero_count)
             if self.config.tracks_sums:
                 sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
                 sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(finite)
@@ -243,7 +267,7 @@ class GradTracker:
                 counts[-1:] = [c.to(device, non_blocking=True) for c in counts[-1:]]
             any_nonzero.append(has_nonzero)
             all_finite.append(finite)
-            numels.append(nonzero.numel())
+            numels.append(grad.numel())
         flags = torch.zeros(2, dtype=torch.int64, device=device)  # [some nonzero gradient, some NaN/inf]
         discarded = torch.zeros((), dtype=torch.int64, device=device)
         step_nonzero = torch.zeros((), dtype=torch.int64, device=device)

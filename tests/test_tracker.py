@@ -338,3 +338,20 @@ def test_explicit_gradients_equal_reading_dot_grad():
     for name in from_grad.parameter_names:
         for key in ("gradient_bits", "signed_sum", "abs_sum"):
             assert torch.equal(explicit.state[name][key], from_grad.state[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_numpy_and_torch_paths_pack_the_same_bits(dtype):
+    """The CPU NumPy fast path equals the device-agnostic torch path, edge values and odd sizes included."""
+    from gradtrace.bitpack import pack_bits
+    from gradtrace.tracker import _scan_and_pack, _scan_gradient
+
+    values = torch.cat([torch.tensor([0.0, -0.0, float("inf"), float("nan"), -1e-30, 7.0]),
+                        torch.randn(1001)]).to(dtype)
+    values[::4] = 0
+    for grad in (values, values[:13], values[torch.isfinite(values)], torch.zeros(9, dtype=dtype)):
+        packed, any_nonzero, all_finite, count = _scan_and_pack(grad, count=True)
+        nonzero, ref_any, ref_finite = _scan_gradient(grad)
+        assert torch.equal(packed, pack_bits(nonzero))
+        assert bool(any_nonzero) == bool(ref_any) and bool(all_finite) == bool(ref_finite)
+        assert int(count) == int(nonzero.sum())
