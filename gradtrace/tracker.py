@@ -255,19 +255,20 @@ class GradTracker:
             state = self.state[name]
             packed, has_nonzero, finite, nonzero_count = _scan_and_pack(grad, count=detail)
             state["gradient_bits"].bitwise_or_(packed.mul_(finite))  # NaN/inf: no bit at all
-            if detail:
-                counts.append(nonzero_count)
             if self.config.tracks_sums:
                 sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
                 sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(finite)
                 state["signed_sum"].add_(sampled)
                 state["abs_sum"].add_(sampled.abs_())
-            if grad.device != device:  # model spread over several devices
+            if grad.device != device:  # model spread over several devices: the flags meet on one
                 has_nonzero, finite = has_nonzero.to(device, non_blocking=True), finite.to(device, non_blocking=True)
-                counts[-1:] = [c.to(device, non_blocking=True) for c in counts[-1:]]
+                if detail:
+                    nonzero_count = nonzero_count.to(device, non_blocking=True)
             any_nonzero.append(has_nonzero)
             all_finite.append(finite)
             numels.append(grad.numel())
+            if detail:
+                counts.append(nonzero_count)
         flags = torch.zeros(2, dtype=torch.int64, device=device)  # [some nonzero gradient, some NaN/inf]
         discarded = torch.zeros((), dtype=torch.int64, device=device)
         step_nonzero = torch.zeros((), dtype=torch.int64, device=device)
