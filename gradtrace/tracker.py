@@ -15,12 +15,11 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradtrace import sharding
+from gradtrace import cpu_scan, sharding
 from gradtrace.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.config import TrackerConfig
 from gradtrace.masks_file import PackedMask
@@ -98,27 +97,21 @@ def _scan_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return magnitude.ne(0), peak.ne(0), peak.lt(_inf_bits(grad.dtype))
 
 
-def _scan_and_pack(grad: torch.Tensor, *, count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor | None]:
-    """``(packed nonzero bits, any_nonzero, all_finite, nonzero count or None)`` for one gradient.
+class _StepFlags:
+    """One step's per-parameter facts from the CPU path, combined on the host as they come."""
 
-    The same facts as :func:`_scan_gradient` plus :func:`pack_bits`. On the CPU, for IEEE floats, it
-    runs through NumPy on a zero-copy view: NumPy's integer mask, compare and ``packbits`` (whose
-    ``bitorder="little"`` is gradtrace's layout) are ~4x faster there than torch's boolean kernels.
-    Tests check both paths bit for bit.
-    """
-    width = grad.element_size()
-    ieee = grad.is_floating_point() and width in (2, 4, 8) and grad.dtype != torch.float8_e4m3fn
-    if grad.device.type == "cpu" and ieee and grad.numel() > 0 and grad.is_contiguous():
-        bits = grad.detach().reshape(-1).view(_INT_VIEW[width]).numpy()
-        magnitude = bits & np.iinfo(bits.dtype).max  # clears the sign bit: -0.0 -> 0, -x -> x
-        peak = int(magnitude.max())
-        nonzero = magnitude != 0
-        packed = torch.from_numpy(np.packbits(nonzero, bitorder="little"))
-        counted = torch.tensor(int(np.count_nonzero(nonzero))) if count else None
-        return packed, torch.tensor(peak != 0), torch.tensor(peak < _inf_bits(grad.dtype)), counted
-    nonzero, any_nonzero, all_finite = _scan_gradient(grad)
-    return pack_bits(nonzero), any_nonzero, all_finite, torch.count_nonzero(nonzero) if count else None
+    def __init__(self):
+        self.seen = self.some_nonzero = self.some_nonfinite = False
+        self.discarded = self.nonzero = 0
+
+    def add(self, any_nonzero: bool, finite: bool, numel: int, nonzero: int | None) -> None:
+        self.seen = True
+        if finite:
+            self.some_nonzero |= any_nonzero
+            self.nonzero += nonzero or 0
+        else:  # dropped whole for this step
+            self.some_nonfinite = True
+            self.discarded += numel
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -168,6 +161,11 @@ class GradTracker:
         self._group = sharding.shard_group(sharded[0]) if sharded else None
         self._sample_start = {name: sharding.sample_start(p, self.config.stride) for name, p in self._params}
         self.steps = 0
+        # CPU gradients go through NumPy (gradtrace.cpu_scan); None forces the torch path everywhere.
+        self._cpu_scanner: cpu_scan.CpuScanner | None = cpu_scan.CpuScanner()
+        # Parameters whose gradient bitmap is all ones, so the CPU path stops rebuilding it. Derived from
+        # the state (bits are only ever set), so it is forgotten when state is loaded.
+        self._full_bitmaps: set[str] = set()
         self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
         self.state: dict[str, dict[str, torch.Tensor]] = {
@@ -243,7 +241,9 @@ class GradTracker:
         stride = self.config.stride
         device = self._primary
         # Per-parameter flags are gathered and combined once after the loop: a few ops per step rather
-        # than a few per parameter, which is what a small model's step time is made of.
+        # than a few per parameter, which is what a small model's step time is made of. The CPU path
+        # gives host values, the torch path 0-d tensors on the parameters' devices (no host sync).
+        host = _StepFlags()
         any_nonzero, all_finite, numels, counts = [], [], [], []
         for name, param in self._params:
             grad = param.grad if grads is None else grads.get(name)
@@ -253,13 +253,23 @@ class GradTracker:
             if grad.is_sparse:
                 grad = grad.to_dense()
             state = self.state[name]
-            packed, has_nonzero, finite, nonzero_count = _scan_and_pack(grad, count=detail)
-            state["gradient_bits"].bitwise_or_(packed.mul_(finite))  # NaN/inf: no bit at all
-            if self.config.tracks_sums:
+            sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
+            if self._cpu_scanner is not None and cpu_scan.supports(grad):
+                folded = self._cpu_scanner.fold(grad, state["gradient_bits"], full=name in self._full_bitmaps,
+                                                count=detail, sums=sums, stride=stride,
+                                                sample_start=self._sample_start[name])
+                if folded.full:
+                    self._full_bitmaps.add(name)
+                host.add(folded.any_nonzero, folded.finite, grad.numel(), folded.nonzero)
+                continue
+            nonzero, has_nonzero, finite = _scan_gradient(grad)
+            state["gradient_bits"].bitwise_or_(pack_bits(nonzero).mul_(finite))  # NaN/inf: no bit at all
+            if sums is not None:
                 sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
                 sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(finite)
-                state["signed_sum"].add_(sampled)
-                state["abs_sum"].add_(sampled.abs_())
+                sums[0].add_(sampled)
+                sums[1].add_(sampled.abs_())
+            nonzero_count = torch.count_nonzero(nonzero) if detail else None
             if grad.device != device:  # model spread over several devices: the flags meet on one
                 has_nonzero, finite = has_nonzero.to(device, non_blocking=True), finite.to(device, non_blocking=True)
                 if detail:
@@ -269,16 +279,23 @@ class GradTracker:
             numels.append(grad.numel())
             if detail:
                 counts.append(nonzero_count)
-        flags = torch.zeros(2, dtype=torch.int64, device=device)  # [some nonzero gradient, some NaN/inf]
-        discarded = torch.zeros((), dtype=torch.int64, device=device)
-        step_nonzero = torch.zeros((), dtype=torch.int64, device=device)
+        # [some nonzero gradient, some NaN/inf, discarded elements, nonzero elements this step]
+        if host.seen:
+            totals = torch.tensor([host.some_nonzero, host.some_nonfinite, host.discarded, host.nonzero],
+                                  dtype=torch.int64, device=device)
+        else:  # no host-to-device copy when every gradient took the torch path (GPU)
+            totals = torch.zeros(4, dtype=torch.int64, device=device)
         if numels:
             finite = torch.stack(all_finite)
-            flags[0] = (torch.stack(any_nonzero) & finite).any()
-            flags[1] = finite.logical_not().any()
-            discarded = (finite.logical_not() * self._numel_vector(numels)).sum()
-            if detail:
-                step_nonzero = (torch.stack(counts) * finite).sum()
+            on_device = torch.stack([
+                (torch.stack(any_nonzero) & finite).any(),
+                finite.logical_not().any(),
+                (finite.logical_not() * self._numel_vector(numels)).sum(),
+                (torch.stack(counts) * finite).sum() if detail else torch.zeros((), dtype=torch.int64, device=device),
+            ])
+            totals[:2] = torch.maximum(totals[:2], on_device[:2])
+            totals[2:] += on_device[2:]
+        flags = totals[:2]
         if self._group is not None:
             # Whether the step was all-zero, or held a NaN, is a question about every shard together:
             # one 2-element all-reduce, no host sync on GPU.
@@ -287,9 +304,9 @@ class GradTracker:
         counters = self.counters
         counters[COUNTER_INDEX["zero_gradient_steps"]] += 1 - flags[0]
         counters[COUNTER_INDEX["nonfinite_gradient_steps"]] += flags[1]
-        counters[COUNTER_INDEX["discarded_gradient_elements"]] += discarded
+        counters[COUNTER_INDEX["discarded_gradient_elements"]] += totals[2]
         if detail:
-            counters[COUNTER_INDEX["density_nonzero"]] = step_nonzero
+            counters[COUNTER_INDEX["density_nonzero"]] = totals[3]
             counters[COUNTER_INDEX["density_step"]] = self.steps
 
     @torch.no_grad()
@@ -438,6 +455,7 @@ class GradTracker:
         for name, state in self.state.items():
             for key, value in state.items():
                 value.copy_(tensors[f"{key}/{name}"])
+        self._full_bitmaps.clear()
         self.counters.copy_(tensors["counters"])
         self.steps = int(tensors["steps"][0])
 

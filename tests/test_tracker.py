@@ -340,18 +340,79 @@ def test_explicit_gradients_equal_reading_dot_grad():
             assert torch.equal(explicit.state[name][key], from_grad.state[name][key]), (name, key)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_numpy_and_torch_paths_pack_the_same_bits(dtype):
-    """The CPU NumPy fast path equals the device-agnostic torch path, edge values and odd sizes included."""
-    from gradtrace.bitpack import pack_bits
-    from gradtrace.tracker import _scan_and_pack, _scan_gradient
+def _edge_gradients(dtype: torch.dtype, sizes: tuple[int, ...], steps: int, seed: int = 0):
+    """Per step, one gradient per size: zeros, signed zeros, subnormals, huge values, and now and then a
+    NaN/inf (the tracker drops such a gradient whole), one all-zero step, and fills that make a bitmap full."""
+    generator = torch.Generator().manual_seed(seed)
+    finfo = torch.finfo(dtype)
+    edge = torch.tensor([0.0, -0.0, finfo.tiny, -finfo.tiny / 4, finfo.max, -finfo.max, 1e-30, 7.0],
+                        dtype=torch.float64)
+    for step in range(steps):
+        grads = []
+        for i, numel in enumerate(sizes):
+            values = torch.randn(numel, generator=generator, dtype=torch.float64)
+            values *= 10.0 ** torch.randint(-6, 4, (numel,), generator=generator)
+            values[torch.rand(numel, generator=generator) < 0.6] = 0.0
+            values[:len(edge)] = edge[:numel]
+            if step % 3 == 1:
+                values = values.abs() + 1.0  # every element nonzero: the bitmap becomes full ...
+            if step < 2:
+                values[-1 if i % 2 == 0 else 0] = 0.0  # ... but for its last (or first) bit, the first time
+            if step == 2:
+                values.zero_()
+            if step == 3 and i % 2 == 0:  # a NaN or inf somewhere: the whole gradient is dropped
+                values[(7 * i + 3) % numel] = (float("nan"), float("inf"), float("-inf"))[i % 3]
+            if step == 3 and i == 1:
+                values[-1] = -float("nan")
+            grads.append(values.to(dtype))
+        yield grads
 
-    values = torch.cat([torch.tensor([0.0, -0.0, float("inf"), float("nan"), -1e-30, 7.0]),
-                        torch.randn(1001)]).to(dtype)
-    values[::4] = 0
-    for grad in (values, values[:13], values[torch.isfinite(values)], torch.zeros(9, dtype=dtype)):
-        packed, any_nonzero, all_finite, count = _scan_and_pack(grad, count=True)
-        nonzero, ref_any, ref_finite = _scan_gradient(grad)
-        assert torch.equal(packed, pack_bits(nonzero))
-        assert bool(any_nonzero) == bool(ref_any) and bool(all_finite) == bool(ref_finite)
-        assert int(count) == int(nonzero.sum())
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("config", [TrackerConfig(cancellation="off"), TrackerConfig(sample_stride=7),
+                                    TrackerConfig(sample_stride=64), TrackerConfig(cancellation="full")],
+                         ids=["off", "stride7", "stride64", "full"])
+def test_cpu_fast_path_equals_the_torch_path(dtype, config):
+    """The NumPy chunked CPU path leaves exactly the state and counters the device-agnostic torch path does:
+    odd sizes, chunk boundaries (a 40-element chunk: not a multiple of the stride), full bitmaps, NaN/inf."""
+    from gradtrace.cpu_scan import CpuScanner
+
+    sizes = (1, 9, 13, 40, 1001, 2049)
+    params = [(f"p{i}", nn.Parameter(torch.zeros(n, dtype=dtype))) for i, n in enumerate(sizes)]
+    fast, reference = GradTracker(params, config), GradTracker(params, config)
+    fast._cpu_scanner = CpuScanner(chunk_elements=40)
+    reference._cpu_scanner = None  # the torch path
+    for step, grads in enumerate(_edge_gradients(dtype, sizes, steps=7)):
+        named = {name: g for (name, _), g in zip(params, grads, strict=True)}
+        if step == 5:
+            named["p3"] = None  # no gradient at all for one parameter
+        for tracker in (fast, reference):
+            tracker.observe_gradients(named, detail=step != 4)
+        for name, _ in params:
+            for key, value in reference.state[name].items():
+                assert torch.equal(fast.state[name][key].view(torch.uint8), value.view(torch.uint8)), (step, name, key)
+        assert torch.equal(fast.counters, reference.counters), step
+    assert fast.counters[gradtrace.state.COUNTER_INDEX["nonfinite_gradient_steps"]] == 1
+    assert fast.counters[gradtrace.state.COUNTER_INDEX["zero_gradient_steps"]] == 1
+    for name, numel in zip([n for n, _ in params], sizes, strict=True):  # the "full" cache matches the bits
+        full = bool(torch.equal(gradtrace.bitpack.unpack_bits(fast.state[name]["gradient_bits"], numel),
+                                torch.ones(numel, dtype=torch.bool)))
+        assert (name in fast._full_bitmaps) == (full and dtype != torch.float64), name  # float64: torch path
+    assert fast._full_bitmaps or dtype == torch.float64  # the skip was exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_fold_samples_from_any_start(dtype):
+    """Sampled sums start at a shard's offset (``sample_start``), chunk by chunk, as the torch slice does."""
+    from gradtrace.cpu_scan import CpuScanner
+
+    grad = (torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    for start, stride, chunk in [(0, 64, 40), (5, 7, 40), (63, 64, 128), (999, 3, 8), (1200, 64, 40)]:
+        expected = grad[start::stride].float()
+        sums = (torch.zeros(expected.numel()), torch.zeros(expected.numel()))
+        bits = torch.zeros(125, dtype=torch.uint8)
+        folded = CpuScanner(chunk_elements=chunk).fold(grad, bits, full=False, count=True, sums=sums,
+                                                       stride=stride, sample_start=start)
+        assert torch.equal(sums[0], expected) and torch.equal(sums[1], expected.abs()), (start, stride)
+        assert torch.equal(bits, gradtrace.bitpack.pack_bits(grad != 0))
+        assert folded.nonzero == int((grad != 0).sum()) and folded.finite and folded.any_nonzero

@@ -1,0 +1,147 @@
+"""The CPU fast path of :meth:`GradTracker.observe_gradients`: NumPy, one cache-sized chunk at a time.
+
+On the CPU, torch's boolean kernels are several times slower than NumPy's, and every full-size
+temporary is a fresh allocation whose pages fault in on first touch. So a CPU gradient is read once, in
+chunks whose temporaries stay in the core's cache. Per chunk, on the raw bits of the IEEE floats: one
+integer mask clearing the sign bit (then a value is zero iff its bits are 0, and finite iff they are
+below those of +inf), one max-reduction, one compare and ``numpy.packbits`` (its ``bitorder="little"``
+is gradtrace's layout, see :mod:`gradtrace.bitpack`), and the copy of the elements that carry gradient
+sums. A parameter whose bitmap is already full (every element has had a gradient, as for most weight
+matrices after the first step) skips the compare and the packing.
+
+A gradient holding any NaN/inf contributes nothing (the tracker's rule), which is only known once the
+whole tensor is read: the packed bits and the sampled values go to scratch buffers first and are folded
+into the state after the last chunk. Results are bit-identical to the torch path; tests/test_tracker.py
+compares the two on edge values and chunk boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# Elements per chunk: 128 Ki elements keep a chunk's temporaries (bits, magnitudes, booleans: < 1 MiB for
+# float32) inside a core's L2 cache; larger chunks spill, smaller ones pay more Python per element.
+# A multiple of 8, so every chunk but a parameter's last packs into whole bytes.
+CHUNK_ELEMENTS = 1 << 17
+
+# Gradient dtypes this path handles: their raw-bits integer type and the bits of +inf. float64 goes the
+# torch path: casting a huge finite float64 to the float32 sums would make an inf the torch path zeroes.
+_RAW_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+
+
+def supports(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` can take this path: a dense, contiguous, non-empty CPU bf16/fp16/fp32 tensor."""
+    return (grad.device.type == "cpu" and grad.dtype in _RAW_BITS and grad.layout == torch.strided
+            and grad.is_contiguous() and grad.numel() > 0)
+
+
+class Folded(NamedTuple):
+    """What one gradient told the tracker (all host values: the CPU path never needs a device sync)."""
+
+    any_nonzero: bool  # some element is nonzero (NaN/inf count as nonzero)
+    finite: bool  # every element is finite; if not, nothing was folded into the state
+    nonzero: int | None  # nonzero elements this step, when counted
+    full: bool  # the bitmap now has every element's bit set
+
+
+def _as_float32(raw: np.ndarray, dtype: torch.dtype, out: np.ndarray) -> None:
+    """Write the values whose raw bits are ``raw`` (a strided view) into float32 ``out``, exactly."""
+    if dtype == torch.bfloat16:  # bfloat16 is the top half of a float32: shift the bits into place
+        np.left_shift(raw, 16, out=out.view(np.int32), dtype=np.int32)
+    elif dtype == torch.float16:
+        out[:] = raw.view(np.float16)
+    else:
+        out[:] = raw.view(np.float32)
+
+
+class CpuScanner:
+    """Folds CPU gradients into packed bitmaps and gradient sums; owns the reusable scratch buffers.
+
+    Scratch grows to the largest parameter seen: ``numel / 8`` bytes of packed bits and, in sampled mode,
+    ``4 * numel / stride`` bytes of sampled values, plus a few chunk-sized buffers.
+    """
+
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS):
+        if chunk_elements <= 0 or chunk_elements % 8:
+            raise ValueError(f"chunk_elements must be a positive multiple of 8, not {chunk_elements}")
+        self.chunk = chunk_elements
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def _scratch(self, key: str, size: int, dtype: type) -> np.ndarray:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < size or buffer.dtype != dtype:
+            buffer = self._buffers[key] = np.empty(max(size, buffer.size if buffer is not None else 0), dtype)
+        return buffer[:size]
+
+    def fold(self, grad: torch.Tensor, bits: torch.Tensor, *, full: bool, count: bool,
+             sums: tuple[torch.Tensor, torch.Tensor] | None = None, stride: int = 1,
+             sample_start: int = 0) -> Folded:
+        """Fold one gradient into ``bits`` (its packed "ever nonzero" bitmap) and ``sums``.
+
+        ``full``: the caller knows ``bits`` is already all ones, so it is neither recomputed nor written.
+        ``sums``: ``(signed, absolute)`` float32 accumulators of elements ``sample_start::stride``.
+        ``count``: also count this step's nonzero elements.
+        """
+        dtype = grad.dtype
+        raw = grad.detach().reshape(-1).view(_RAW_BITS[dtype]).numpy()  # zero-copy; numpy has no bfloat16
+        numel = raw.size
+        chunk = self.chunk
+        magnitude_max = np.iinfo(raw.dtype).max  # the mask that clears the sign bit
+        magnitude = self._scratch("magnitude", min(chunk, numel), raw.dtype)
+        nonzero = self._scratch("nonzero", min(chunk, numel), np.bool_)
+        packed = None if full else self._scratch("packed", (numel + 7) // 8, np.uint8)
+        sampled = sums is not None and stride > 1  # stride 1 ("full" mode) adds whole tensors at the end
+        samples = self._scratch("samples", len(range(sample_start, numel, stride)), np.float32) if sampled else None
+
+        peak = 0
+        nonzero_count = 0
+        for start in range(0, numel, chunk):
+            end = min(start + chunk, numel)
+            block = raw[start:end]
+            mag = magnitude[:end - start]
+            np.bitwise_and(block, magnitude_max, out=mag)
+            peak = max(peak, int(mag.max()))
+            if not full:
+                flags = nonzero[:end - start]
+                np.not_equal(mag, 0, out=flags)
+                packed[start // 8:(end + 7) // 8] = np.packbits(flags, bitorder="little")
+                if count:
+                    nonzero_count += int(np.count_nonzero(flags))
+            elif count:
+                nonzero_count += int(np.count_nonzero(mag))
+            if sampled:
+                # First sampled index at or after `start`; the block is still in cache.
+                first = sample_start + max(0, -(-(start - sample_start) // stride)) * stride
+                if first < end:
+                    taken = block[first - start::stride]
+                    k = (first - sample_start) // stride
+                    _as_float32(taken, dtype, samples[k:k + taken.size])
+
+        finite = peak < _INF_BITS[dtype]
+        if finite:
+            state = bits.numpy()
+            if not full:
+                np.bitwise_or(state, packed, out=state)
+                tail = numel % 8
+                full = bool(state[-1] == ((1 << tail) - 1 if tail else 0xFF)) and (
+                    state.size == 1 or int(state[:-1].min()) == 0xFF)
+            if sums is not None:
+                self._add_sums(grad, sums, samples)
+        return Folded(any_nonzero=peak != 0, finite=finite, nonzero=nonzero_count if count else None, full=full)
+
+    @staticmethod
+    def _add_sums(grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor], samples: np.ndarray | None) -> None:
+        signed, absolute = sums
+        if samples is None:  # every element ("full" mode): widening to float32 is exact, as in the torch path
+            flat = grad.detach().reshape(-1)
+            signed.add_(flat)
+            absolute.add_(flat.abs())
+            return
+        signed_np, absolute_np = signed.numpy(), absolute.numpy()
+        np.add(signed_np, samples, out=signed_np)
+        np.abs(samples, out=samples)
+        np.add(absolute_np, samples, out=absolute_np)
