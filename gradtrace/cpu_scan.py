@@ -1,4 +1,4 @@
-"""The CPU fast path of :meth:`GradTracker.observe_gradients`: NumPy, one cache-sized chunk at a time.
+"""The CPU fast path of the tracker's per-step work: NumPy, one cache-sized chunk at a time.
 
 On the CPU, torch's boolean kernels are several times slower than NumPy's, and every full-size
 temporary is a fresh allocation whose pages fault in on first touch. So a CPU gradient is read once, in
@@ -12,11 +12,13 @@ matrices after the first step) skips the compare and the packing.
 A gradient holding any NaN/inf contributes nothing (the tracker's rule), which is only known once the
 whole tensor is read: the packed bits and the sampled values go to scratch buffers first and are folded
 into the state after the last chunk. Results are bit-identical to the torch path; tests/test_tracker.py
-compares the two on edge values and chunk boundaries.
+compares the two on edge values and chunk boundaries. :meth:`CpuScanner.fold_changes` does the same for
+the per-step change detector of ``ever_changed`` mode (:meth:`GradTracker.observe_update`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -34,8 +36,12 @@ _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F8
 
 
 def supports(grad: torch.Tensor) -> bool:
-    """Whether ``grad`` can take this path: a dense, contiguous, non-empty CPU bf16/fp16/fp32 tensor."""
-    return (grad.device.type == "cpu" and grad.dtype in _RAW_BITS and grad.layout == torch.strided
+    """Whether ``grad`` can take this path: a dense, contiguous, non-empty CPU bf16/fp16/fp32 tensor.
+
+    Also for parameter values (:meth:`CpuScanner.fold_changes`). The raw-bits views assume a
+    little-endian host, like torch's own byte views of tensors.
+    """
+    return (sys.byteorder == "little" and grad.device.type == "cpu" and grad.dtype in _RAW_BITS and grad.layout == torch.strided
             and grad.is_contiguous() and grad.numel() > 0)
 
 
@@ -132,6 +138,37 @@ class CpuScanner:
             if sums is not None:
                 self._add_sums(grad, sums, samples)
         return Folded(any_nonzero=peak != 0, finite=finite, nonzero=nonzero_count if count else None, full=full)
+
+    def fold_changes(self, values: torch.Tensor, signature: torch.Tensor, changed_bits: torch.Tensor) -> int:
+        """``ever_changed`` mode after an optimizer step: set the bits of the elements of ``values`` whose
+        change signature differs from ``signature``, store the new signatures, return how many changed.
+
+        The signature (``tracker._change_signature``) is the XOR of the two halves of each element's raw
+        bits: bytes for 2-byte dtypes (``signature`` uint8), 16-bit halves for float32 (int16).
+        """
+        half_bits = 8 * values.element_size() // 2
+        raw = values.detach().reshape(-1).view(_RAW_BITS[values.dtype]).numpy()
+        raw = raw.view(np.uint16 if half_bits == 8 else np.uint32)
+        low_type = np.uint8 if half_bits == 8 else np.uint16
+        last = signature.numpy().view(low_type)
+        state = changed_bits.numpy()
+        numel = raw.size
+        folded = self._scratch("folded", min(self.chunk, numel), raw.dtype)
+        new = self._scratch("signature", min(self.chunk, numel), low_type)
+        flags = self._scratch("nonzero", min(self.chunk, numel), np.bool_)
+        changed = 0
+        for start in range(0, numel, self.chunk):
+            end = min(start + self.chunk, numel)
+            both, low, differs = folded[:end - start], new[:end - start], flags[:end - start]
+            np.right_shift(raw[start:end], half_bits, out=both)
+            np.bitwise_xor(both, raw[start:end], out=both)
+            np.copyto(low, both, casting="unsafe")  # keeps the low half: what torch's narrow view reads
+            np.not_equal(low, last[start:end], out=differs)
+            changed += int(np.count_nonzero(differs))
+            packed = state[start // 8:(end + 7) // 8]
+            np.bitwise_or(packed, np.packbits(differs, bitorder="little"), out=packed)
+            last[start:end] = low
+        return changed
 
     @staticmethod
     def _add_sums(grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor], samples: np.ndarray | None) -> None:

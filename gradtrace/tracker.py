@@ -318,13 +318,20 @@ class GradTracker:
         if not self.config.ever_changed:
             return
         step_changed = torch.zeros((), dtype=torch.int64, device=self._primary)
+        changed_on_host = 0
         for name, param in self._params:
             state = self.state[name]
-            low = _change_signature(_local(param).detach())
+            values = _local(param).detach()
+            if self._cpu_scanner is not None and cpu_scan.supports(values):
+                changed_on_host += self._cpu_scanner.fold_changes(values, state["last_lowbits"],
+                                                                  state["ever_changed_bits"])
+                continue
+            low = _change_signature(values)
             changed = low.ne(state["last_lowbits"])
             or_pack_into(state["ever_changed_bits"], changed)
             state["last_lowbits"].copy_(low)
             step_changed += changed.sum().to(self._primary, non_blocking=True)
+        step_changed += changed_on_host
         self.counters[COUNTER_INDEX["last_step_changed"]] = step_changed
         self.counters[COUNTER_INDEX["changed_elements_total"]] += step_changed
 

@@ -416,3 +416,33 @@ def test_cpu_fold_samples_from_any_start(dtype):
         assert torch.equal(sums[0], expected) and torch.equal(sums[1], expected.abs()), (start, stride)
         assert torch.equal(bits, gradtrace.bitpack.pack_bits(grad != 0))
         assert folded.nonzero == int((grad != 0).sum()) and folded.finite and folded.any_nonzero
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_cpu_change_detector_equals_the_torch_path(dtype):
+    """``ever_changed`` mode: the NumPy path leaves the same signatures, bits and counts as the torch path,
+    for one-ULP steps, sign flips across zero and untouched elements, across 40-element chunk boundaries."""
+    from gradtrace.cpu_scan import CpuScanner
+
+    generator = torch.Generator().manual_seed(3)
+    sizes = (1, 13, 40, 1001)
+    params = [(f"p{i}", nn.Parameter(torch.randn(n, generator=generator).to(dtype))) for i, n in enumerate(sizes)]
+    config = TrackerConfig(cancellation="off", ever_changed=True)
+    fast, reference = GradTracker(params, config), GradTracker(params, config)
+    fast._cpu_scanner = CpuScanner(chunk_elements=40)
+    reference._cpu_scanner = None
+    for step in range(5):
+        with torch.no_grad():
+            for _, p in params:
+                bits = raw(p.data) if dtype != torch.float64 else p.data.view(torch.int64)
+                touched = torch.rand(p.numel(), generator=generator) < 0.2 * (step + 1)
+                bits[touched] += 1  # one unit in the last place
+                if step == 2:
+                    p.data[:1] = -p.data[:1]  # a sign flip
+        for tracker in (fast, reference):
+            tracker.observe_update()
+        for name, _ in params:
+            for key in ("last_lowbits", "ever_changed_bits"):
+                assert torch.equal(fast.state[name][key], reference.state[name][key]), (step, name, key)
+        assert torch.equal(fast.counters, reference.counters), step
+    assert 0 < int(fast.counters[gradtrace.state.COUNTER_INDEX["changed_elements_total"]]) < 5 * sum(sizes)
