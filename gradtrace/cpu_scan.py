@@ -136,7 +136,8 @@ class CpuScanner:
                 full = bool(state[-1] == ((1 << tail) - 1 if tail else 0xFF)) and (
                     state.size == 1 or int(state[:-1].min()) == 0xFF)
             if sums is not None:
-                self._add_sums(grad, sums, samples)
+                with np.errstate(over="ignore"):  # a sum overflowing to inf is kept, silently, as torch does
+                    self._add_sums(grad, sums, samples)
         return Folded(any_nonzero=peak != 0, finite=finite, nonzero=nonzero_count if count else None, full=full)
 
     def fold_changes(self, values: torch.Tensor, signature: torch.Tensor, changed_bits: torch.Tensor) -> int:
@@ -170,15 +171,21 @@ class CpuScanner:
             last[start:end] = low
         return changed
 
-    @staticmethod
-    def _add_sums(grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor], samples: np.ndarray | None) -> None:
-        signed, absolute = sums
-        if samples is None:  # every element ("full" mode): widening to float32 is exact, as in the torch path
-            flat = grad.detach().reshape(-1)
-            signed.add_(flat)
-            absolute.add_(flat.abs())
+    def _add_sums(self, grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],
+                  samples: np.ndarray | None) -> None:
+        signed, absolute = (tensor.numpy() for tensor in sums)
+        if samples is not None:
+            np.add(signed, samples, out=signed)
+            np.abs(samples, out=samples)
+            np.add(absolute, samples, out=absolute)
             return
-        signed_np, absolute_np = signed.numpy(), absolute.numpy()
-        np.add(signed_np, samples, out=signed_np)
-        np.abs(samples, out=samples)
-        np.add(absolute_np, samples, out=absolute_np)
+        # Every element ("full" mode): a second pass, now that the gradient is known to be finite.
+        raw = grad.detach().reshape(-1).view(_RAW_BITS[grad.dtype]).numpy()
+        values = self._scratch("values", min(self.chunk, raw.size), np.float32)
+        for start in range(0, raw.size, self.chunk):
+            end = min(start + self.chunk, raw.size)
+            block = values[:end - start]
+            _as_float32(raw[start:end], grad.dtype, block)  # exact, as torch's widening
+            np.add(signed[start:end], block, out=signed[start:end])
+            np.abs(block, out=block)
+            np.add(absolute[start:end], block, out=absolute[start:end])
