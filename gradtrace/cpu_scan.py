@@ -33,6 +33,7 @@ CHUNK_ELEMENTS = 1 << 17
 # torch path: casting a huge finite float64 to the float32 sums would make an inf the torch path zeroes.
 _RAW_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+_SIGN_CLEARED = {2: 0x7FFF, 4: 0x7FFFFFFF}  # by element size: every bit but the sign
 
 
 def supports(grad: torch.Tensor) -> bool:
@@ -96,7 +97,7 @@ class CpuScanner:
         raw = grad.detach().reshape(-1).view(_RAW_BITS[dtype]).numpy()  # zero-copy; numpy has no bfloat16
         numel = raw.size
         chunk = self.chunk
-        magnitude_max = np.iinfo(raw.dtype).max  # the mask that clears the sign bit
+        magnitude_max = _SIGN_CLEARED[raw.itemsize]  # the mask that clears the sign bit
         magnitude = self._scratch("magnitude", min(chunk, numel), raw.dtype)
         nonzero = self._scratch("nonzero", min(chunk, numel), np.bool_)
         packed = None if full else self._scratch("packed", (numel + 7) // 8, np.uint8)
