@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradtrace import cpu_scan, sharding
+from gradtrace import cpu_measure, cpu_scan, sharding
 from gradtrace.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.config import TrackerConfig
 from gradtrace.masks_file import PackedMask
@@ -163,6 +163,8 @@ class GradTracker:
         self.steps = 0
         # CPU gradients go through NumPy (gradtrace.cpu_scan); None forces the torch path everywhere.
         self._cpu_scanner: cpu_scan.CpuScanner | None = cpu_scan.CpuScanner()
+        # CPU parameters are measured through NumPy (gradtrace.cpu_measure); False forces the torch path.
+        self._cpu_measure: bool = True
         # Parameters whose gradient bitmap is all ones, so the CPU path stops rebuilding it. Derived from
         # the state (bits are only ever set), so it is forgotten when state is loaded.
         self._full_bitmaps: set[str] = set()
@@ -356,9 +358,16 @@ class GradTracker:
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
         count = torch.count_nonzero  # on a bool mask: no int64 copy, unlike .sum()
         rows = []
+        # CPU parameters: chunked NumPy passes, host counts (gradtrace.cpu_measure), identical results.
+        fast = cpu_measure.CpuMeasurer(bins) if self._cpu_measure else None
         for name, param in self._params:
             state = self.state[name]
-            numel = _local(param).numel()
+            local = _local(param).detach()
+            if fast is not None and cpu_measure.supports(local, state["reference"]):
+                row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
+                rows.append(torch.tensor(row, dtype=torch.int64, device=self._primary))
+                continue
+            numel = local.numel()
             gradient = unpack_bits(state["gradient_bits"], numel)
             updated, updated_abs, updated_rel = self._update_masks(param, state)
             zero = torch.zeros((), dtype=torch.int64, device=gradient.device)
@@ -370,6 +379,7 @@ class GradTracker:
                 unchanged = sampled_gradient & updated[start:: cfg.stride].logical_not()
                 cancelled = unchanged & signed.le(absolute * cfg.cancel_epsilon)
                 ratio = (signed / absolute.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0, 1)
+                ratio.nan_to_num_(nan=1.0)  # inf / inf (both sums overflowed): the last bin, not a bad index
                 bucket = (ratio * bins).long().clamp_(max=bins - 1)
                 histogram.index_add_(0, bucket.to(self._primary), sampled_gradient.long().to(self._primary))
                 sampled = (torch.tensor(sampled_gradient.numel(), device=gradient.device),
@@ -381,6 +391,8 @@ class GradTracker:
                 count(updated_rel), count(gradient & updated), ever, *sampled,
             ]).to(self._primary)
             rows.append(row)
+        if fast is not None:
+            histogram += torch.from_numpy(fast.histogram).to(self._primary)
         local_counters = self.counters.clone()
         if self._group is not None:
             # Counts of local shards add up to the full parameters' counts; already-global counters are
@@ -418,6 +430,7 @@ class GradTracker:
         if cfg.ever_changed:
             kinds.append("ever_changed")
         out: dict[str, dict[str, PackedMask]] = {kind: {} for kind in kinds}
+        fast = cpu_measure.CpuMeasurer(cfg.histogram_bins) if self._cpu_measure else None
         for name, param in self._params:
             state = self.state[name]
             numel = _local(param).numel()
@@ -427,7 +440,12 @@ class GradTracker:
                     masks.append(unpack_bits(state["ever_changed_bits"], numel))
                 packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
             else:
-                packed = [state["gradient_bits"], *(pack_bits(m) for m in self._update_masks(param, state))]
+                local = _local(param).detach()
+                if fast is not None and cpu_measure.supports(local, state["reference"]):
+                    update = fast.update_masks(local, state["reference"], state, cfg)  # packed as it goes
+                else:
+                    update = [pack_bits(m) for m in self._update_masks(param, state)]
+                packed = [state["gradient_bits"], *update]
                 if cfg.ever_changed:
                     packed.append(state["ever_changed_bits"])
             for kind, bits in zip(kinds, packed, strict=True):
