@@ -16,7 +16,8 @@ What it does, in one process:
 * **Variants.** ``none`` (no instrumentation); gradtrace ``GradTraceCallback(wandb=False)`` with
   ``cancellation="off"`` (masks only), ``"sampled"`` (the default), ``"full"``, and ``"sampled"`` +
   ``ever_changed=True``; ``wandb.watch(model, log="gradients", log_freq=1)`` and ``log_freq=100`` in an
-  offline W&B run opened for that run only.
+  offline W&B run opened for that run only; and ``read floor``, a callback that only reads every gradient
+  once per step (a max-reduction): the least any tool that looks at every gradient element can cost here.
 * **Gradient accumulation.** ``ga4`` settings split the same tokens per optimizer step into 4 micro-batches
   (micro-batch = batch / 4), so ``ga1`` and ``ga4`` step times are comparable: gradtrace runs once per
   optimizer step, ``wandb.watch`` hooks once per micro-batch backward.
@@ -72,6 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gradtrace ever_changed": {"gradtrace": {"cancellation": "sampled", "ever_changed": True}},
     "wandb.watch freq=1": {"wandb_log_freq": 1},  # wandb.watch(model, log="gradients", log_freq=1)
     "wandb.watch freq=100": {"wandb_log_freq": 100},
+    "read floor": {"read_floor": True},  # reads every gradient once, does nothing else: the floor for any scan
 }
 TRACKER_MODES: dict[str, dict[str, Any]] = {
     "off (masks only)": {"cancellation": "off"},
@@ -275,6 +277,29 @@ for _event in ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_o
     setattr(TimedGradTraceCallback, _event, _timed(_event))
 
 
+class GradientReadFloor(TrainerCallback):
+    """Reads every gradient once per optimizer step (a max-reduction, the cheapest full read) and does nothing
+    else: what any instrument that looks at every gradient element must at least cost on this machine."""
+
+    seconds = 0.0
+
+    def take_seconds(self) -> float:
+        spent, self.seconds = self.seconds, 0.0
+        return spent
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        start = time.perf_counter()
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            grad = p.grad.detach().reshape(-1)
+            if grad.device.type == "cpu" and grad.element_size() in (2, 4):  # NumPy, as gradtrace's CPU path
+                grad.view({2: torch.int16, 4: torch.int32}[grad.element_size()]).numpy().max()
+            else:
+                grad.amax()
+        self.seconds += time.perf_counter() - start
+
+
 class StepTimer(TrainerCallback):
     """Registered last: times each optimizer step, from ``on_step_begin`` to ``on_step_end``.
 
@@ -282,7 +307,7 @@ class StepTimer(TrainerCallback):
     Trainer's own log/save (``_maybe_log_save_evaluate``) and fetching the step's batches fall outside.
     """
 
-    def __init__(self, traced: TimedGradTraceCallback | None = None):
+    def __init__(self, traced: TimedGradTraceCallback | GradientReadFloor | None = None):
         self.steps: list[dict[str, Any]] = []
         self.traced = traced
         self._start: tuple[float, float] = (0.0, 0.0)
@@ -308,6 +333,9 @@ def run_once(setting: Setting, work: Workload, variant: str, tmp: Path) -> dict[
     gradtrace_cb = None
     if "gradtrace" in spec:
         gradtrace_cb = TimedGradTraceCallback(wandb=False, strict=True, **spec["gradtrace"])
+        callbacks.append(gradtrace_cb)
+    elif "read_floor" in spec:
+        gradtrace_cb = GradientReadFloor()  # timed like gradtrace: its "in gt ms" is the floor's own time
         callbacks.append(gradtrace_cb)
     timer = StepTimer(gradtrace_cb)
     callbacks.append(timer)  # last: its on_step_end runs after gradtrace's
@@ -595,7 +623,8 @@ def print_profile(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         console.print(f"[bold]observe_gradients (+ observe_update) profile[/bold], {r['model']} model, {r['dtype']}, "
                       f"{r['mode']}: {r['wall_ms_per_call_unprofiled']:.1f} ms/step unprofiled, "
-                      f"{r['aten_self_ms_per_call']:.1f} ms in aten ops")
+                      f"{r['aten_self_ms_per_call']:.1f} ms in aten ops (the CPU NumPy path is invisible to torch's "
+                      "profiler: the rest is NumPy and Python)")
         table = Table()
         for col in ("op", "calls/step", "self ms/step", "share"):
             table.add_column(col, justify="left" if col == "op" else "right")

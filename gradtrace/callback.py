@@ -140,6 +140,8 @@ class GradTraceCallback(TrainerCallback):
             # optimizer-step events (where .grad is None): read it inside the engine's optimizer step.
             on_error = None if self.strict else functools.partial(self._switch_off, "tracking in DeepSpeed's step")
             self._deepspeed = deepspeed_support.attach_to_deepspeed(tracker, optimizer, on_error=on_error)
+            # Inside the engine's step global_step is still the previous one; `state` is the Trainer's own.
+            self._deepspeed.wants_detail = lambda: self._logs_at(args, state.global_step + 1)
         self.session.start(step=state.global_step, resumed_from=resumed_from)
 
     @_guarded

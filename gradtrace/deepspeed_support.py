@@ -257,6 +257,9 @@ class DeepSpeedHandle:
         self._had_own_step = "step" in vars(optimizer)
         self._original_step = optimizer.step
         self._active = True
+        # Asked before each step whether to count the step's nonzero gradient elements (the density
+        # curve); an integration that knows which steps it will log replaces it, to skip that pass.
+        self.wants_detail: Callable[[], bool] = lambda: True
         optimizer.step = self._step
 
     @property
@@ -285,7 +288,8 @@ class DeepSpeedHandle:
             return self._original_step(*args, **kwargs)
         try:
             scale = _applied_scale(self.optimizer) if self.tracker.config.tracks_sums else None
-            self.tracker.observe_gradients(_FullGradients(self._params, scale, local=self.stage >= 3))
+            self.tracker.observe_gradients(_FullGradients(self._params, scale, local=self.stage >= 3),
+                                           detail=self.wants_detail())
         except Exception as err:
             self._fail(err)
         result = self._original_step(*args, **kwargs)

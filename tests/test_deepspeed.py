@@ -21,6 +21,7 @@ from gradtrace.deepspeed_support import (
     find_zero_optimizer,
     is_deepspeed_object,
 )
+from gradtrace.state import COUNTER_INDEX
 from tests.test_distributed import assert_same_masks, launch
 
 DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"}  # these runs are CPU + gloo, also on a machine with GPUs
@@ -153,9 +154,29 @@ def test_a_failing_read_switches_off_and_the_step_still_runs():
     tracker = GradTracker(model)
     errors = []
     handle = attach_to_deepspeed(tracker, zero, on_error=errors.append)
-    tracker.observe_gradients = lambda grads=None: 1 / 0
+    tracker.observe_gradients = lambda grads=None, detail=True: 1 / 0
     before = model.weight.detach().clone()
     model(torch.ones(1, 4)).sum().backward()
     zero.step()
     assert [type(e) for e in errors] == [ZeroDivisionError] and not handle.active and "step" not in vars(zero)
     assert not torch.equal(model.weight, before)  # training went on
+
+
+def test_the_hook_counts_density_only_when_asked():
+    """The engine-step hook asks ``wants_detail`` (the callback answers: is the next step a logging step?),
+    so the density pass is skipped on the other steps, as in the Trainer path."""
+    pytest.importorskip("deepspeed")
+    model = nn.Linear(4, 3)
+    zero = fake_zero_optimizer(model.parameters())
+    tracker = GradTracker(model)
+    handle = attach_to_deepspeed(tracker, zero)
+    asked = []
+    observe = tracker.observe_gradients
+    tracker.observe_gradients = lambda grads=None, detail=True: (asked.append(detail), observe(grads, detail=detail))
+    for wanted in (True, False, False):
+        handle.wants_detail = lambda wanted=wanted: wanted
+        model(torch.ones(1, 4)).sum().backward()
+        zero.step()
+        zero.zero_grad()
+    assert asked == [True, False, False]
+    assert int(tracker.counters[COUNTER_INDEX["density_step"]]) == 1  # only the first step was counted
