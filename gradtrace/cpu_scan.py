@@ -76,12 +76,14 @@ class CpuScanner:
         if chunk_elements <= 0 or chunk_elements % 8:
             raise ValueError(f"chunk_elements must be a positive multiple of 8, not {chunk_elements}")
         self.chunk = chunk_elements
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}  # by use and dtype
 
     def _scratch(self, key: str, size: int, dtype: type) -> np.ndarray:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.size < size or buffer.dtype != dtype:
-            buffer = self._buffers[key] = np.empty(max(size, buffer.size if buffer is not None else 0), dtype)
+        # One buffer per use and dtype, so a model mixing bf16 and fp32 parameters does not reallocate.
+        name = f"{key}/{np.dtype(dtype).name}"
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[name] = np.empty(size, dtype)
         return buffer[:size]
 
     def fold(self, grad: torch.Tensor, bits: torch.Tensor, *, full: bool, count: bool,
