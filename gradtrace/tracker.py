@@ -223,6 +223,15 @@ class GradTracker:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: sharding.full_shape(p) for name, p in self._params}
 
+    def _check_dtype(self, name: str, values: torch.Tensor) -> None:
+        """The update state (reference copy, change signatures) is laid out for the dtype the parameter had
+        when tracking began; a parameter cast since (``model.half()`` after the tracker was built) would be
+        compared bit for bit against the wrong layout, so it is refused with a clear error."""
+        expected = self.state[name]["reference"].dtype
+        if values.dtype != expected:
+            raise ValueError(f"parameter {name!r} is {values.dtype} now but was {expected} when tracking began: "
+                             "cast the model before building the GradTracker (or starting the traced run)")
+
     # ------------------------------------------------------------------ hot path
     @torch.no_grad()
     def observe_gradients(self, grads: Mapping[str, torch.Tensor | None] | None = None, *,
@@ -324,6 +333,7 @@ class GradTracker:
         for name, param in self._params:
             state = self.state[name]
             values = _local(param).detach()
+            self._check_dtype(name, values)
             if self._cpu_scanner is not None and cpu_scan.supports(values):
                 changed_on_host += self._cpu_scanner.fold_changes(values, state["last_lowbits"],
                                                                   state["ever_changed_bits"])
@@ -363,6 +373,7 @@ class GradTracker:
         for name, param in self._params:
             state = self.state[name]
             local = _local(param).detach()
+            self._check_dtype(name, local)
             if fast is not None and cpu_measure.supports(local, state["reference"]):
                 row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
                 rows.append(torch.tensor(row, dtype=torch.int64, device=self._primary))
@@ -434,6 +445,7 @@ class GradTracker:
         for name, param in self._params:
             state = self.state[name]
             numel = _local(param).numel()
+            self._check_dtype(name, _local(param))
             if sharding.is_sharded(param):
                 masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(param, state)]
                 if cfg.ever_changed:
