@@ -37,7 +37,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from gradtrace.bitpack import count_set_bits
 from gradtrace.config import TrackerConfig
+from gradtrace.cpu_scan import RAW_BITS, ScratchBuffers
 
 # Bytes of the parameter per chunk (as many of the reference): 64 Ki bf16/fp16 or 32 Ki fp32 elements,
 # whose working set (the two slices, three float32 arrays, two boolean masks: 0.7-1.1 MiB) stays in a
@@ -45,17 +47,13 @@ from gradtrace.config import TrackerConfig
 # spills), half as large no faster (more Python per element). Chunks are whole bytes of the bitmaps.
 CHUNK_BYTES = 1 << 17
 
-# Dtypes this path handles, with the integer type of their raw bits. float64 and the rest take the torch
-# path (rare for trained weights, and float64 has no float32 difference to reason about).
-_RAW_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _TINY = np.float32(torch.finfo(torch.float32).tiny)  # the torch path's clamp_min on the absolute sums
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def supports(current: torch.Tensor, reference: torch.Tensor) -> bool:
     """Whether a parameter's local data and its reference can take this path: both dense, contiguous
     CPU tensors of the same bf16/fp16/fp32 dtype and size."""
-    return (current.device.type == "cpu" and reference.device.type == "cpu" and current.dtype in _RAW_BITS
+    return (current.device.type == "cpu" and reference.device.type == "cpu" and current.dtype in RAW_BITS
             and reference.dtype == current.dtype and current.layout == torch.strided
             and reference.layout == torch.strided and current.is_contiguous() and reference.is_contiguous()
             and current.numel() == reference.numel())
@@ -95,17 +93,6 @@ def float32_scalar(value: float) -> np.float32:
     return np.float32(value)
 
 
-def _popcount(packed: np.ndarray) -> int:
-    """Set bits in a uint8 array: 64-bit words where it can (``np.bitwise_count`` is NumPy >= 2)."""
-    if not hasattr(np, "bitwise_count"):
-        return int(_POPCOUNT8[packed].sum(dtype=np.int64))
-    words = packed.size // 8
-    total = int(np.bitwise_count(packed[:words * 8].view(np.uint64)).sum(dtype=np.int64)) if words else 0
-    if packed.size % 8:
-        total += int(np.bitwise_count(packed[words * 8:]).sum(dtype=np.int64))
-    return total
-
-
 class CpuMeasurer:
     """Computes :meth:`GradTracker.measure`'s per-parameter rows for CPU parameters; owns the scratch
     buffers (a few chunk-sized arrays, reused across parameters) and the histogram they add into.
@@ -118,13 +105,7 @@ class CpuMeasurer:
             raise ValueError(f"chunk_elements must be a positive multiple of 8, not {chunk_elements}")
         self.chunk = chunk_elements  # None: CHUNK_BYTES of each parameter
         self.histogram = np.zeros(histogram_bins, dtype=np.int64)
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def _scratch(self, key: str, size: int, dtype: type) -> np.ndarray:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.size < size:
-            buffer = self._buffers[key] = np.empty(size, dtype)
-        return buffer[:size]
+        self._scratch = ScratchBuffers().get
 
     def row(self, current: torch.Tensor, reference: torch.Tensor, state: Mapping[str, torch.Tensor],
             config: TrackerConfig, *, sample_start: int = 0) -> list[int]:
@@ -147,8 +128,8 @@ class CpuMeasurer:
         dtype = current.dtype
         current = current.detach().reshape(-1)
         reference = reference.detach().reshape(-1)
-        current_raw = current.view(_RAW_BITS[dtype]).numpy()  # zero-copy
-        reference_raw = reference.view(_RAW_BITS[dtype]).numpy()
+        current_raw = current.view(RAW_BITS[dtype]).numpy()  # zero-copy
+        reference_raw = reference.view(RAW_BITS[dtype]).numpy()
         numel = current_raw.size
         packed_length = (numel + 7) // 8
         chunk = self.chunk or max(8, CHUNK_BYTES // current.element_size() // 8 * 8)
@@ -214,14 +195,14 @@ class CpuMeasurer:
         if masks is not None and tail:  # bitpack's padding is 0, also in the inverted masks
             for mask in masks[1:]:
                 mask[-1] &= (1 << tail) - 1
-        updated = _popcount(updated_bits)
+        updated = count_set_bits(updated_bits)
         both = self._scratch("both", packed_length, np.uint8)
-        gradient_and_updated = _popcount(np.bitwise_and(updated_bits, gradient_bits, out=both))
-        gradient = _popcount(gradient_bits[:numel // 8])
+        gradient_and_updated = count_set_bits(np.bitwise_and(updated_bits, gradient_bits, out=both))
+        gradient = count_set_bits(gradient_bits[:numel // 8])
         if tail:  # unpack_bits ignores the padding bits, set or not
-            gradient += _popcount(gradient_bits[numel // 8:numel // 8 + 1] & ((1 << tail) - 1))
+            gradient += count_set_bits(gradient_bits[numel // 8:numel // 8 + 1] & ((1 << tail) - 1))
         # The torch path's popcount counts the whole bitmap, padding included.
-        ever = _popcount(state["ever_changed_bits"].numpy()) if config.ever_changed else 0
+        ever = count_set_bits(state["ever_changed_bits"].numpy()) if config.ever_changed else 0
         sampled_counts = [0, 0, 0, 0]
         if sampled and config.tracks_sums:
             sampled_counts = self._sampled(gradient_bits, updated_bits, state["signed_sum"].numpy(),

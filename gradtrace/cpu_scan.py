@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 17
 
 # Gradient dtypes this path handles: their raw-bits integer type and the bits of +inf. float64 goes the
 # torch path: casting a huge finite float64 to the float32 sums would make an inf the torch path zeroes.
-_RAW_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+RAW_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
 _SIGN_CLEARED = {2: 0x7FFF, 4: 0x7FFFFFFF}  # by element size: every bit but the sign
 
@@ -42,7 +42,7 @@ def supports(grad: torch.Tensor) -> bool:
     Also for parameter values (:meth:`CpuScanner.fold_changes`). Only numeric shifts and masks touch the
     raw bits here, so byte order does not matter (unlike :func:`gradtrace.bitpack.pack_bits`).
     """
-    return (grad.device.type == "cpu" and grad.dtype in _RAW_BITS and grad.layout == torch.strided
+    return (grad.device.type == "cpu" and grad.dtype in RAW_BITS and grad.layout == torch.strided
             and grad.is_contiguous() and grad.numel() > 0)
 
 
@@ -65,6 +65,22 @@ def _as_float32(raw: np.ndarray, dtype: torch.dtype, out: np.ndarray) -> None:
         out[:] = raw.view(np.float32)
 
 
+class ScratchBuffers:
+    """Reusable NumPy buffers, one per use and dtype, grown to the largest request: the fast paths'
+    temporaries, so that a step allocates (and page-faults in) nothing once the first one has run."""
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, use: str, size: int, dtype: type) -> np.ndarray:
+        # Keyed by dtype too, so a model mixing bf16 and fp32 parameters does not reallocate.
+        key = f"{use}/{np.dtype(dtype).name}"
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[key] = np.empty(size, dtype)
+        return buffer[:size]
+
+
 class CpuScanner:
     """Folds CPU gradients into packed bitmaps and gradient sums; owns the reusable scratch buffers.
 
@@ -76,15 +92,7 @@ class CpuScanner:
         if chunk_elements <= 0 or chunk_elements % 8:
             raise ValueError(f"chunk_elements must be a positive multiple of 8, not {chunk_elements}")
         self.chunk = chunk_elements
-        self._buffers: dict[str, np.ndarray] = {}  # by use and dtype
-
-    def _scratch(self, key: str, size: int, dtype: type) -> np.ndarray:
-        # One buffer per use and dtype, so a model mixing bf16 and fp32 parameters does not reallocate.
-        name = f"{key}/{np.dtype(dtype).name}"
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.size < size:
-            buffer = self._buffers[name] = np.empty(size, dtype)
-        return buffer[:size]
+        self._scratch = ScratchBuffers().get
 
     def fold(self, grad: torch.Tensor, bits: torch.Tensor, *, full: bool, count: bool,
              sums: tuple[torch.Tensor, torch.Tensor] | None = None, stride: int = 1,
@@ -96,7 +104,7 @@ class CpuScanner:
         ``count``: also count this step's nonzero elements.
         """
         dtype = grad.dtype
-        raw = grad.detach().reshape(-1).view(_RAW_BITS[dtype]).numpy()  # zero-copy; numpy has no bfloat16
+        raw = grad.detach().reshape(-1).view(RAW_BITS[dtype]).numpy()  # zero-copy; numpy has no bfloat16
         numel = raw.size
         chunk = self.chunk
         magnitude_max = _SIGN_CLEARED[raw.itemsize]  # the mask that clears the sign bit
@@ -151,7 +159,7 @@ class CpuScanner:
         bits: bytes for 2-byte dtypes (``signature`` uint8), 16-bit halves for float32 (int16).
         """
         half_bits = 8 * values.element_size() // 2
-        raw = values.detach().reshape(-1).view(_RAW_BITS[values.dtype]).numpy()
+        raw = values.detach().reshape(-1).view(RAW_BITS[values.dtype]).numpy()
         raw = raw.view(np.uint16 if half_bits == 8 else np.uint32)
         low_type = np.uint8 if half_bits == 8 else np.uint16
         last = signature.numpy().view(low_type)
@@ -183,7 +191,7 @@ class CpuScanner:
             np.add(absolute, samples, out=absolute)
             return
         # Every element ("full" mode): a second pass, now that the gradient is known to be finite.
-        raw = grad.detach().reshape(-1).view(_RAW_BITS[grad.dtype]).numpy()
+        raw = grad.detach().reshape(-1).view(RAW_BITS[grad.dtype]).numpy()
         values = self._scratch("values", min(self.chunk, raw.size), np.float32)
         for start in range(0, raw.size, self.chunk):
             end = min(start + self.chunk, raw.size)

@@ -24,7 +24,7 @@ from gradtrace.bitpack import popcount
 from gradtrace.grouping import by_kind, by_layer, total
 from gradtrace.masks_file import MaskFileError, PackedMask, read_packed_masks
 
-# Bytes per popcount call: the lookup widens each byte to int64, so this bounds the temporary at 128 MB.
+# Bytes per popcount call: off the CPU the lookup widens each byte to int64, so this bounds the temporary at 128 MB.
 _POPCOUNT_CHUNK = 1 << 24
 
 MaskSource = str | os.PathLike | Mapping[str, Mapping[str, PackedMask | torch.Tensor]]
