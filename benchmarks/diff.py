@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                                      str(work / "baseline.json")],
         }
         # What each method imports before it reads anything: the floor under its peak RSS and wall time.
-        floors = {"gradtrace diff": "import gradtrace.cli, gradtrace.cli_tools, gradtrace.cli_report",
+        floors = {"gradtrace diff": "import gradtrace.cli, gradtrace.cli.tools, gradtrace.cli.report",
                   "load both + subtract": "import torch; from transformers import AutoModelForCausalLM, "
                                           "LlamaForCausalLM"}
         raw: dict[str, dict[str, list[float]]] = {m: {"wall_s": [], "peak_rss_mib": []} for m in methods}

@@ -484,7 +484,7 @@ def measure_memory_and_logging(work: Workload, repeats: int, *, rss: bool = Fals
     (see :func:`memory_probe`); in the benchmark process earlier runs' freed memory is simply reused.
     """
     from gradtrace import GradTracker, TrackerConfig
-    from gradtrace.summary import summarize
+    from gradtrace.tracking.summary import summarize
 
     model = work.model
     batch = work.collator([work.dataset[i] for i in range(8)])

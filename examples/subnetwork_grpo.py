@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from gradtrace import GradTraceCallback, load_masks  # noqa: E402
 from gradtrace.demo import runs  # noqa: E402
 from gradtrace.demo.tiny import load_base  # noqa: E402
-from gradtrace.subnetwork import SubnetworkCallback  # noqa: E402
+from gradtrace.masks.subnetwork import SubnetworkCallback  # noqa: E402
 
 
 def compare(initial: dict, full: dict, sub: dict) -> dict[str, float]:

@@ -7,7 +7,7 @@ place? This script replays the experiment with gradtrace's toolkit:
 1. full run: a tiny bf16 Llama (built from a config, no download) trained with AdamW + weight decay;
 2. mask: ``gradtrace diff`` of θ_init → θ_full, written as a masks file (kind ``update`` = elements
    whose stored bf16 bits changed);
-3. subnetwork-only run: from θ_init again, :class:`gradtrace.subnetwork.SubnetworkCallback` zeroes
+3. subnetwork-only run: from θ_init again, :class:`gradtrace.masks.subnetwork.SubnetworkCallback` zeroes
    gradients outside the mask *and* restores the masked-out weights after every optimizer step (with
    decoupled weight decay, masking gradients alone would still move them);
 4. compare θ_sub with θ_full: % of identical weights (bitwise, |Δ| ≤ 1e-5, ≤ 1e-4 as in the paper)
@@ -33,9 +33,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments  # noqa: E402
 
-from gradtrace.checkpoint_diff import diff_checkpoints  # noqa: E402
-from gradtrace.overlap import pair_overlap  # noqa: E402
-from gradtrace.subnetwork import SubnetworkCallback  # noqa: E402
+from gradtrace.masks.diff import diff_checkpoints  # noqa: E402
+from gradtrace.masks.overlap import pair_overlap  # noqa: E402
+from gradtrace.masks.subnetwork import SubnetworkCallback  # noqa: E402
 
 VOCAB, SEQ = 128, 32
 
@@ -81,7 +81,7 @@ def train(model_dir: Path, out_dir: Path, data, args: argparse.Namespace, callba
 
 def relative_distance(a_dir: Path, b_dir: Path, ref_dir: Path) -> float:
     """‖θ_b − θ_a‖ / ‖θ_a − θ_ref‖ over all weights, in fp32, one tensor at a time."""
-    from gradtrace.checkpoint_diff import CheckpointPair
+    from gradtrace.masks.diff import CheckpointPair
 
     num = den = 0.0
     with CheckpointPair(a_dir, b_dir) as ab, CheckpointPair(ref_dir, a_dir) as ra:

@@ -1,20 +1,31 @@
 """gradtrace: see, live during training, which parameters a fine-tuning run really touches.
 
-The core (:class:`GradTracker`, :func:`trace`, masks I/O) imports neither transformers nor W&B;
-``GradTraceCallback`` (transformers / TRL) is imported on first use.
+The package is laid out as the pipeline's rooms; imports only go down this list:
+
+- ``formats``: the plain data every room exchanges (masks file, run log, run-directory names);
+- ``anatomy``: where a parameter sits (layer, module kind) and grouping by it;
+- ``tracking``: the tracker, its state, and summaries of it (no transformers, no W&B);
+- ``views`` (report, watch) and ``masks`` (diff, overlap, rank, subnetwork): work from files;
+- ``sinks``: where summaries go besides the run log (W&B);
+- ``integrations``: the Trainer / TRL callback, the plain loop, DeepSpeed;
+- ``cli`` and ``demo`` on top.
+
+``GradTraceCallback`` and ``SubnetworkCallback`` (transformers) are imported on first use, so
+``import gradtrace`` in a plain PyTorch loop does not import transformers.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gradtrace.config import TrackerConfig
-from gradtrace.loop import Tracer, trace
-from gradtrace.masks_file import MaskFileError, Masks, load_masks, save_masks
-from gradtrace.run_log import read_run_log
-from gradtrace.session import GradTraceWarning, TraceSession
-from gradtrace.summary import summarize
-from gradtrace.tracker import GradTracker, Measurement
+from gradtrace.formats.masks_file import MaskFileError, Masks, load_masks, save_masks
+from gradtrace.formats.run_log import read_run_log
+from gradtrace.integrations.plain_loop import Tracer, trace
+from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.masks.subnetwork import restrict_to_subnetwork
+from gradtrace.tracking.config import TrackerConfig
+from gradtrace.tracking.summary import summarize
+from gradtrace.tracking.tracker import GradTracker, Measurement
 
 __version__ = "0.1.0"
 
@@ -25,11 +36,13 @@ __all__ = [
     "MaskFileError",
     "Masks",
     "Measurement",
+    "SubnetworkCallback",
     "TraceSession",
     "Tracer",
     "TrackerConfig",
     "load_masks",
     "read_run_log",
+    "restrict_to_subnetwork",
     "save_masks",
     "summarize",
     "trace",
@@ -39,11 +52,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import gradtrace` in a plain PyTorch loop does not import transformers.
     if name == "GradTraceCallback":
-        from gradtrace.callback import GradTraceCallback
+        from gradtrace.integrations.trainer import GradTraceCallback
 
         return GradTraceCallback
     if name == "SubnetworkCallback":
-        from gradtrace.subnetwork import SubnetworkCallback
+        from gradtrace.masks.subnetwork import SubnetworkCallback
 
         return SubnetworkCallback
     raise AttributeError(f"module 'gradtrace' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from gradtrace.tracker import strip_wrapper_prefix  # noqa: E402
+from gradtrace.tracking.tracker import strip_wrapper_prefix  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

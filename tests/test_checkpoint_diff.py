@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradtrace import checkpoint_diff
-from gradtrace.checkpoint_diff import CheckpointDiffError, diff_checkpoints
-from gradtrace.cli_tools import main as cli_main
-from gradtrace.masks_file import load_masks
+from gradtrace.cli.tools import main as cli_main
+from gradtrace.formats.masks_file import load_masks
+from gradtrace.masks import diff as checkpoint_diff
+from gradtrace.masks.diff import CheckpointDiffError, diff_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
@@ -248,7 +248,7 @@ def test_posthoc_masks_equal_the_live_trackers(tmp_path):
     gradtrace = pytest.importorskip("gradtrace")
     if not hasattr(gradtrace, "trace"):
         pytest.skip("live tracker not available")
-    from gradtrace.overlap import pair_overlap
+    from gradtrace.masks.overlap import pair_overlap
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(32, 16), torch.nn.Linear(16, 32)).to(torch.bfloat16)
@@ -274,7 +274,7 @@ def test_posthoc_masks_equal_the_live_trackers(tmp_path):
 
 def test_cli_json_contract(pair):
     base, tuned, a, b = pair
-    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli_tools", "diff", str(a), str(b),
+    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli.tools", "diff", str(a), str(b),
                            "--tolerance", "0", "--tolerance", "1e-5", "--json"],
                           capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -356,7 +356,7 @@ def test_missing_and_non_safetensors_inputs(tmp_path, pair):
 
 _MEMORY_SCRIPT = textwrap.dedent("""
     import gc, json, sys
-    from gradtrace.checkpoint_diff import diff_checkpoints
+    from gradtrace.masks.diff import diff_checkpoints
 
     def status_bytes(key):
         for line in open("/proc/self/status"):

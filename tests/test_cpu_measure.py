@@ -1,4 +1,4 @@
-"""The CPU NumPy path of GradTracker.measure() and packed_masks() (gradtrace.cpu_measure) against the
+"""The CPU NumPy path of GradTracker.measure() and packed_masks() (gradtrace.tracking.cpu_measure) against the
 torch path, bit for bit: edge values, tolerance boundaries and rounding ties, every mode, chunk
 boundaries, a trained model; plus checks that a subtly wrong fast path would be caught."""
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrace import GradTracker, TrackerConfig, cpu_measure
-from gradtrace.state import sampled_length
+from gradtrace import GradTracker, TrackerConfig
+from gradtrace.tracking import cpu_measure
+from gradtrace.tracking.state import sampled_length
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 RAW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}

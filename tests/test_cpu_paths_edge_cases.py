@@ -1,4 +1,4 @@
-"""Review of the NumPy CPU fast paths (gradtrace.cpu_scan, gradtrace.cpu_measure) against the torch path.
+"""Review of the NumPy CPU fast paths (gradtrace.tracking.cpu_scan, gradtrace.tracking.cpu_measure) against the torch path.
 
 Each test feeds a fast tracker and a forced-torch one (``_cpu_scanner = None``, ``_cpu_measure = False``)
 the same data and asks for the same state, counters, measurements and masks, on paths the tests of
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import gradtrace.sharding
+import gradtrace.tracking.sharding
 from gradtrace import TrackerConfig
-from gradtrace.cpu_scan import CpuScanner
-from gradtrace.tracker import GradTracker
+from gradtrace.tracking.cpu_scan import CpuScanner
+from gradtrace.tracking.tracker import GradTracker
 
 
 def _pair(params, config, chunk_elements: int | None = None):
@@ -171,7 +171,7 @@ def test_shard_sample_starts_at_or_past_the_shard_end(dtype, monkeypatch):
     """FSDP2 shards whose first sampled element lies at or beyond their end (``sample_start >= numel``: no
     gradient sums at all) and shards sampled from inside, through the tracker: fold, measure, masks."""
     starts = {}
-    monkeypatch.setattr(gradtrace.sharding, "sample_start", lambda p, stride: starts[id(p)] % stride)
+    monkeypatch.setattr(gradtrace.tracking.sharding, "sample_start", lambda p, stride: starts[id(p)] % stride)
     generator = torch.Generator().manual_seed(3)
     sizes, offsets = (1, 5, 13, 40, 100), (0, 3, 20, 63, 50)
     params = [(f"p{i}", nn.Parameter(torch.zeros(n, dtype=dtype))) for i, n in enumerate(sizes)]

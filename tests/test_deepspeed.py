@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from gradtrace import GradTracker, TrackerConfig, read_run_log
-from gradtrace.deepspeed_support import (
+from gradtrace.integrations.deepspeed import (
     attach_to_deepspeed,
     check_supported,
     find_zero_optimizer,
     is_deepspeed_object,
 )
-from gradtrace.state import COUNTER_INDEX
+from gradtrace.tracking.state import COUNTER_INDEX
 from tests.test_distributed import assert_same_masks, launch
 
 DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"}  # these runs are CPU + gloo, also on a machine with GPUs

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from gradtrace import MaskFileError, load_masks, save_masks
-from gradtrace.bitpack import pack_bits, popcount, unpack_bits
-from gradtrace.masks_file import read_packed_masks
+from gradtrace.formats.bitpack import pack_bits, popcount, unpack_bits
+from gradtrace.formats.masks_file import read_packed_masks
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 64, 1000, 4099])
@@ -52,7 +52,7 @@ def test_write_is_atomic_when_the_writer_fails(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("gradtrace.masks_file.save_file", full_disk)
+    monkeypatch.setattr("gradtrace.formats.masks_file.save_file", full_disk)
     with pytest.raises(OSError, match="No space"):
         save_masks(path, sample_masks(), step=2)
     assert path.read_bytes() == before

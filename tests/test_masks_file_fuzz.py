@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradtrace.masks_file import FORMAT, MaskFileError, Masks, load_masks, save_masks
+from gradtrace.formats.masks_file import FORMAT, MaskFileError, Masks, load_masks, save_masks
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (5, 3), "model.layers.0.mlp.up_proj.bias": (17,),
           "model.norm.weight": (2, 2, 3)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from gradtrace.naming import kind_of, layer_of
+from gradtrace.anatomy.naming import kind_of, layer_of
 
 
 @pytest.mark.parametrize(("name", "layer", "kind"), [

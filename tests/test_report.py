@@ -22,9 +22,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradtrace
 from gradtrace import TrackerConfig, load_masks, read_run_log
-from gradtrace.cli_report import add_parsers
-from gradtrace.naming import kind_of, layer_of
-from gradtrace.report import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label, write_report
+from gradtrace.anatomy.naming import kind_of, layer_of
+from gradtrace.cli.report import add_parsers
+from gradtrace.views.report import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label, write_report
 
 # matplotlib's default cycle: the first run is drawn in C0, the second in C1.
 C0, C1 = (31, 119, 180), (255, 127, 14)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrace.masks_file import save_masks
-from gradtrace.subnetwork import (
+from gradtrace.formats.masks_file import save_masks
+from gradtrace.masks.subnetwork import (
     SubnetworkCallback,
     SubnetworkError,
     canonical_name,
@@ -268,7 +268,7 @@ def test_plain_loop_api_does_not_import_transformers():
     import subprocess
     import sys
 
-    code = ("import sys, torch, gradtrace.subnetwork as s; m = torch.nn.Linear(2, 2); "
+    code = ("import sys, torch, gradtrace.masks.subnetwork as s; m = torch.nn.Linear(2, 2); "
             "s.restrict_to_subnetwork(m, None, {n: torch.ones_like(p, dtype=torch.bool) for n, p in "
             "m.named_parameters()}); print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,7 +10,7 @@ from torch import nn
 
 import gradtrace
 from gradtrace import GradTracker, TrackerConfig, load_masks
-from gradtrace.summary import summarize
+from gradtrace.tracking.summary import summarize
 
 BF16 = torch.bfloat16
 
@@ -303,7 +303,7 @@ def test_state_bytes_per_mode_match_documentation():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_bit_level_gradient_scan_equals_the_float_definition(dtype):
     """The raw-bits scan gives exactly (g != 0), any(g != 0) and all(finite)."""
-    from gradtrace.tracker import _scan_gradient
+    from gradtrace.tracking.tracker import _scan_gradient
 
     finfo = torch.finfo(dtype)
     edge = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), finfo.max,
@@ -375,7 +375,7 @@ def _edge_gradients(dtype: torch.dtype, sizes: tuple[int, ...], steps: int, seed
 def test_cpu_fast_path_equals_the_torch_path(dtype, config):
     """The NumPy chunked CPU path leaves exactly the state and counters the device-agnostic torch path does:
     odd sizes, chunk boundaries (a 40-element chunk: not a multiple of the stride), full bitmaps, NaN/inf."""
-    from gradtrace.cpu_scan import CpuScanner
+    from gradtrace.tracking.cpu_scan import CpuScanner
 
     sizes = (1, 9, 13, 40, 1001, 2049)
     params = [(f"p{i}", nn.Parameter(torch.zeros(n, dtype=dtype))) for i, n in enumerate(sizes)]
@@ -392,10 +392,10 @@ def test_cpu_fast_path_equals_the_torch_path(dtype, config):
             for key, value in reference.state[name].items():
                 assert torch.equal(fast.state[name][key].view(torch.uint8), value.view(torch.uint8)), (step, name, key)
         assert torch.equal(fast.counters, reference.counters), step
-    assert fast.counters[gradtrace.state.COUNTER_INDEX["nonfinite_gradient_steps"]] == 1
-    assert fast.counters[gradtrace.state.COUNTER_INDEX["zero_gradient_steps"]] == 1
+    assert fast.counters[gradtrace.tracking.state.COUNTER_INDEX["nonfinite_gradient_steps"]] == 1
+    assert fast.counters[gradtrace.tracking.state.COUNTER_INDEX["zero_gradient_steps"]] == 1
     for name, numel in zip([n for n, _ in params], sizes, strict=True):  # the "full" cache matches the bits
-        full = bool(torch.equal(gradtrace.bitpack.unpack_bits(fast.state[name]["gradient_bits"], numel),
+        full = bool(torch.equal(gradtrace.formats.bitpack.unpack_bits(fast.state[name]["gradient_bits"], numel),
                                 torch.ones(numel, dtype=torch.bool)))
         assert (name in fast._full_bitmaps) == (full and dtype != torch.float64), name  # float64: torch path
     assert fast._full_bitmaps or dtype == torch.float64  # the skip was exercised
@@ -404,7 +404,7 @@ def test_cpu_fast_path_equals_the_torch_path(dtype, config):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cpu_fold_samples_from_any_start(dtype):
     """Sampled sums start at a shard's offset (``sample_start``), chunk by chunk, as the torch slice does."""
-    from gradtrace.cpu_scan import CpuScanner
+    from gradtrace.tracking.cpu_scan import CpuScanner
 
     grad = (torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     for start, stride, chunk in [(0, 64, 40), (5, 7, 40), (63, 64, 128), (999, 3, 8), (1200, 64, 40)]:
@@ -414,7 +414,7 @@ def test_cpu_fold_samples_from_any_start(dtype):
         folded = CpuScanner(chunk_elements=chunk).fold(grad, bits, full=False, count=True, sums=sums,
                                                        stride=stride, sample_start=start)
         assert torch.equal(sums[0], expected) and torch.equal(sums[1], expected.abs()), (start, stride)
-        assert torch.equal(bits, gradtrace.bitpack.pack_bits(grad != 0))
+        assert torch.equal(bits, gradtrace.formats.bitpack.pack_bits(grad != 0))
         assert folded.nonzero == int((grad != 0).sum()) and folded.finite and folded.any_nonzero
 
 
@@ -422,7 +422,7 @@ def test_cpu_fold_samples_from_any_start(dtype):
 def test_cpu_change_detector_equals_the_torch_path(dtype):
     """``ever_changed`` mode: the NumPy path leaves the same signatures, bits and counts as the torch path,
     for one-ULP steps, sign flips across zero and untouched elements, across 40-element chunk boundaries."""
-    from gradtrace.cpu_scan import CpuScanner
+    from gradtrace.tracking.cpu_scan import CpuScanner
 
     generator = torch.Generator().manual_seed(3)
     sizes = (1, 13, 40, 1001)
@@ -445,4 +445,4 @@ def test_cpu_change_detector_equals_the_torch_path(dtype):
             for key in ("last_lowbits", "ever_changed_bits"):
                 assert torch.equal(fast.state[name][key], reference.state[name][key]), (step, name, key)
         assert torch.equal(fast.counters, reference.counters), step
-    assert 0 < int(fast.counters[gradtrace.state.COUNTER_INDEX["changed_elements_total"]]) < 5 * sum(sizes)
+    assert 0 < int(fast.counters[gradtrace.tracking.state.COUNTER_INDEX["changed_elements_total"]]) < 5 * sum(sizes)

@@ -25,9 +25,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradtrace
 from gradtrace import GradTraceWarning, TraceSession, TrackerConfig, read_run_log
-from gradtrace.naming import kind_of, layer_of
-from gradtrace.report import heatmap_png
-from gradtrace.wandb_sink import ARTIFACT_TYPE, HISTOGRAM_KEY, TABLE_KEY, WandbSink, flatten_summary
+from gradtrace.anatomy.naming import kind_of, layer_of
+from gradtrace.sinks.wandb import ARTIFACT_TYPE, HISTOGRAM_KEY, TABLE_KEY, WandbSink, flatten_summary
+from gradtrace.views.report import heatmap_png
 from tests.wandb_file import read_run
 
 VOCAB = 64

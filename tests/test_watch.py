@@ -19,8 +19,8 @@ from torch import nn
 
 import gradtrace
 from gradtrace import TrackerConfig
-from gradtrace.cli_report import add_parsers
-from gradtrace.watch import LogFollower, fraction_bar, sparkline, watch
+from gradtrace.cli.report import add_parsers
+from gradtrace.views.watch import LogFollower, fraction_bar, sparkline, watch
 
 
 class TwoBlocks(nn.Module):
@@ -132,7 +132,7 @@ def test_ctrl_c_exits_cleanly(log_lines, tmp_path, monkeypatch):
     def interrupted(_seconds):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gradtrace.watch.time.sleep", interrupted)
+    monkeypatch.setattr("gradtrace.views.watch.time.sleep", interrupted)
     console = Console(record=True, file=io.StringIO(), width=100)
     assert watch(tmp_path, console=console) == 0
 

@@ -15,9 +15,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from gradtrace.callback import GradTraceCallback
 from gradtrace.demo import runs
 from gradtrace.demo.tiny import IN_TASK, OUT_TASK
+from gradtrace.integrations.trainer import GradTraceCallback
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -151,7 +151,7 @@ def results_table(results: list[DemoRun], *, learning_rate: float, steps: int) -
 
 def _maybe_report(console: Console, results: list[DemoRun], out: Path) -> None:
     try:
-        from gradtrace.report import write_report
+        from gradtrace.views.report import write_report
     except ImportError:
         return
     path = write_report([run.run_dir for run in results], out / "report")

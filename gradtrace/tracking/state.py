@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from gradtrace.bitpack import packed_length
-from gradtrace.config import TrackerConfig
+from gradtrace.formats.bitpack import packed_length
+from gradtrace.tracking.config import TrackerConfig
 
 Reduce = Literal["or", "sum", "none"]
 Placement = Literal["param", "reference"]

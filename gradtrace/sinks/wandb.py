@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradtrace.session import MASKS_NAME, SUMMARY_NAME
+from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
 
 BREAKDOWN_METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
 SECTIONS = ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_heatmap", "gradtrace_cancellation",
@@ -111,7 +111,7 @@ class WandbSink:
         if self.heatmaps and summary.get("per_matrix"):
             from PIL import Image
 
-            from gradtrace.report import heatmap_png
+            from gradtrace.views.report import heatmap_png
 
             for metric in HEATMAP_METRICS:
                 png = heatmap_png(summary, metric)
@@ -140,7 +140,7 @@ class WandbSink:
             return
         import wandb
 
-        from gradtrace.report import matrix_rows
+        from gradtrace.views.report import matrix_rows
 
         self._define_metrics(run)
         columns, rows = matrix_rows(summary["per_matrix"])

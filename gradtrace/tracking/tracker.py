@@ -19,13 +19,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradtrace import cpu_measure, cpu_scan, sharding
-from gradtrace.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
-from gradtrace.config import TrackerConfig
-from gradtrace.masks_file import PackedMask
-from gradtrace.state import COUNTER_INDEX, COUNTER_REDUCE, COUNTERS, enabled_accumulators, lowbits_dtype
+from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
+from gradtrace.formats.masks_file import PackedMask
+from gradtrace.tracking import cpu_measure, cpu_scan, sharding
+from gradtrace.tracking.config import TrackerConfig
+from gradtrace.tracking.state import (
+    COUNTER_INDEX,
+    COUNTER_REDUCE,
+    COUNTERS,
+    enabled_accumulators,
+    lowbits_dtype,
+)
 
-# Per-parameter counts produced by measure(); fractions are derived in gradtrace.summary.
+# Per-parameter counts produced by measure(); fractions are derived in gradtrace.tracking.summary.
 COUNT_FIELDS: tuple[str, ...] = (
     "numel",
     "gradient",  # elements that ever received a finite nonzero gradient
@@ -161,9 +167,9 @@ class GradTracker:
         self._group = sharding.shard_group(sharded[0]) if sharded else None
         self._sample_start = {name: sharding.sample_start(p, self.config.stride) for name, p in self._params}
         self.steps = 0
-        # CPU gradients go through NumPy (gradtrace.cpu_scan); None forces the torch path everywhere.
+        # CPU gradients go through NumPy (gradtrace.tracking.cpu_scan); None forces the torch path everywhere.
         self._cpu_scanner: cpu_scan.CpuScanner | None = cpu_scan.CpuScanner()
-        # CPU parameters are measured through NumPy (gradtrace.cpu_measure); False forces the torch path.
+        # CPU parameters are measured through NumPy (gradtrace.tracking.cpu_measure); False forces the torch path.
         self._cpu_measure: bool = True
         # Parameters whose gradient bitmap is all ones, so the CPU path stops rebuilding it. Derived from
         # the state (bits are only ever set), so it is forgotten when state is loaded.
@@ -368,7 +374,7 @@ class GradTracker:
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
         count = torch.count_nonzero  # on a bool mask: no int64 copy, unlike .sum()
         rows = []
-        # CPU parameters: chunked NumPy passes, host counts (gradtrace.cpu_measure), identical results.
+        # CPU parameters: chunked NumPy passes, host counts (gradtrace.tracking.cpu_measure), identical results.
         fast = cpu_measure.CpuMeasurer(bins) if self._cpu_measure else None
         for name, param in self._params:
             state = self.state[name]

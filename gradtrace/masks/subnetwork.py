@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradtrace.masks_file import Masks, PackedMask, load_masks
+from gradtrace.formats.masks_file import Masks, PackedMask, load_masks
 
 MaskInput = str | os.PathLike | Mapping[str, Any]
 
@@ -56,7 +56,7 @@ def canonical_name(name: str) -> str:
 
 def read_masks(masks: MaskInput, kind: str = "update") -> dict[str, torch.Tensor]:
     """``{parameter name: BoolTensor}`` from a masks file path, a ``{kind: {name: mask}}`` dict (e.g. a
-    loaded :class:`~gradtrace.masks_file.Masks`) or a plain ``{name: mask}`` dict."""
+    loaded :class:`~gradtrace.formats.masks_file.Masks`) or a plain ``{name: mask}`` dict."""
     if isinstance(masks, (str, os.PathLike)):
         masks = load_masks(masks)
     if not masks:
@@ -301,7 +301,7 @@ _SubnetworkCallback: type | None = None
 
 
 def __getattr__(name: str) -> Any:
-    # ``from gradtrace.subnetwork import SubnetworkCallback`` builds the class (importing transformers).
+    # ``from gradtrace.masks.subnetwork import SubnetworkCallback`` builds the class (importing transformers).
     if name == "SubnetworkCallback":
         return _callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,10 +4,10 @@ The main CLI (:mod:`gradtrace.cli`) calls :func:`add_parsers` on its sub-parsers
 ``func``, a handler taking the parsed namespace and returning the exit status (0 success, 1 when the
 inputs cannot be compared, with the reason on stderr). :func:`main` runs the three stand-alone::
 
-    python -m gradtrace.cli_tools diff BASE TUNED --tolerance 0 --tolerance 1e-5 --json
+    python -m gradtrace.cli.tools diff BASE TUNED --tolerance 0 --tolerance 1e-5 --json
 
-This module only presents: numbers come from :mod:`gradtrace.checkpoint_diff`,
-:mod:`gradtrace.overlap` and :mod:`gradtrace.update_rank`.
+This module only presents: numbers come from :mod:`gradtrace.masks.diff`,
+:mod:`gradtrace.masks.overlap` and :mod:`gradtrace.masks.rank`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gradtrace.checkpoint_diff import DEFAULT_TOLERANCES, CheckpointDiffError, diff_checkpoints, make_criteria
-from gradtrace.masks_file import MaskFileError
-from gradtrace.overlap import OverlapError, overlap_report
-from gradtrace.update_rank import update_ranks
+from gradtrace.formats.masks_file import MaskFileError
+from gradtrace.masks.diff import DEFAULT_TOLERANCES, CheckpointDiffError, diff_checkpoints, make_criteria
+from gradtrace.masks.overlap import OverlapError, overlap_report
+from gradtrace.masks.rank import update_ranks
 
 _INPUT_ERRORS = (CheckpointDiffError, OverlapError, MaskFileError, OSError)
 

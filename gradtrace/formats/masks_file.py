@@ -3,7 +3,7 @@
 Layout (format ``gradtrace.masks/1``):
 
 - one uint8 tensor per (kind, parameter), named ``"{kind}/{parameter name}"``, holding the flattened
-  mask packed LSB-first (see :mod:`gradtrace.bitpack`); kinds are e.g. ``"gradient"`` (ever received a
+  mask packed LSB-first (see :mod:`gradtrace.formats.bitpack`); kinds are e.g. ``"gradient"`` (ever received a
   nonzero gradient) and ``"update"`` (stored value differs bitwise from the start);
 - metadata (strings): ``gradtrace_format``; ``params`` (JSON: name -> shape and dtype); ``kinds``
   (JSON list); ``step``; ``info`` (JSON: tracker config, optimizer settings, dtypes...).
@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gradtrace.atomic import write_atomic
-from gradtrace.bitpack import pack_bits, packed_length, unpack_bits
+from gradtrace.formats.atomic import write_atomic
+from gradtrace.formats.bitpack import pack_bits, packed_length, unpack_bits
 
 FORMAT = "gradtrace.masks/1"
 

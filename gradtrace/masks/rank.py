@@ -7,7 +7,7 @@ of that density gives a full-rank matrix, so each matrix is reported beside a ba
 matrix with random normal values on exactly the nonzero positions of ΔW. A gap between the two says
 the update's *values* are low-rank; no gap says the rank is explained by the support alone.
 
-Streaming: one tensor pair at a time (:class:`~gradtrace.checkpoint_diff.CheckpointPair`); the SVD
+Streaming: one tensor pair at a time (:class:`~gradtrace.masks.diff.CheckpointPair`); the SVD
 needs a few fp32 copies of the matrix being ranked, so ``max_dim`` skips huge ones (with a note).
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from gradtrace.checkpoint_diff import CheckpointPair
-from gradtrace.naming import kind_of
+from gradtrace.anatomy.naming import kind_of
+from gradtrace.masks.diff import CheckpointPair
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def update_ranks(
 
     ``max_dim`` skips matrices whose larger side exceeds it (the SVD costs O(m·n·min(m,n)) time and a
     few fp32 copies of the matrix); ``baseline`` adds the random-support rank (seeded by ``seed``, so
-    reruns agree). Raises :class:`~gradtrace.checkpoint_diff.CheckpointDiffError` on mismatched
+    reruns agree). Raises :class:`~gradtrace.masks.diff.CheckpointDiffError` on mismatched
     checkpoints.
     """
     generator = torch.Generator(device=device).manual_seed(seed) if baseline else None

@@ -1,4 +1,8 @@
-"""The ``gradtrace`` command: ``demo`` and the tools that read runs and masks."""
+"""The ``gradtrace`` command: ``demo`` and the tools that read runs and masks.
+
+The top room, with :mod:`gradtrace.demo`: it parses arguments and calls into the rooms below (the sub-commands
+of :mod:`.report` and :mod:`.tools`), importing each only when its command runs.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradtrace", description="See which parameters fine-tuning touches.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
-    from gradtrace import cli_report, cli_tools
-
+    from gradtrace.cli import report as cli_report
+    from gradtrace.cli import tools as cli_tools
     cli_tools.add_parsers(subparsers)
     cli_report.add_parsers(subparsers)
     return parser

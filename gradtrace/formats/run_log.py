@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-LOG_NAME = "log.jsonl"
+from gradtrace.formats.run_dir import LOG_NAME
 
 
 class RunLog:

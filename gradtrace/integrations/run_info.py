@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gradtrace.tracker import GradTracker
+from gradtrace.tracking.tracker import GradTracker
 
 _OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum", "nesterov", "amsgrad", "foreach", "fused")
 

@@ -1,6 +1,6 @@
 """Present traced runs: a layer x module-kind grid, plots, and a self-contained HTML report.
 
-Everything here reads plain data (the summaries of :mod:`gradtrace.summary`, as the run log stores
+Everything here reads plain data (the summaries of :mod:`gradtrace.tracking.summary`, as the run log stores
 them), never a tracker, so a report can be made from a finished run, from a run still being written,
 or on another machine. The W&B sink draws its heatmaps with the same functions, so the local report
 and the dashboard show the same picture.
@@ -30,9 +30,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from gradtrace.naming import kind_of, layer_of
-from gradtrace.run_log import read_run_log
-from gradtrace.session import SUMMARY_NAME
+from gradtrace.anatomy.naming import kind_of, layer_of
+from gradtrace.formats.run_dir import SUMMARY_NAME
+from gradtrace.formats.run_log import read_run_log
 
 REPORT_NAME = "report.html"
 OUTSIDE_LAYERS = "outside"  # heatmap row of the parameters outside the transformer blocks (embeddings, head)

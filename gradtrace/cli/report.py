@@ -16,7 +16,7 @@ from typing import Any
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradtrace.report import write_report
+    from gradtrace.views.report import write_report
 
     try:
         path = write_report(args.run_dirs, args.output)
@@ -28,7 +28,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from gradtrace.watch import watch
+    from gradtrace.views.watch import watch
 
     return watch(args.run_dir, once=args.once, interval=args.interval)
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gradtrace.grouping import by_kind, by_layer, total
-from gradtrace.tracker import Measurement
+from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.tracking.tracker import Measurement
 
 CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed")
 

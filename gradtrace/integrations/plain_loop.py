@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradtrace.config import TrackerConfig
-from gradtrace.run_info import run_info
-from gradtrace.session import TraceSession
-from gradtrace.tracker import GradTracker
+from gradtrace.integrations.run_info import run_info
+from gradtrace.integrations.session import TraceSession
+from gradtrace.tracking.config import TrackerConfig
+from gradtrace.tracking.tracker import GradTracker
 
 
 class Tracer:
@@ -88,7 +88,7 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     tracker = GradTracker(model, config)
     sinks = []
     if wandb:
-        from gradtrace.wandb_sink import WandbSink
+        from gradtrace.sinks.wandb import WandbSink
 
         sinks.append(WandbSink(step_key="gradtrace/step"))
     session = TraceSession(tracker, output_dir, sinks=sinks, info=run_info(tracker, optimizer, **info),

@@ -5,7 +5,7 @@ temporary is a fresh allocation whose pages fault in on first touch. So a CPU gr
 chunks whose temporaries stay in the core's cache. Per chunk, on the raw bits of the IEEE floats: one
 integer mask clearing the sign bit (then a value is zero iff its bits are 0, and finite iff they are
 below those of +inf), one max-reduction, one compare and ``numpy.packbits`` (its ``bitorder="little"``
-is gradtrace's layout, see :mod:`gradtrace.bitpack`), and the copy of the elements that carry gradient
+is gradtrace's layout, see :mod:`gradtrace.formats.bitpack`), and the copy of the elements that carry gradient
 sums. A parameter whose bitmap is already full (every element has had a gradient, as for most weight
 matrices after the first step) skips the compare and the packing.
 
@@ -40,7 +40,7 @@ def supports(grad: torch.Tensor) -> bool:
     """Whether ``grad`` can take this path: a dense, contiguous, non-empty CPU bf16/fp16/fp32 tensor.
 
     Also for parameter values (:meth:`CpuScanner.fold_changes`). Only numeric shifts and masks touch the
-    raw bits here, so byte order does not matter (unlike :func:`gradtrace.bitpack.pack_bits`).
+    raw bits here, so byte order does not matter (unlike :func:`gradtrace.formats.bitpack.pack_bits`).
     """
     return (grad.device.type == "cpu" and grad.dtype in RAW_BITS and grad.layout == torch.strided
             and grad.is_contiguous() and grad.numel() > 0)

@@ -1,11 +1,11 @@
 """``GradTraceCallback``: gradtrace for ``transformers.Trainer`` and every TRL trainer built on it.
 
-A thin adapter: it maps Trainer events onto a :class:`~gradtrace.session.TraceSession`.
+A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.session.TraceSession`.
 
 - ``on_train_begin``: start tracking the trainable parameters (after PEFT/accelerate wrapping);
   when resuming, restore the tracker state saved with the checkpoint. Under DeepSpeed ZeRO-0/1/2 the
   gradient is applied and freed inside ``accelerator.backward``, before the two optimizer-step events
-  below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.deepspeed_support`).
+  below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.integrations.deepspeed`).
 - ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
   exactly what ``optimizer.step()`` applies: fold it into the masks.
 - ``on_optimizer_step``: record what the step changed (``ever_changed`` mode only).
@@ -22,12 +22,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from gradtrace import deepspeed_support
-from gradtrace.config import TrackerConfig
-from gradtrace.run_info import run_info
-from gradtrace.session import GradTraceWarning, TraceSession
-from gradtrace.tracker import GradTracker
-from gradtrace.wandb_sink import WandbSink
+from gradtrace.integrations import deepspeed as deepspeed_support
+from gradtrace.integrations.run_info import run_info
+from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.sinks.wandb import WandbSink
+from gradtrace.tracking.config import TrackerConfig
+from gradtrace.tracking.tracker import GradTracker
 
 CHECKPOINT_SUBDIR = "gradtrace"
 

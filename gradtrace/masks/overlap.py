@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from gradtrace.bitpack import popcount
-from gradtrace.grouping import by_kind, by_layer, total
-from gradtrace.masks_file import MaskFileError, PackedMask, read_packed_masks
+from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.formats.bitpack import popcount
+from gradtrace.formats.masks_file import MaskFileError, PackedMask, read_packed_masks
 
 # Bytes per popcount call: off the CPU the lookup widens each byte to int64, so this bounds the temporary at 128 MB.
 _POPCOUNT_CHUNK = 1 << 24
@@ -138,7 +138,7 @@ def pair_overlap(a: MaskSource, b: MaskSource, kind: str = "update") -> dict[str
     """Overlap of two runs: ``{"kind", "runs", "global", "per_layer", "per_kind"}`` (see :func:`overlap_stats`).
 
     Raises :class:`OverlapError` if the masks belong to different models or lack ``kind``, and
-    :class:`~gradtrace.masks_file.MaskFileError` if a file is unreadable.
+    :class:`~gradtrace.formats.masks_file.MaskFileError` if a file is unreadable.
     """
     label_a, label_b = _label(a, 0), _label(b, 1)
     masks_a, masks_b = load_kind(a, kind, label=label_a), load_kind(b, kind, label=label_b)

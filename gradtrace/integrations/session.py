@@ -1,7 +1,7 @@
 """A traced run: the tracker plus where its results go (run log, sinks, masks, checkpoints).
 
 Integrations (the Trainer callback, the plain-loop helper) drive a :class:`TraceSession`; sinks such as
-W&B plug in through the small :class:`Sink` protocol. Nothing the instrument does may stop training:
+W&B plug in through the small :class:`~gradtrace.sinks.base.Sink` protocol. Nothing the instrument does may stop training:
 a failing sink or write is reported once and skipped, unless ``strict=True`` (tests use it).
 """
 
@@ -11,34 +11,22 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from gradtrace.atomic import write_atomic, write_json_atomic
-from gradtrace.masks_file import save_masks
-from gradtrace.run_log import RunLog
-from gradtrace.summary import summarize
-from gradtrace.tracker import GradTracker
-
-MASKS_NAME = "masks.safetensors"
-SUMMARY_NAME = "summary.json"
-STATE_NAME = "tracker_state.safetensors"
+from gradtrace.formats.atomic import write_atomic, write_json_atomic
+from gradtrace.formats.masks_file import save_masks
+from gradtrace.formats.run_dir import MASKS_NAME, STATE_NAME, SUMMARY_NAME
+from gradtrace.formats.run_log import RunLog
+from gradtrace.sinks.base import Sink
+from gradtrace.tracking.summary import summarize
+from gradtrace.tracking.tracker import GradTracker
 
 
 class GradTraceWarning(RuntimeWarning):
     """gradtrace degraded (a sink or a write failed) but training goes on."""
-
-
-class Sink(Protocol):
-    """Somewhere summaries go besides the local run log (e.g. W&B)."""
-
-    name: str
-
-    def log(self, summary: dict[str, Any], step: int) -> None: ...
-
-    def finish(self, summary: dict[str, Any], run_dir: Path) -> None: ...
 
 
 class TraceSession:

@@ -40,7 +40,7 @@ fetched one parameter at a time, as the tracker asks for them, never all at once
 
 ZeRO-3 (partitioned parameters): the module's parameters are empty placeholders, and each rank holds
 only its partition of every parameter (``param.ds_tensor``) and of its reduced gradient. As under FSDP2,
-the tracker keeps state for the local partition only (:mod:`gradtrace.sharding`: the valid, unpadded
+the tracker keeps state for the local partition only (:mod:`gradtrace.tracking.sharding`: the valid, unpadded
 part of ``ds_tensor``), so its memory per rank falls with the world size; counts are summed across the
 partition group at measuring time and full masks are all-gathered for export. Inside the step the hook
 reads each rank's gradient partition with ``deepspeed.utils.safe_get_local_grad`` (no communication),
@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
-from gradtrace import sharding
-from gradtrace.tracker import GradTracker
+from gradtrace.tracking import sharding
+from gradtrace.tracking.tracker import GradTracker
 
 __all__ = [
     "DeepSpeedHandle",
@@ -164,7 +164,7 @@ class _FullGradients(Mapping):
     parameter): every rank asks for the same parameters in the same order, which the tracker's fixed
     parameter order guarantees. ZeRO-3 (``local=True``): the rank's partition of the gradient, from
     ``safe_get_local_grad`` (no communication), narrowed to the valid part so that it is laid out like
-    :func:`gradtrace.sharding.local` of the parameter.
+    :func:`gradtrace.tracking.sharding.local` of the parameter.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], scale: torch.Tensor | float | None, *,

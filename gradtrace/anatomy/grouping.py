@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
 
-from gradtrace.naming import kind_of, layer_of
+from gradtrace.anatomy.naming import kind_of, layer_of
 
 Counts = Mapping[str, float]
 

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from gradtrace.bitpack import pack_bits
-from gradtrace.grouping import by_kind, by_layer, total
-from gradtrace.masks_file import PackedMask, save_masks
+from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.formats.bitpack import pack_bits
+from gradtrace.formats.masks_file import PackedMask, save_masks
 
 DEFAULT_TOLERANCES: tuple[str, ...] = ("0", "1e-5")
 INDEX_NAME = "model.safetensors.index.json"

@@ -25,8 +25,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradtrace.report import metric_keys, percent, run_label
-from gradtrace.run_log import LOG_NAME
+from gradtrace.formats.run_dir import LOG_NAME
+from gradtrace.views.report import metric_keys, percent, run_label
 
 WATCH_METRICS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*",
                  "cancelled", "absorbed", "changed_without_gradient", "updated", "no_gradient")
@@ -38,7 +38,7 @@ class LogFollower:
     """Incremental reader of a run log: call :meth:`poll` repeatedly; it reads only new complete lines.
 
     State: ``info`` (of the latest start), ``latest`` (the last ``log`` record appended), ``history``
-    (step -> global fractions, newest record per step, as :func:`~gradtrace.run_log.read_run_log` keeps),
+    (step -> global fractions, newest record per step, as :func:`~gradtrace.formats.run_log.read_run_log` keeps),
     and ``ended`` (an ``end`` record came after the latest ``start``).
     """
 
