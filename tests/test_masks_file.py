@@ -44,6 +44,28 @@ def test_round_trip_is_exact_and_keeps_metadata(tmp_path):
     assert packed["gradient"]["model.layers.0.self_attn.q_proj.weight"].bits.numel() == 5
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_a_plain_write_would(tmp_path, umask):
+    import os
+    import stat
+
+    from gradtrace.formats.atomic import write_json_atomic
+
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        with open(plain, "w") as handle:
+            handle.write("x")
+        save_masks(tmp_path / "masks.safetensors", sample_masks(), step=1)
+        write_json_atomic(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    assert expected == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "masks.safetensors").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == expected
+
+
 def test_write_is_atomic_when_the_writer_fails(tmp_path, monkeypatch):
     path = tmp_path / "masks.safetensors"
     save_masks(path, sample_masks(), step=1)

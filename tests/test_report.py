@@ -178,6 +178,20 @@ def test_two_run_report_from_the_cli(runs, tmp_path, capsys):
     assert finals[0]["global"]["update_sparsity"] > 0.5 > finals[1]["global"]["update_sparsity"]
 
 
+def test_output_may_name_the_html_file(runs, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="gradtrace")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    target = tmp_path / "shared" / "grpo-vs-sft.html"
+    args = parser.parse_args(["report", str(runs[0]), str(runs[1]), "-o", str(target)])
+    assert args.func(args) == 0
+    assert Path(capsys.readouterr().out.strip()) == target
+    assert target.is_file() and not (target / "report.html").exists()
+    assert not (tmp_path / "shared" / "report.html").exists()
+    page = parse(target)
+    pngs = {p.name for p in target.parent.glob("*.png")}
+    assert "curves.png" in pngs and {img["data-file"] for img in page.images} == pngs  # PNGs beside it
+
+
 def test_layer_kind_grid_equals_masks_counted_directly(runs):
     for run_dir in runs:
         final = json.loads((run_dir / "summary.json").read_text())

@@ -43,7 +43,7 @@ def add_parsers(subparsers: Any) -> None:
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="a gradtrace run directory (holds log.jsonl)")
     report.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
-                        help="directory for report.html and the PNGs (default: RUN_DIR/report of the first run)")
+                        help="where the report goes: a directory (report.html and the PNGs in it) or a file name ending in .html (the PNGs beside it); default: RUN_DIR/report of the first run")
     report.set_defaults(func=_report)
 
     watch = subparsers.add_parser(

@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
@@ -26,6 +33,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
+            # mkstemp made the file 0600 (and a writer may have re-created it): give it the mode a plain
+            # open(path, "w") would (0666 less the umask), or collaborators sharing the run directory
+            # could not read the masks.
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:

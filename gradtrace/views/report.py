@@ -504,20 +504,24 @@ def _unique_labels(runs: list[RunData]) -> None:
             run.label = f"{run.label} #{seen[run.label]}"
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
+def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
     """Write ``report.html`` (self-contained: PNGs embedded as data URIs) and the PNGs into ``out_dir``.
 
     One run: its curves, layer x kind heatmaps at the end and over time, cancellation histogram and
     per-matrix table. Several runs (e.g. GRPO and SFT): the same plots overlaid or side by side on one
     colour scale, plus each run's difference from the first. Reads only the run logs (and
-    ``summary.json``), so it works on a run still being written. ``out_dir`` defaults to
+    ``summary.json``), so it works on a run still being written. ``out`` is a directory (``report.html``
+    goes in it) or a file name ending in ``.html`` / ``.htm`` (the PNGs go beside it); it defaults to
     ``<first run>/report``. Returns the HTML file's path.
     """
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     runs = [load_run(d) for d in run_dirs]
     _unique_labels(runs)
-    out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+    html_path = Path(out) if out is not None else runs[0].path / "report"
+    if html_path.suffix.lower() not in (".html", ".htm"):
+        html_path = html_path / REPORT_NAME
+    out = html_path.parent
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
 
@@ -583,6 +587,5 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     document = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>gradtrace: '
                 f"{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
                 + "\n".join(sections) + "\n</body></html>\n")
-    path = out / REPORT_NAME
-    path.write_text(document, encoding="utf-8")
-    return path
+    html_path.write_text(document, encoding="utf-8")
+    return html_path
