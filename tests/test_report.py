@@ -251,7 +251,7 @@ def test_labels_and_errors(tmp_path, runs, capsys):
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["report", str(tmp_path / "nowhere")])
     assert args.func(args) == 1
-    assert "no gradtrace run log" in capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "log.jsonl").write_text('{"event": "start", "info": {}}\n')
     with pytest.raises(ValueError, match="has not logged a measurement yet"):

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from gradtrace.formats.atomic import write_atomic
 from gradtrace.formats.bitpack import pack_bits, packed_length, unpack_bits
+from gradtrace.formats.run_dir import find_masks_file
 
 FORMAT = "gradtrace.masks/1"
 
@@ -109,9 +110,10 @@ def read_packed_masks(path: str | os.PathLike) -> tuple[dict[str, dict[str, Pack
 
     ``header`` has ``step``, ``info`` and ``dtypes``. Raises :class:`MaskFileError` on anything malformed.
     """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise MaskFileError(f"{path}: no such masks file")
+    try:  # a run directory (or a Trainer's output_dir) stands for the masks file in it
+        path = str(find_masks_file(path))
+    except FileNotFoundError as err:
+        raise MaskFileError(str(err)) from None
 
     def fail(problem: str) -> MaskFileError:
         return MaskFileError(f"{path}: {problem}")

@@ -1,8 +1,10 @@
 """The local run log: one JSON object per line, readable with no server and while it is written.
 
 Records: ``{"event": "start", "info": {...}}`` once per (re)start, then ``{"event": "log", ...summary}``
-at each logging step, and ``{"event": "end", ...}`` at the end. A resumed run appends to the same file;
-readers keep the newest record of each step.
+at each logging step, and ``{"event": "end", ...}`` at the end. Every record carries the ``run_id`` of the
+run that wrote it. Trainers reuse their ``output_dir``, so one file may hold several runs: readers show
+the run of the latest ``start`` record only. A resumed run starts again with its own id and continues its
+records; of each step the newest record is kept.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gradtrace.formats.run_dir import LOG_NAME
+from gradtrace.formats.run_dir import LOG_NAME, find_run_dir
 
 
 class RunLog:
@@ -29,32 +31,84 @@ class RunLog:
             handle.flush()
 
 
-def read_run_log(run_dir_or_file: str | os.PathLike) -> dict[str, Any]:
-    """``{"info": {...}, "logs": [summary, ...] sorted by step (newest record per step), "end": {...}|None}``.
+class RunRecords:
+    """Folds run-log records, in file order, into the latest run's state.
 
-    A partial last line (a run killed mid-write, or a line being written) is ignored.
+    ``info`` (of the run's latest start), ``by_step`` (step -> newest ``log`` record), ``latest`` (the
+    ``log`` record appended last), ``end`` (the
+    ``end`` record after its latest start, else ``None``) and ``earlier_runs`` (how many other runs the
+    file holds). Records without a ``run_id`` (logs written before ids existed) count as one run.
     """
-    path = Path(run_dir_or_file)
-    if path.is_dir():
-        path = path / LOG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no gradtrace run log here")
-    info: dict[str, Any] = {}
-    by_step: dict[int, dict[str, Any]] = {}
-    end = None
-    with open(path, encoding="utf-8") as handle:
+
+    def __init__(self):
+        self._runs: dict[Any, dict[str, Any]] = {}
+        self._current: Any = None
+
+    def _run(self, run_id: Any) -> dict[str, Any]:
+        return self._runs.setdefault(run_id, {"info": {}, "by_step": {}, "end": None, "latest": None})
+
+    def apply(self, record: Any) -> bool:
+        """Fold one record; ``True`` if it was a run-log record (and may have changed the latest run)."""
+        if not isinstance(record, dict):
+            return False
+        event, run_id = record.get("event"), record.get("run_id")
+        if event == "start":
+            self._current = run_id
+            run = self._run(run_id)
+            run["info"], run["end"] = dict(record.get("info") or {}), None
+        elif event == "log" and "step" in record:
+            run = self._run(run_id)
+            run["by_step"][int(record["step"])] = run["latest"] = record
+        elif event == "end":
+            self._run(run_id)["end"] = record
+        else:
+            return False
+        return True
+
+    @property
+    def current(self) -> dict[str, Any]:
+        return self._runs.get(self._current) or {"info": {}, "by_step": {}, "end": None, "latest": None}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.current["info"]
+
+    @property
+    def by_step(self) -> dict[int, dict[str, Any]]:
+        return self.current["by_step"]
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        return self.current["latest"]
+
+    @property
+    def end(self) -> dict[str, Any] | None:
+        return self.current["end"]
+
+    @property
+    def earlier_runs(self) -> int:
+        return max(0, len(self._runs) - 1)
+
+
+def read_run_log(run_dir_or_file: str | os.PathLike) -> dict[str, Any]:
+    """``{"info": {...}, "logs": [summary, ...] sorted by step (newest record per step), "end": {...}|None}``
+    of the latest run in the log, with ``"earlier_runs"``: how many other runs the same file holds.
+
+    Accepts the run directory, its ``log.jsonl`` or any other file in it, and a Trainer's ``output_dir``
+    (which holds ``gradtrace/``). A partial last line (a run killed mid-write, or a line being written)
+    is ignored.
+    """
+    given = Path(run_dir_or_file)
+    path = given if given.is_file() and given.suffix == ".jsonl" else find_run_dir(given) / LOG_NAME
+    records = RunRecords()
+    with open(path, "rb") as handle:
         for line in handle:
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 break  # still being written
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                records.apply(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            event = record.get("event")
-            if event == "start":
-                info = record.get("info", {})
-            elif event == "log":
-                by_step[int(record["step"])] = record
-            elif event == "end":
-                end = record
-    return {"info": info, "logs": [by_step[s] for s in sorted(by_step)], "end": end, "path": str(path)}
+    by_step = records.by_step
+    return {"info": records.info, "logs": [by_step[s] for s in sorted(by_step)], "end": records.end,
+            "path": str(path), "earlier_runs": records.earlier_runs}

@@ -66,7 +66,9 @@ class Tracer:
         self.session.save_state(directory, step=self.step)
 
     def load_state(self, directory: str | os.PathLike) -> None:
+        """Resume from what :meth:`save_state` wrote: the same masks, and the same run in the run log."""
         self.session.restore_state(directory)
+        self.session.start(step=self.step, resumed_from=str(directory))
 
     def finish(self) -> str | None:
         """Final masks and summary; removes the optimizer hooks. Returns the masks file's path."""

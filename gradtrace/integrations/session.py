@@ -7,18 +7,22 @@ a failing sink or write is reported once and skipped, unless ``strict=True`` (te
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gradtrace.formats.atomic import write_atomic, write_json_atomic
 from gradtrace.formats.masks_file import save_masks
-from gradtrace.formats.run_dir import MASKS_NAME, STATE_NAME, SUMMARY_NAME
+from gradtrace.formats.run_dir import EARLIER_RUNS_DIR, MASKS_NAME, STATE_NAME, SUMMARY_NAME
 from gradtrace.formats.run_log import RunLog
 from gradtrace.sinks.base import Sink
 from gradtrace.tracking.summary import summarize
@@ -37,7 +41,9 @@ class TraceSession:
         self.tracker = tracker
         self.run_dir = Path(run_dir)
         self.sinks = list(sinks or [])
-        self.info = dict(info or {})
+        # Identifies this run's records and exports: a Trainer's reused output_dir may hold earlier runs.
+        # A resumed run takes the id saved with the checkpoint (restore_state).
+        self.info = {"run_id": uuid.uuid4().hex[:12], **dict(info or {})}
         self.strict = strict
         self.is_main_process = is_main_process
         self.run_log = RunLog(self.run_dir) if is_main_process else None
@@ -59,13 +65,20 @@ class TraceSession:
             self.warn_once(key, f"{what} failed ({type(err).__name__}: {err}); training continues")
             return None
 
+    @property
+    def run_id(self) -> str:
+        return self.info["run_id"]
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.run_log is not None:
+            self._attempt("runlog", "writing the run log", self.run_log.append, {**record, "run_id": self.run_id})
+
     # ------------------------------------------------------------------ events
     def start(self, *, step: int = 0, resumed_from: str | None = None) -> None:
-        if self.run_log is not None:
-            record = {"event": "start", "time": time.time(), "step": step, "info": self.info}
-            if resumed_from:
-                record["resumed_from"] = resumed_from
-            self._attempt("runlog", "writing the run log", self.run_log.append, record)
+        record = {"event": "start", "time": time.time(), "step": step, "info": self.info}
+        if resumed_from:
+            record["resumed_from"] = resumed_from
+        self._append(record)
 
     def log(self, step: int) -> dict[str, Any]:
         """Measure now (one host sync), append to the run log and send to every sink."""
@@ -73,8 +86,7 @@ class TraceSession:
         self.last_summary = summary
         if not self.is_main_process:
             return summary
-        self._attempt("runlog", "writing the run log", self.run_log.append,
-                      {"event": "log", "time": time.time(), **summary})
+        self._append({"event": "log", "time": time.time(), **summary})
         for sink in list(self.sinks):
             try:
                 sink.log(summary, step)
@@ -98,12 +110,34 @@ class TraceSession:
             return None
 
         def write() -> Path:
+            self._keep_earlier_run(target)
             path = target / MASKS_NAME
             save_masks(path, masks, dtypes=self.tracker.dtypes(), step=step, info=self.info)
             write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary})
             return path
 
         return self._attempt(f"export-{target}", f"writing masks to {target}", write)
+
+    def _keep_earlier_run(self, directory: Path) -> None:
+        """Move the masks and summary of another run out of ``directory`` before this run writes its own.
+
+        A second ``trainer.train()`` into the same ``output_dir`` must not silently replace the first's
+        masks: they go to ``earlier-runs/<run id>/``, with one warning saying where.
+        """
+        summary_path = directory / SUMMARY_NAME
+        try:
+            earlier = json.loads(summary_path.read_text(encoding="utf-8")).get("info", {}).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            earlier = None  # no summary (or not ours): nothing to tell apart
+        if not summary_path.is_file() or earlier == self.run_id:
+            return
+        keep = directory / EARLIER_RUNS_DIR / str(earlier or f"before-{self.run_id}")
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in (MASKS_NAME, SUMMARY_NAME):
+            if (directory / name).is_file():
+                shutil.move(str(directory / name), str(keep / name))
+        self.warn_once(f"earlier-{directory}", f"{directory} held the masks of an earlier run "
+                       f"({earlier or 'unknown id'}); they were moved to {keep}, this run writes its own")
 
     @staticmethod
     def state_path(directory: str | os.PathLike) -> Path:
@@ -120,7 +154,8 @@ class TraceSession:
 
         def write() -> None:
             tensors = self.tracker.state_tensors()
-            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp),
+                                                     metadata={"step": str(step), "run_id": self.run_id}))
 
         self._attempt("save-state", f"saving tracker state to {path}", write)
         self.export(directory, step=step)
@@ -132,6 +167,10 @@ class TraceSession:
             raise FileNotFoundError(f"{path}: no gradtrace tracker state in this checkpoint, so the masks "
                                     "cannot continue from it")
         self.tracker.load_state_tensors(load_file(str(path)), source=str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            saved_id = (handle.metadata() or {}).get("run_id")
+        if saved_id:
+            self.info["run_id"] = saved_id  # the resumed run continues its own log and exports
 
     def finish(self, step: int) -> Path | None:
         """Final measurement and export; tells each sink the run ended."""
@@ -139,9 +178,8 @@ class TraceSession:
         if not self.is_main_process:
             return masks_path
         summary = self.last_summary or {}
-        self._attempt("runlog", "writing the run log", self.run_log.append,
-                      {"event": "end", "time": time.time(), "step": step,
-                       "masks": str(masks_path) if masks_path else None})
+        self._append({"event": "end", "time": time.time(), "step": step,
+                      "masks": str(masks_path) if masks_path else None})
         for sink in list(self.sinks):
             self._attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
         return masks_path

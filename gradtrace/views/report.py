@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from gradtrace.anatomy.naming import kind_of, layer_of
-from gradtrace.formats.run_dir import SUMMARY_NAME
+from gradtrace.formats.run_dir import SUMMARY_NAME, find_run_dir
 from gradtrace.formats.run_log import read_run_log
 
 REPORT_NAME = "report.html"
@@ -190,9 +190,8 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
     last log record (a run resumed from an earlier checkpoint may have left an older one). Raises
     ``FileNotFoundError`` without a run log and ``ValueError`` when the run has not logged a measurement yet.
     """
-    path = Path(run_dir)
-    directory = path if path.is_dir() else path.parent
-    log = read_run_log(path)
+    directory = find_run_dir(run_dir)
+    log = read_run_log(directory)
     logs = log["logs"]
     info = dict(log["info"])
     final = logs[-1] if logs else None
@@ -203,7 +202,8 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
             written = summary_path.stat().st_mtime
         except (OSError, json.JSONDecodeError):
             exported = None  # being rewritten or damaged: the log alone still makes a report
-        if exported and "global" in exported and (
+        same_run = (exported or {}).get("info", {}).get("run_id") in (None, info.get("run_id"))
+        if exported and "global" in exported and same_run and (
                 final is None or (exported.get("step", -1) >= final["step"] and written >= final.get("time", 0))):
             final = exported
             info = info or dict(exported.get("info") or {})

@@ -25,7 +25,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradtrace.formats.run_dir import LOG_NAME
+from gradtrace.formats.run_dir import LOG_NAME, TRAINER_SUBDIR
+from gradtrace.formats.run_log import RunRecords
 from gradtrace.views.report import metric_keys, percent, run_label
 
 WATCH_METRICS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*",
@@ -37,30 +38,49 @@ _EIGHTHS = " ▏▎▍▌▋▊▉█"
 class LogFollower:
     """Incremental reader of a run log: call :meth:`poll` repeatedly; it reads only new complete lines.
 
-    State: ``info`` (of the latest start), ``latest`` (the last ``log`` record appended), ``history``
-    (step -> global fractions, newest record per step, as :func:`~gradtrace.formats.run_log.read_run_log` keeps),
-    and ``ended`` (an ``end`` record came after the latest ``start``).
+    State, of the latest run in the log (:class:`~gradtrace.formats.run_log.RunRecords`): ``info`` (of its
+    latest start), ``latest`` (the last ``log`` record appended), ``history`` (step -> global fractions,
+    newest record per step, as :func:`~gradtrace.formats.run_log.read_run_log` keeps), and ``ended`` (an
+    ``end`` record came after the latest ``start``).
     """
 
     def __init__(self, run_dir_or_file: str | os.PathLike):
         path = Path(run_dir_or_file)
+        if path.is_file() and path.suffix != ".jsonl":
+            path = path.parent  # summary.json, masks.safetensors...: the run directory they are in
+        if path.is_dir() and not (path / LOG_NAME).exists() and (path / TRAINER_SUBDIR).is_dir():
+            path = path / TRAINER_SUBDIR  # a Trainer's output_dir
         # A directory that may not exist yet (watch started before training), or the log file itself.
         self.path = path if path.suffix == ".jsonl" else path / LOG_NAME
         self._reset()
 
     def _reset(self) -> None:
-        self.info: dict[str, Any] = {}
-        self.latest: dict[str, Any] | None = None
-        self.history: dict[int, dict[str, float]] = {}
-        self.ended = False
+        self._records = RunRecords()
         self._offset = 0
         self._pending = b""
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._records.info
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        return self._records.latest
+
+    @property
+    def ended(self) -> bool:
+        return self._records.end is not None
+
+    @property
+    def history(self) -> dict[int, dict[str, float]]:
+        return {step: {k: v for k, v in (record.get("global") or {}).items() if isinstance(v, (int, float))}
+                for step, record in self._records.by_step.items()}
 
     def poll(self) -> bool:
         """Read what was appended since the last poll; ``True`` if any complete record was read."""
         try:
             size = self.path.stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
         if size < self._offset:  # truncated or replaced: start over
             self._reset()
@@ -78,23 +98,8 @@ class LogFollower:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            changed |= self._apply(record)
+            changed |= self._records.apply(record)
         return changed
-
-    def _apply(self, record: Mapping[str, Any]) -> bool:
-        event = record.get("event")
-        if event == "start":
-            self.info = dict(record.get("info") or {})
-            self.ended = False
-        elif event == "log":
-            self.latest = dict(record)
-            self.history[int(record["step"])] = {k: v for k, v in (record.get("global") or {}).items()
-                                                 if isinstance(v, (int, float))}
-        elif event == "end":
-            self.ended = True
-        else:
-            return False
-        return True
 
 
 def fraction_bar(value: float | None, width: int = 30) -> str:
@@ -152,7 +157,8 @@ def render(follower: LogFollower, *, width: int = 100) -> Group:
     if latest is None:
         return Group(*parts)
     current = latest.get("global") or {}
-    steps = sorted(follower.history)
+    by_step = follower.history
+    steps = sorted(by_step)
     metrics = metric_keys(current, WATCH_METRICS)
     spark_width = max(8, min(40, width - max(len(m) for m in metrics) - 7 - 20 - 8))
     fractions = Table(title="global (fraction of tracked elements)", title_justify="left", show_edge=False,
@@ -162,7 +168,7 @@ def render(follower: LogFollower, *, width: int = 100) -> Group:
     fractions.add_column("", no_wrap=True, min_width=20)
     fractions.add_column(f"over {len(steps)} logs", no_wrap=True)
     for metric in metrics:
-        history = [follower.history[s][metric] for s in steps if metric in follower.history[s]]
+        history = [by_step[s][metric] for s in steps if metric in by_step[s]]
         fractions.add_row(metric, percent(current.get(metric)), fraction_bar(current.get(metric), 20),
                           sparkline(history, spark_width))
     parts.append(fractions)
@@ -190,7 +196,9 @@ def watch(run_dir: str | os.PathLike, *, once: bool = False, interval: float = 1
     follower.poll()
     if once:
         if not follower.path.is_file():
-            console.print(f"no gradtrace run log at {follower.path}", style="red", markup=False)
+            console.print(f"no gradtrace run log at {follower.path}: give a run directory (it holds {LOG_NAME}; "
+                          f"the callback writes one to <output_dir>/{TRAINER_SUBDIR}) or a file in one",
+                          style="red", markup=False)
             return 1
         console.print(render(follower, width=console.width))
         return 0
