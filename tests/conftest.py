@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from gradtrace.tracking.tracker import strip_wrapper_prefix  # noqa: E402
+from gradtrace.anatomy.parameter_names import tracked_name  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,7 +45,7 @@ class ReferenceRecorder(TrainerCallback):
     gradient is final (``on_pre_optimizer_step``), and a full copy of the starting weights."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.params = {strip_wrapper_prefix(n): p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {tracked_name(n): p for n, p in model.named_parameters() if p.requires_grad}
         self.initial = {n: p.detach().clone() for n, p in self.params.items()}
         self.gradient = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in self.params.items()}
         self.optimizer_steps = 0

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from gradtrace.anatomy.parameter_names import matching_key
 from gradtrace.formats.masks_file import save_masks
 from gradtrace.masks.subnetwork import (
     SubnetworkCallback,
     SubnetworkError,
-    canonical_name,
     restrict_to_subnetwork,
 )
 
@@ -134,10 +134,10 @@ def test_masks_file_and_module_prefixes(tmp_path):
     plain = tiny_model()
     prefixed = {f"module.{n}": m for n, m in random_masks(plain).items()}
     restrict_to_subnetwork(plain, None, prefixed).remove()
-    assert canonical_name("module.base_model.model.model.layers.0.q_proj.base_layer.weight") == \
+    assert matching_key("module.base_model.model.model.layers.0.q_proj.base_layer.weight") == \
         "model.layers.0.q_proj.weight"
-    assert canonical_name("_orig_mod.model.layers.0.q_proj.lora_A.default.weight") == \
-        "model.layers.0.q_proj.lora_A.default.weight"
+    assert matching_key("_orig_mod.model.layers.0.q_proj.lora_A.default.weight") == \
+        "model.layers.0.q_proj.lora_A.weight"  # as PEFT names it in a saved adapter
 
 
 def test_masks_that_do_not_fit_the_model_fail_at_once(tmp_path):
@@ -207,12 +207,12 @@ def test_peft_lora_adapters(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     g = torch.Generator().manual_seed(3)
     # Masks keyed as the un-wrapped model would name them (no "base_model.model." prefix).
-    masks = {canonical_name(n): torch.rand(p.shape, generator=g) < 0.4 for n, p in trainable.items()}
-    start = {canonical_name(n): bits(p) for n, p in trainable.items()}
+    masks = {matching_key(n): torch.rand(p.shape, generator=g) < 0.4 for n, p in trainable.items()}
+    start = {matching_key(n): bits(p) for n, p in trainable.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
     restrict_to_subnetwork(model, optimizer, masks)
     train(model, optimizer, steps=3)
-    now = {canonical_name(n): p for n, p in trainable.items()}
+    now = {matching_key(n): p for n, p in trainable.items()}
     assert all(int(((bits(now[k]) != start[k]) & ~masks[k]).sum()) == 0 for k in masks)
     assert any(int(((bits(now[k]) != start[k]) & masks[k]).sum()) > 0 for k in masks)
     # Masks of a full fine-tuning run do not cover the adapters: a clear error, not a silent no-op.

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradtrace.integrations.parameters import describe_selection, stepped_parameters, unwrap_optimizer
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import TraceSession
 from gradtrace.tracking.config import TrackerConfig
@@ -33,9 +34,15 @@ class Tracer:
     def __init__(self, session: TraceSession, optimizer: torch.optim.Optimizer, log_every: int | None):
         self.session = session
         self.log_every = log_every
+        # The hooks go on the optimizer that really steps: accelerate's wrapper calls it only at the end of
+        # an accumulation cycle (and a loss scaler only on steps it does not skip).
+        inner = unwrap_optimizer(optimizer)
+        if not hasattr(inner, "register_step_pre_hook"):
+            raise TypeError(f"gradtrace.trace needs a torch optimizer (or a wrapper holding one as .optimizer); "
+                            f"got {type(optimizer).__name__}")
         self._handles = [
-            optimizer.register_step_pre_hook(lambda *_: self._before_step()),
-            optimizer.register_step_post_hook(lambda *_: self._after_step()),
+            inner.register_step_pre_hook(lambda *_: self._before_step()),
+            inner.register_step_post_hook(lambda *_: self._after_step()),
         ]
         session.start(step=0)
 
@@ -49,6 +56,7 @@ class Tracer:
         return self.session.tracker.steps
 
     def _before_step(self) -> None:
+        self.session.check_parameters()
         upcoming = self.step + 1
         self.session.tracker.observe_gradients(detail=not self.log_every or upcoming % self.log_every == 0)
 
@@ -81,18 +89,25 @@ class Tracer:
 def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, *,
           config: TrackerConfig | None = None, log_every: int | None = 10, wandb: bool = True,
           strict: bool = False, is_main_process: bool = True, **info: Any) -> Tracer:
-    """Start tracking ``model``'s trainable parameters through ``optimizer``'s steps.
+    """Start tracking ``model``'s trainable parameters that ``optimizer`` steps, through its steps.
+
+    ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer`` after ``accelerator.prepare``): the
+    hooks go on the optimizer inside, which steps once per accumulation cycle.
 
     Logs every ``log_every`` optimizer steps to ``output_dir/log.jsonl`` and, if a run is active, to
     W&B under ``gradtrace/`` against ``gradtrace/step``. Extra keyword arguments (e.g.
     ``max_grad_norm=1.0``) are recorded in the run's info.
     """
-    tracker = GradTracker(model, config)
+    named, not_stepped = stepped_parameters(model, optimizer)
+    tracker = GradTracker(named, config)
     sinks = []
     if wandb:
         from gradtrace.sinks.wandb import WandbSink
 
         sinks.append(WandbSink(step_key="gradtrace/step"))
-    session = TraceSession(tracker, output_dir, sinks=sinks, info=run_info(tracker, optimizer, **info),
-                           strict=strict, is_main_process=is_main_process)
-    return Tracer(session, optimizer, log_every)
+    info = run_info(tracker, optimizer, parameter_selection=describe_selection(not_stepped, optimizer), **info)
+    session = TraceSession(tracker, output_dir, sinks=sinks, info=info, strict=strict,
+                           is_main_process=is_main_process)
+    tracer = Tracer(session, optimizer, log_every)
+    session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
+    return tracer

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gradtrace.integrations.parameters import unwrap_optimizer
 from gradtrace.tracking.tracker import GradTracker
 
 _OPTIMIZER_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum", "nesterov", "amsgrad", "foreach", "fused")
@@ -23,10 +24,13 @@ def describe_optimizer(optimizer: Any | None) -> dict[str, Any]:
     """Class and per-group hyper-parameters of a torch optimizer (unwrapping accelerate's wrapper)."""
     if optimizer is None:
         return {}
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = unwrap_optimizer(optimizer)
     groups = []
     for group in getattr(inner, "param_groups", []):
         entry = {key: group[key] for key in _OPTIMIZER_KEYS if key in group}
+        # A scheduler's warm-up may have set lr to 0 already; the configured (peak) lr is its initial_lr.
+        if "initial_lr" in group:
+            entry["lr"], entry["lr_at_start"] = group["initial_lr"], group.get("lr")
         entry["num_params"] = sum(p.numel() for p in group.get("params", []))
         groups.append(entry)
     return {"class": f"{type(inner).__module__}.{type(inner).__qualname__}", "param_groups": groups}

@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ class TraceSession:
         self.run_log = RunLog(self.run_dir) if is_main_process else None
         self.last_summary: dict[str, Any] | None = None
         self._warned: set[str] = set()
+        self._parameter_source: Callable[[], list[tuple[str, Any]]] | None = None
+        self._parameter_fingerprint: tuple | None = None
 
     # ------------------------------------------------------------------ failure policy
     def warn_once(self, key: str, message: str) -> None:
@@ -72,6 +75,49 @@ class TraceSession:
     def _append(self, record: dict[str, Any]) -> None:
         if self.run_log is not None:
             self._attempt("runlog", "writing the run log", self.run_log.append, {**record, "run_id": self.run_id})
+
+    # ------------------------------------------------------------------ the parameter set
+    def follow_parameters(self, source: Callable[[], list[tuple[str, Any]]]) -> None:
+        """Call ``source()`` (the ``(name, parameter)`` pairs to track, as given to the tracker) before every
+        step (:meth:`check_parameters`), so that a parameter set changed mid-run is noticed."""
+        self._parameter_source = source
+        self._parameter_fingerprint = self._fingerprint(source())
+
+    @staticmethod
+    def _fingerprint(named: list[tuple[str, Any]]) -> tuple:
+        return tuple((name, id(p), tuple(p.shape), p.dtype, p.requires_grad) for name, p in named)
+
+    def check_parameters(self) -> None:
+        """Before a step: track what changed in the parameter set since the last one (new parameters from
+        now on, replaced ones continuing their state, resized or recast ones restarting), and say so once."""
+        if self._parameter_source is None:
+            return
+        named = self._parameter_source()
+        fingerprint = self._fingerprint(named)
+        if fingerprint == self._parameter_fingerprint:
+            return
+        self._parameter_fingerprint = fingerprint
+        changes = self.tracker.compare_parameters(named)
+        if not changes:
+            return
+        step = self.tracker.steps
+        before = self.tracker.apply_parameter_changes(changes)
+        record: dict[str, Any] = {"step": step, **changes.describe()}
+        if before and self.is_main_process:
+            path = self.run_dir / f"before-step-{step + 1}" / MASKS_NAME
+            record["masks_before"] = str(path)
+            self._attempt(f"before-{step}", f"saving the masks gathered before step {step + 1}",
+                          save_masks, path, {"gradient": before}, step=step, info=self.info)
+        self.info.setdefault("parameter_changes", []).append(record)
+        self._append({"event": "parameters", "time": time.time(), **record})
+        said = {"added": "now tracked from this step on", "rebound": "replaced by a tensor of the same shape: "
+                "their masks continue", "restarted": "changed shape or dtype: their masks restart from the "
+                "current values" + (f", the gradient masks gathered so far are in {record['masks_before']}"
+                                    if before else "")}
+        for kind, names in changes.describe().items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.warn_once(f"parameters-{kind}-{step}", f"before optimizer step {step + 1} the trainable "
+                           f"parameters changed: {shown} {said[kind]}")
 
     # ------------------------------------------------------------------ events
     def start(self, *, step: int = 0, resumed_from: str | None = None) -> None:

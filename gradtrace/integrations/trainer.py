@@ -2,14 +2,17 @@
 
 A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.session.TraceSession`.
 
-- ``on_train_begin``: start tracking the trainable parameters (after PEFT/accelerate wrapping);
+- ``on_train_begin``: start tracking the trainable parameters the optimizer steps (after PEFT/accelerate
+  wrapping; :mod:`gradtrace.integrations.parameters`);
   when resuming, restore the tracker state saved with the checkpoint. Under DeepSpeed ZeRO-0/1/2 the
   gradient is applied and freed inside ``accelerator.backward``, before the two optimizer-step events
   below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.integrations.deepspeed`).
 - ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
-  exactly what ``optimizer.step()`` applies: fold it into the masks.
+  exactly what ``optimizer.step()`` applies: fold it into the masks (after noticing any change of the
+  parameter set since the last step).
 - ``on_optimizer_step``: record what the step changed (``ever_changed`` mode only).
-- ``on_step_end``: measure and log on the trainer's logging steps.
+- ``on_step_end`` / ``on_epoch_end``: measure and log on the trainer's logging steps (``logging_strategy``
+  "steps" or "epoch").
 - ``on_save``: save tracker state, masks and summary into ``checkpoint-N/gradtrace/``.
 - ``on_train_end``: final masks and summary into the run directory.
 """
@@ -23,6 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from gradtrace.integrations import deepspeed as deepspeed_support
+from gradtrace.integrations.parameters import describe_selection, stepped_parameters
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import GradTraceWarning, TraceSession
 from gradtrace.sinks.wandb import WandbSink
@@ -112,7 +116,11 @@ class GradTraceCallback(TrainerCallback):
         if deepspeed:
             # a clear error for anything DeepSpeed-like that the adapter cannot track, before allocating state
             deepspeed_support.check_supported(optimizer, model)
-        tracker = GradTracker(model, self.config)
+        if deepspeed:  # the engine's optimizer holds flat partitions, not the model's parameters
+            named, not_stepped = [(n, p) for n, p in model.named_parameters() if p.requires_grad], []
+        else:
+            named, not_stepped = stepped_parameters(model, optimizer)
+        tracker = GradTracker(named, self.config)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
         info = run_info(
             tracker, optimizer,
@@ -125,11 +133,14 @@ class GradTraceCallback(TrainerCallback):
             model_class=type(model).__name__,
             model_name=getattr(getattr(model, "config", None), "_name_or_path", None),
             trainer_output_dir=args.output_dir,
+            parameter_selection=describe_selection(not_stepped, None if deepspeed else optimizer),
         )
         run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
         sinks = [WandbSink(step_key="train/global_step", heatmaps=self.wandb_heatmaps)] if self.use_wandb else []
         self.session = TraceSession(tracker, run_dir, sinks=sinks, info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
+        if not deepspeed:
+            self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
         resumed_from = None
         if state.global_step > 0:
             checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -147,6 +158,7 @@ class GradTraceCallback(TrainerCallback):
     @_guarded
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._deepspeed is None:  # under DeepSpeed the hook in the engine's step has done it
+            self.session.check_parameters()
             self.session.tracker.observe_gradients(detail=self._logs_at(args, state.global_step + 1))
 
     @_guarded
@@ -166,7 +178,17 @@ class GradTraceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         due = state.global_step % self.log_every == 0 if self.log_every else control.should_log
         if due:
-            self.session.log(state.global_step)
+            self._log(state.global_step)
+
+    @_guarded
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # logging_strategy="epoch" sets should_log at the end of each epoch, after on_step_end has run.
+        if not self.log_every and control.should_log:
+            self._log(state.global_step)
+
+    def _log(self, step: int) -> None:
+        if self.summary is None or self.summary["step"] != step:  # once per step
+            self.session.log(step)
 
     @_guarded
     def on_save(self, args, state, control, **kwargs):

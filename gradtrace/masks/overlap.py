@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.anatomy.parameter_names import matching_key
 from gradtrace.formats.bitpack import popcount
 from gradtrace.formats.masks_file import MaskFileError, PackedMask, read_packed_masks
 
@@ -72,6 +73,19 @@ def count_and(a: torch.Tensor, b: torch.Tensor, numel: int) -> int:
         # Bits of the chunk that are real elements (the final chunk may end in padding).
         count += count_bits(a[start:stop] & b[start:stop], min(numel - 8 * start, 8 * (stop - start)))
     return count
+
+
+def _aligned(masks: Sequence[dict[str, PackedMask]]) -> list[dict[str, PackedMask]]:
+    """The masks keyed alike: as they are when their names agree, else by :func:`matching_key` when that
+    makes them agree one to one (live masks of a PEFT run vs ``diff`` masks of its saved adapter, masks
+    recorded with and without DDP's ``module.``...)."""
+    if all(m.keys() == masks[0].keys() for m in masks):
+        return list(masks)
+    rekeyed = [{matching_key(name): mask for name, mask in m.items()} for m in masks]
+    if all(len(r) == len(m) for r, m in zip(rekeyed, masks, strict=True)) and \
+            all(r.keys() == rekeyed[0].keys() for r in rekeyed):
+        return rekeyed
+    return list(masks)
 
 
 def _check_same_model(a: Mapping[str, PackedMask], b: Mapping[str, PackedMask], label_a: str, label_b: str) -> None:
@@ -141,7 +155,7 @@ def pair_overlap(a: MaskSource, b: MaskSource, kind: str = "update") -> dict[str
     :class:`~gradtrace.formats.masks_file.MaskFileError` if a file is unreadable.
     """
     label_a, label_b = _label(a, 0), _label(b, 1)
-    masks_a, masks_b = load_kind(a, kind, label=label_a), load_kind(b, kind, label=label_b)
+    masks_a, masks_b = _aligned([load_kind(a, kind, label=label_a), load_kind(b, kind, label=label_b)])
     _check_same_model(masks_a, masks_b, label_a, label_b)
     return {"kind": kind, "runs": [label_a, label_b], **_grouped(pair_counts(masks_a, masks_b))}
 
@@ -156,7 +170,7 @@ def overlap_matrix(sources: Sequence[MaskSource], kind: str = "update") -> dict[
     if len(sources) < 2:
         raise OverlapError("overlap needs at least two masks files")
     labels = [_label(s, i) for i, s in enumerate(sources)]
-    masks = [load_kind(s, kind, label=lab) for s, lab in zip(sources, labels, strict=True)]
+    masks = _aligned([load_kind(s, kind, label=lab) for s, lab in zip(sources, labels, strict=True)])
     for i in range(1, len(masks)):
         _check_same_model(masks[0], masks[i], labels[0], labels[i])
     k = len(masks)

@@ -27,31 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradtrace.anatomy.parameter_names import matching_key
 from gradtrace.formats.masks_file import Masks, PackedMask, load_masks
 
 MaskInput = str | os.PathLike | Mapping[str, Any]
 
-# Name parts added by wrappers (DDP, torch.compile, FSDP1, activation checkpointing) and by PEFT's
-# LoRA layers; the same parameter must match whether or not they are present.
-_WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"}
-_PEFT_PREFIX = ("base_model", "model")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class SubnetworkError(ValueError):
     """The masks do not fit the model (names or shapes of the trainable parameters differ)."""
-
-
-def canonical_name(name: str) -> str:
-    """Parameter name without wrapper prefixes: ``module.``, ``_orig_mod.``, PEFT's ``base_model.model.``
-    and ``base_layer.`` are dropped, so masks recorded with or without them match."""
-    parts = name.split(".")
-    if tuple(parts[:2]) == _PEFT_PREFIX:
-        parts = parts[2:]
-    parts = [p for p in parts if p not in _WRAPPER_PARTS]
-    if tuple(parts[:2]) == _PEFT_PREFIX:  # module.base_model.model....
-        parts = parts[2:]
-    return ".".join(parts)
 
 
 def read_masks(masks: MaskInput, kind: str = "update") -> dict[str, torch.Tensor]:
@@ -117,15 +102,15 @@ class SubnetworkRestriction:
         by_exact = dict(model.named_parameters(remove_duplicate=False))
         by_canonical: dict[str, list[nn.Parameter]] = {}
         for name, param in by_exact.items():
-            candidates = by_canonical.setdefault(canonical_name(name), [])
+            candidates = by_canonical.setdefault(matching_key(name), [])
             if all(param is not c for c in candidates):
                 candidates.append(param)
-        buffers = {canonical_name(n) for n, _ in model.named_buffers()}
+        buffers = {matching_key(n) for n, _ in model.named_buffers()}
         unknown, wrong_shape = [], []
         masks_of: dict[int, list[torch.Tensor]] = {}
         names_of: dict[int, str] = {}
         for name, mask in per_param.items():
-            key = canonical_name(name)
+            key = matching_key(name)
             candidates = [by_exact[name]] if name in by_exact else by_canonical.get(key, [])
             if len(candidates) > 1:
                 raise SubnetworkError(f"mask {name!r} matches {len(candidates)} parameters of the model once "

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
 from gradtrace.tracking import cpu_measure, cpu_scan, sharding
@@ -120,12 +121,39 @@ class _StepFlags:
             self.discarded += numel
 
 
-def strip_wrapper_prefix(name: str) -> str:
-    """Parameter name as the unwrapped model reports it (no DDP ``module.`` / compile prefixes)."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
+def _named_for_tracking(named: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters under the names gradtrace records (:func:`tracked_name`); when several
+    PEFT adapters are trainable at once their names keep the adapter's name, which alone tells them apart."""
+    pairs = [(name, p) for name, p in named if p.requires_grad]
+    names = [tracked_name(name) for name, _ in pairs]
+    if len(set(names)) != len(names):
+        names = [strip_wrapper_prefix(name) for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names are not unique after removing wrapper prefixes")
+    return list(zip(names, (p for _, p in pairs), strict=True))
+
+
+@dataclass
+class ParameterChanges:
+    """How a model's trainable parameters differ from the tracked ones (see :meth:`GradTracker.compare_parameters`).
+
+    ``added``: names not tracked yet (unfrozen, a new param group); tracked from now on.
+    ``rebound``: a tracked name now holds another tensor of the same shape and dtype (``p = nn.Parameter(...)``);
+    its state continues, compared against the same start. ``restarted``: a tracked name whose shape or dtype
+    changed (``resize_token_embeddings``, a cast); its state restarts from the current values. A tracked
+    parameter that is no longer trainable simply stops receiving gradients and stays tracked.
+    """
+
+    added: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    rebound: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    restarted: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.rebound or self.restarted)
+
+    def describe(self) -> dict[str, list[str]]:
+        return {kind: [name for name, _ in getattr(self, kind)] for kind in ("added", "rebound", "restarted")
+                if getattr(self, kind)}
 
 
 @dataclass
@@ -153,14 +181,9 @@ class GradTracker:
     def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None):
         self.config = config or TrackerConfig()
         named = model.named_parameters() if isinstance(model, nn.Module) else model
-        self._params: list[tuple[str, nn.Parameter]] = [
-            (strip_wrapper_prefix(name), p) for name, p in named if p.requires_grad
-        ]
+        self._params: list[tuple[str, nn.Parameter]] = _named_for_tracking(named)
         if not self._params:
             raise ValueError("GradTracker found no trainable parameters (requires_grad=True) to track")
-        names = [name for name, _ in self._params]
-        if len(set(names)) != len(names):
-            raise ValueError("parameter names are not unique after removing wrapper prefixes")
         self._accumulators = enabled_accumulators(self.config)
         self._primary = _local(self._params[0][1]).device
         sharded = [p for _, p in self._params if sharding.is_sharded(p)]
@@ -179,6 +202,51 @@ class GradTracker:
         self.state: dict[str, dict[str, torch.Tensor]] = {
             name: self._allocate(p, self._sample_start[name]) for name, p in self._params
         }
+        # Shapes at allocation: a parameter resized in place is recognised by them (compare_parameters).
+        self._tracked_shapes = {name: sharding.full_shape(p) for name, p in self._params}
+
+    # ------------------------------------------------------------------ the parameter set
+    def compare_parameters(self, named: Iterable[tuple[str, nn.Parameter]]) -> ParameterChanges:
+        """What differs between ``named`` (the parameters that should be tracked now, as given to the
+        constructor) and the tracked ones; nothing is changed (see :meth:`apply_parameter_changes`)."""
+        tracked = dict(self._params)
+        changes = ParameterChanges()
+        for name, param in _named_for_tracking(named):
+            old = tracked.get(name)
+            if old is None:
+                changes.added.append((name, param))
+                continue
+            reference = self.state[name]["reference"]
+            same_layout = (sharding.full_shape(param) == self._tracked_shapes[name]
+                           and _local(param).dtype == reference.dtype and _local(param).numel() == reference.numel())
+            if not same_layout:
+                changes.restarted.append((name, param))
+            elif param is not old:
+                changes.rebound.append((name, param))
+        return changes
+
+    @torch.no_grad()
+    def apply_parameter_changes(self, changes: ParameterChanges) -> dict[str, PackedMask]:
+        """Track ``changes``; returns the gradient masks gathered until now of the restarted parameters
+        (in their former shapes), the part of their state that cannot carry over. Restarted sharded
+        parameters are not supported (``ValueError``)."""
+        before: dict[str, PackedMask] = {}
+        index = {name: i for i, (name, _) in enumerate(self._params)}
+        for name, param in changes.rebound:
+            self._params[index[name]] = (name, param)
+        for name, param in changes.restarted:
+            if sharding.is_sharded(param) or sharding.is_sharded(self._params[index[name]][1]):
+                raise ValueError(f"parameter {name!r} changed shape or dtype while sharded: not supported")
+            before[name] = PackedMask(self.state[name]["gradient_bits"].to("cpu", copy=True), self._tracked_shapes[name])
+            self._params[index[name]] = (name, param)
+        for name, param in changes.added:
+            self._params.append((name, param))
+        for name, param in [*changes.restarted, *changes.added]:
+            self._sample_start[name] = sharding.sample_start(param, self.config.stride)
+            self._tracked_shapes[name] = sharding.full_shape(param)
+            self.state[name] = self._allocate(param, self._sample_start[name])
+            self._full_bitmaps.discard(name)
+        return before
 
     def _numel_vector(self, numels: list[int]) -> torch.Tensor:
         """``numels`` as a tensor on the primary device, cached: built once per set of parameters with

@@ -1,0 +1,62 @@
+"""Which parameters a run tracks: the ones its optimizer steps.
+
+A parameter that requires a gradient but is in none of the optimizer's param groups receives gradients
+and never changes; tracking it would report it "absorbed by rounding" even in fp32. So the tracked set is
+the model's trainable parameters that the optimizer holds, found by identity in its param groups (through
+wrappers such as accelerate's ``AcceleratedOptimizer``). The set is looked at again before every step, so
+a parameter replaced, unfrozen or added with ``add_param_group`` mid-run is noticed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer that owns the param groups and the step hooks, inside wrappers that hold it as
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, which subclasses ``torch.optim.Optimizer``
+    without its hook registries, and similar)."""
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def optimizer_parameter_ids(optimizer: Any) -> set[int] | None:
+    """``id`` of every tensor in the optimizer's param groups; ``None`` without an optimizer."""
+    inner = unwrap_optimizer(optimizer)
+    groups = getattr(inner, "param_groups", None)
+    if groups is None:
+        return None
+    return {id(p) for group in groups for p in group.get("params", [])}
+
+
+def stepped_parameters(model: nn.Module, optimizer: Any) -> tuple[list[tuple[str, nn.Parameter]], list[str]]:
+    """``(tracked, not_stepped)``: the model's trainable ``(name, parameter)`` pairs that ``optimizer``
+    steps, and the names of trainable parameters it does not hold.
+
+    Without an optimizer, or with one that holds none of the model's parameters (master copies kept
+    elsewhere), every trainable parameter is tracked.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    held = optimizer_parameter_ids(optimizer)
+    if not held or not any(id(p) in held for _, p in trainable):
+        return trainable, []
+    tracked = [(name, p) for name, p in trainable if id(p) in held]
+    return tracked, [name for name, p in trainable if id(p) not in held]
+
+
+def describe_selection(not_stepped: list[str], optimizer: Any) -> dict[str, Any]:
+    """What the run info says about the selection."""
+    held = optimizer_parameter_ids(optimizer)
+    return {
+        "rule": "trainable parameters in the optimizer's param groups" if held else "every trainable parameter",
+        "trainable_not_in_optimizer": len(not_stepped),
+        "examples_not_in_optimizer": not_stepped[:5],
+    }
