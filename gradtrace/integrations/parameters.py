@@ -60,3 +60,9 @@ def describe_selection(not_stepped: list[str], optimizer: Any) -> dict[str, Any]
         "trainable_not_in_optimizer": len(not_stepped),
         "examples_not_in_optimizer": not_stepped[:5],
     }
+
+
+def learning_rates(optimizer: Any) -> list[float]:
+    """The lr of each of the optimizer's param groups now (empty without an optimizer)."""
+    groups = getattr(unwrap_optimizer(optimizer), "param_groups", None) or []
+    return [float(group.get("lr", 0.0)) for group in groups if isinstance(group.get("lr", 0.0), (int, float))]

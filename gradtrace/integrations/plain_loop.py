@@ -21,7 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradtrace.integrations.parameters import describe_selection, stepped_parameters, unwrap_optimizer
+from gradtrace.integrations.parameters import (
+    describe_selection,
+    learning_rates,
+    stepped_parameters,
+    unwrap_optimizer,
+)
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import TraceSession
 from gradtrace.tracking.config import TrackerConfig
@@ -36,7 +41,7 @@ class Tracer:
         self.log_every = log_every
         # The hooks go on the optimizer that really steps: accelerate's wrapper calls it only at the end of
         # an accumulation cycle (and a loss scaler only on steps it does not skip).
-        inner = unwrap_optimizer(optimizer)
+        inner = self._optimizer = unwrap_optimizer(optimizer)
         if not hasattr(inner, "register_step_pre_hook"):
             raise TypeError(f"gradtrace.trace needs a torch optimizer (or a wrapper holding one as .optimizer); "
                             f"got {type(optimizer).__name__}")
@@ -57,6 +62,7 @@ class Tracer:
 
     def _before_step(self) -> None:
         self.session.check_parameters()
+        self.session.note_learning_rates(learning_rates(self._optimizer))
         upcoming = self.step + 1
         self.session.tracker.observe_gradients(detail=not self.log_every or upcoming % self.log_every == 0)
 

@@ -51,6 +51,7 @@ class TraceSession:
         self.last_summary: dict[str, Any] | None = None
         self._warned: set[str] = set()
         self._parameter_source: Callable[[], list[tuple[str, Any]]] | None = None
+        self.zero_lr_steps = 0  # optimizer steps taken with every param group at lr 0 (warm-up from 0)
         self._parameter_fingerprint: tuple | None = None
 
     # ------------------------------------------------------------------ failure policy
@@ -107,7 +108,7 @@ class TraceSession:
             path = self.run_dir / f"before-step-{step + 1}" / MASKS_NAME
             record["masks_before"] = str(path)
             self._attempt(f"before-{step}", f"saving the masks gathered before step {step + 1}",
-                          save_masks, path, {"gradient": before}, step=step, info=self.info)
+                          lambda: save_masks(path, {"gradient": before}, step=step, info=self.info))
         self.info.setdefault("parameter_changes", []).append(record)
         self._append({"event": "parameters", "time": time.time(), **record})
         said = {"added": "now tracked from this step on", "rebound": "replaced by a tensor of the same shape: "
@@ -119,6 +120,24 @@ class TraceSession:
             self.warn_once(f"parameters-{kind}-{step}", f"before optimizer step {step + 1} the trainable "
                            f"parameters changed: {shown} {said[kind]}")
 
+    def note_learning_rates(self, learning_rates: list[float]) -> None:
+        """Before a step: the lr of each param group it will use. A step at lr 0 everywhere changes nothing,
+        so its unchanged elements were not "absorbed by rounding"; such steps are counted, and while every
+        step so far was one, ``cancelled`` / ``absorbed`` are reported unknown."""
+        if learning_rates and all(lr == 0 for lr in learning_rates):
+            self.zero_lr_steps += 1
+
+    def _with_zero_lr_steps(self, summary: dict[str, Any]) -> dict[str, Any]:
+        summary["global"]["zero_lr_steps"] = self.zero_lr_steps
+        if self.zero_lr_steps and self.zero_lr_steps >= summary["optimizer_steps"]:
+            groups = [summary["global"], *summary["per_layer"].values(), *summary["per_kind"].values(),
+                      *summary["per_matrix"].values()]
+            for values in groups:
+                for category in ("cancelled", "absorbed"):
+                    if category in values:
+                        values[category] = None
+        return summary
+
     # ------------------------------------------------------------------ events
     def start(self, *, step: int = 0, resumed_from: str | None = None) -> None:
         record = {"event": "start", "time": time.time(), "step": step, "info": self.info}
@@ -128,7 +147,7 @@ class TraceSession:
 
     def log(self, step: int) -> dict[str, Any]:
         """Measure now (one host sync), append to the run log and send to every sink."""
-        summary = summarize(self.tracker.measure(), step=step)
+        summary = self._with_zero_lr_steps(summarize(self.tracker.measure(), step=step))
         self.last_summary = summary
         if not self.is_main_process:
             return summary
@@ -201,7 +220,8 @@ class TraceSession:
         def write() -> None:
             tensors = self.tracker.state_tensors()
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp),
-                                                     metadata={"step": str(step), "run_id": self.run_id}))
+                                                     metadata={"step": str(step), "run_id": self.run_id,
+                                                               "zero_lr_steps": str(self.zero_lr_steps)}))
 
         self._attempt("save-state", f"saving tracker state to {path}", write)
         self.export(directory, step=step)
@@ -214,7 +234,9 @@ class TraceSession:
                                     "cannot continue from it")
         self.tracker.load_state_tensors(load_file(str(path)), source=str(path))
         with safe_open(str(path), framework="pt") as handle:
-            saved_id = (handle.metadata() or {}).get("run_id")
+            metadata = handle.metadata() or {}
+        saved_id = metadata.get("run_id")
+        self.zero_lr_steps = int(metadata.get("zero_lr_steps") or 0)
         if saved_id:
             self.info["run_id"] = saved_id  # the resumed run continues its own log and exports
 

@@ -26,7 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from gradtrace.integrations import deepspeed as deepspeed_support
-from gradtrace.integrations.parameters import describe_selection, stepped_parameters
+from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import GradTraceWarning, TraceSession
 from gradtrace.sinks.wandb import WandbSink
@@ -159,6 +159,7 @@ class GradTraceCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._deepspeed is None:  # under DeepSpeed the hook in the engine's step has done it
             self.session.check_parameters()
+            self.session.note_learning_rates(learning_rates(kwargs.get("optimizer")))
             self.session.tracker.observe_gradients(detail=self._logs_at(args, state.global_step + 1))
 
     @_guarded
