@@ -30,7 +30,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     tail = flat.numel() % 8
     if tail:
         flat = torch.cat([flat, flat.new_zeros(8 - tail)])
-    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    flat = flat.contiguous()
+    if flat.storage_offset() % 8:  # viewing bytes as int64 needs an 8-aligned start (a bool slice may not be)
+        flat = flat.clone()
+    words = flat.view(torch.uint8).view(torch.int64)
     return (words * _GATHER_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
 
 

@@ -30,6 +30,30 @@ from gradtrace.formats.bitpack import pack_bits, packed_length, unpack_bits
 from gradtrace.formats.run_dir import find_masks_file
 
 FORMAT = "gradtrace.masks/1"
+_MAX_ELEMENTS = (1 << 63) - 1  # torch sizes and element counts are int64
+
+
+def shape_problem(shape: Any) -> str | None:
+    """Why ``shape`` cannot be a mask's shape (a list of non-negative integers whose sizes and product of
+    nonzero sizes fit torch's int64), or ``None`` if it can."""
+    if not isinstance(shape, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
+        return f"shape must be a list of integers, not {shape!r}"
+    if any(s < 0 for s in shape):
+        return f"negative size in shape {list(shape)}"
+    if math.prod(s for s in shape if s) > _MAX_ELEMENTS:  # a zero size does not make [0, 2**70] valid
+        return f"shape {list(shape)} is too large for a tensor (sizes must fit int64)"
+    return None
+
+
+def bits_problem(bits: Any, shape: tuple[int, ...]) -> str | None:
+    """Why ``bits`` cannot be the packed mask of ``shape`` (uint8, 1-D, ``packed_length`` bytes), or ``None``."""
+    expected = packed_length(math.prod(shape))
+    if (not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1
+            or bits.numel() != expected):
+        got = (f"{bits.numel()} {bits.dtype} values ({bits.dim()}-D)" if isinstance(bits, torch.Tensor)
+               else type(bits).__name__)
+        return f"has {got}, expected {expected} uint8 bytes (1-D) for shape {list(shape)}"
+    return None
 
 
 class MaskFileError(ValueError):
@@ -81,20 +105,33 @@ def save_masks(
 ) -> None:
     """Write ``{kind: {name: mask}}`` atomically; masks may be boolean tensors or :class:`PackedMask`.
 
-    Every kind must cover the same parameters with the same shapes.
+    Every kind must cover the same parameters with the same shapes. Anything :func:`load_masks` would
+    reject (a packed mask of the wrong length or dtype, a shape that is no tensor's, names that collide in
+    the file) raises ``ValueError`` naming the mask, before anything is written.
     """
     kinds = list(masks)
     if not kinds:
         raise ValueError("save_masks needs at least one kind of mask")
+    if not all(isinstance(kind, str) and kind for kind in kinds):
+        raise ValueError(f"mask kinds must be non-empty strings, not {kinds!r}")
     packed = {kind: {name: m if isinstance(m, PackedMask) else PackedMask.from_bool(m)
                      for name, m in per_param.items()} for kind, per_param in masks.items()}
+    for kind, per_param in packed.items():
+        for name, mask in per_param.items():
+            problem = shape_problem(list(mask.shape)) or bits_problem(mask.bits, tuple(mask.shape))
+            if not isinstance(name, str) or not name:
+                problem = "parameter names must be non-empty strings"
+            if problem:
+                raise ValueError(f"save_masks: mask {kind}/{name}: {problem}")
     reference = packed[kinds[0]]
     for kind in kinds[1:]:
         if {n: m.shape for n, m in packed[kind].items()} != {n: m.shape for n, m in reference.items()}:
             raise ValueError(f"mask kind {kind!r} covers other parameters or shapes than {kinds[0]!r}")
     dtypes = dict(dtypes or {})
-    params = {name: {"shape": list(m.shape), "dtype": dtypes.get(name, "")} for name, m in reference.items()}
-    tensors = {f"{kind}/{name}": m.bits.contiguous() for kind in kinds for name, m in packed[kind].items()}
+    params = {name: {"shape": list(m.shape), "dtype": str(dtypes.get(name, ""))} for name, m in reference.items()}
+    tensors = {f"{kind}/{name}": m.bits.detach().cpu().contiguous() for kind in kinds for name, m in packed[kind].items()}
+    if len(tensors) != len(kinds) * len(reference):  # "a/b" + "c" and "a" + "b/c" name the same tensor
+        raise ValueError("save_masks: kind and parameter names collide in the file (\"{kind}/{name}\")")
     metadata = {
         "gradtrace_format": FORMAT,
         "params": json.dumps(params),
@@ -142,16 +179,16 @@ def read_packed_masks(path: str | os.PathLike) -> tuple[dict[str, dict[str, Pack
             for kind in kinds:
                 result[kind] = {}
                 for name, spec in params.items():
-                    try:
-                        shape = tuple(int(s) for s in spec["shape"])
-                    except (KeyError, TypeError, ValueError) as err:
-                        raise fail(f"malformed shape for {name!r}") from err
-                    if any(s < 0 for s in shape):
-                        raise fail(f"negative shape for {name!r}")
+                    if not isinstance(spec, dict) or "shape" not in spec:
+                        raise fail(f"malformed shape for {name!r}")
+                    problem = shape_problem(spec["shape"])
+                    if problem:
+                        raise fail(f"malformed shape for {name!r}: {problem}")
+                    shape = tuple(spec["shape"])
                     bits = handle.get_tensor(f"{kind}/{name}")
-                    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != packed_length(math.prod(shape)):
-                        raise fail(f"mask {kind}/{name} has {bits.numel()} {bits.dtype} values, expected "
-                                   f"{packed_length(math.prod(shape))} uint8 bytes for shape {list(shape)}")
+                    problem = bits_problem(bits, shape)
+                    if problem:
+                        raise fail(f"mask {kind}/{name} {problem}")
                     result[kind][name] = PackedMask(bits, shape)
     except MaskFileError:
         raise

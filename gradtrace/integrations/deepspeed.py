@@ -49,9 +49,14 @@ clipping factor for the sums mirrors ``DeepSpeedZeroOptimizer_Stage3.step``: the
 ``_get_norm_groups`` combined with ``combine_grad_norm_groups`` (a few scalar all-reduces), and the
 formula is ``unscale_and_clip_grads``'s; if those (private) methods are missing, or under Muon (whose
 update replaces the gradient), the sums are of the unclipped gradient (the masks are the same either
-way). Tested like ZeRO-1/2 (fp32, 2 CPU processes): masks and per-step counts equal a single process's.
-Not tested under ZeRO-3: parameter/optimizer offload (the mask all-gather runs on the partition's
-device), hpZ/MiCS secondary partitions, fp16/bf16.
+way). Tested like ZeRO-1/2 (fp32, 2 CPU processes): masks and per-step counts equal a single process's, also
+with ``offload_optimizer`` and ``offload_param`` to the CPU (on DeepSpeed's CPU accelerator, where that
+exercises the offload code paths but not a GPU beside them). With a GPU, CPU offload puts the gradient
+partitions (``offload_optimizer``) or the parameter partitions and so the tracker state
+(``offload_param``) on the CPU: a gradient is moved to its state's device before it is scanned, and
+every collective runs on the process group's device (CUDA under NCCL); not run on a GPU here. Offload
+to NVMe is refused (the partitions are swapped out of memory between steps). Not tested under ZeRO-3:
+hpZ/MiCS secondary partitions, fp16/bf16.
 
 ``deepspeed`` is imported only when a function here is called with a DeepSpeed object.
 """
@@ -181,6 +186,9 @@ class _FullGradients(Mapping):
         grad = self._get(param)
         if grad is None:
             return None
+        if isinstance(self._inverse, torch.Tensor) and self._inverse.device != grad.device:
+            # offload_optimizer: gradient partitions on the CPU, the norm (and so the factor) maybe not
+            self._inverse = self._inverse.to(grad.device)
         if self._local:
             # ZeRO-3's partition buffer itself (fp32: ``.float()`` copies nothing): never modified here.
             grad = grad.reshape(-1).narrow(0, 0, sharding.local(param).numel())
@@ -301,6 +309,17 @@ class DeepSpeedHandle:
         return result
 
 
+def _refuse_nvme_offload(optimizer: Any) -> None:
+    """ZeRO-3's NVMe offload swaps partitions out of memory between steps: their ``ds_tensor`` is no
+    stable place to keep state beside, nor to read updated values from."""
+    swapped = [option for option, attr in (("offload_optimizer", "swap_optimizer"),
+                                           ("offload_param", "params_in_nvme_and_cpu"))
+               if getattr(optimizer, attr, False)]
+    if swapped:
+        raise ValueError(f"gradtrace does not support DeepSpeed ZeRO-3 with {' and '.join(swapped)} on NVMe "
+                         "(partitions are swapped out of memory between steps); offload to \"cpu\" is supported")
+
+
 def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
                         on_error: Callable[[BaseException], None] | None = None) -> DeepSpeedHandle:
     """Track ``tracker``'s parameters through a DeepSpeed ZeRO-0/1/2/3 engine's optimizer steps.
@@ -325,6 +344,7 @@ def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
         raise ValueError("ZeRO-3: build the GradTracker on the engine's partitioned module (after "
                          "deepspeed.initialize), so that it tracks each rank's partitions")
     optimizer = find_zero_optimizer(engine_or_optimizer)
+    _refuse_nvme_offload(optimizer)
     if isinstance(getattr(optimizer.step, "__self__", None), DeepSpeedHandle):
         raise RuntimeError("this DeepSpeed optimizer is already tracked by gradtrace; remove() that handle first")
     return DeepSpeedHandle(tracker, optimizer, stage, on_error)

@@ -41,6 +41,10 @@ class TrackerConfig:
             raise ValueError(f"cancel_epsilon must be in [0, 1), not {self.cancel_epsilon}")
         if self.abs_tolerance < 0 or self.rel_tolerance < 0:
             raise ValueError("tolerances must be >= 0")
+        # measure() buckets ratios with float32 arithmetic, exact for bin indices below 2**24
+        if isinstance(self.histogram_bins, bool) or not isinstance(self.histogram_bins, int) \
+                or not 1 <= self.histogram_bins <= 1 << 24:
+            raise ValueError(f"histogram_bins must be an integer in [1, 2**24], not {self.histogram_bins!r}")
 
     @property
     def stride(self) -> int:

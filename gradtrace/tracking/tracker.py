@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,17 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 _local = sharding.local
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. Asynchronous only towards an accelerator: a device-to-host copy with
+    ``non_blocking=True`` returns before the data has arrived, and the CPU would read it unsynchronised."""
+    return tensor.to(device, non_blocking=device.type != "cpu")
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    """float8 / float4 formats: no ``isfinite``, no arithmetic, no stable meaning of "storage-dtype delta"."""
+    return str(dtype).startswith(("torch.float8", "torch.float4"))
 
 
 def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -184,11 +196,29 @@ class GradTracker:
         self._params: list[tuple[str, nn.Parameter]] = _named_for_tracking(named)
         if not self._params:
             raise ValueError("GradTracker found no trainable parameters (requires_grad=True) to track")
+        self._named = dict(self._params)
+        self._check_trackable()
         self._accumulators = enabled_accumulators(self.config)
         self._primary = _local(self._params[0][1]).device
-        sharded = [p for _, p in self._params if sharding.is_sharded(p)]
-        self._group = sharding.shard_group(sharded[0]) if sharded else None
+        self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
+        self._group = (sharding.reduction_group([p for _, p in self._params if sharding.is_sharded(p)])
+                       if self._sharded_names else None)
+        # Where collectives run (NCCL needs CUDA tensors even when the state is offloaded to the CPU).
+        self._collective_device = (sharding.collective_device(self._group, self._primary)
+                                   if self._group is not None else self._primary)
+        # 1 where this rank's local counts of a parameter enter the sums across ranks, 0 where another rank
+        # holds the same local part (a plain or replicated parameter in a sharded run, HSDP replicas).
+        self._weight = {name: 1 if self._group is None or sharding.counts_here(p, self._group) else 0
+                        for name, p in self._params}
         self._sample_start = {name: sharding.sample_start(p, self.config.stride) for name, p in self._params}
+        # Shards that are no contiguous run of the full parameter (Shard(1), 2-D meshes) have their sampled
+        # elements listed; they take the torch path, which can gather them.
+        self._sample_index: dict[str, torch.Tensor] = {}
+        if self.config.tracks_sums:
+            for name, p in self._params:
+                index = sharding.sample_index(p, self.config.stride)
+                if index is not None:
+                    self._sample_index[name] = index
         self.steps = 0
         # CPU gradients go through NumPy (gradtrace.tracking.cpu_scan); None forces the torch path everywhere.
         self._cpu_scanner: cpu_scan.CpuScanner | None = cpu_scan.CpuScanner()
@@ -200,7 +230,7 @@ class GradTracker:
         self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
         self.state: dict[str, dict[str, torch.Tensor]] = {
-            name: self._allocate(p, self._sample_start[name]) for name, p in self._params
+            name: self._allocate(p, self._sample_start[name], self._sample_index.get(name)) for name, p in self._params
         }
         # Shapes at allocation: a parameter resized in place is recognised by them (compare_parameters).
         self._tracked_shapes = {name: sharding.full_shape(p) for name, p in self._params}
@@ -241,12 +271,31 @@ class GradTracker:
             self._params[index[name]] = (name, param)
         for name, param in changes.added:
             self._params.append((name, param))
+        self._named = dict(self._params)
+        self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
+        self._check_trackable()
         for name, param in [*changes.restarted, *changes.added]:
+            self._weight[name] = 1 if self._group is None or sharding.counts_here(param, self._group) else 0
             self._sample_start[name] = sharding.sample_start(param, self.config.stride)
+            index = sharding.sample_index(param, self.config.stride) if self.config.tracks_sums else None
+            self._sample_index.pop(name, None)
+            if index is not None:
+                self._sample_index[name] = index
             self._tracked_shapes[name] = sharding.full_shape(param)
-            self.state[name] = self._allocate(param, self._sample_start[name])
+            self.state[name] = self._allocate(param, self._sample_start[name], index)
             self._full_bitmaps.discard(name)
         return before
+
+    def _check_trackable(self) -> None:
+        """Refuse, up front and naming them, parameters the tracker cannot measure."""
+        float8 = [f"{name} ({p.dtype})" for name, p in self._params if _is_float8(p.dtype)]
+        if float8:
+            raise ValueError(f"gradtrace cannot track float8/float4 parameters: {', '.join(float8[:5])}"
+                             f"{' ...' if len(float8) > 5 else ''}. Track the higher-precision master weights "
+                             "(the parameters the optimizer updates) instead, or leave these untracked "
+                             "(pass the other (name, parameter) pairs)")
+        for name, p in self._params:
+            sharding.check_placements(name, p)
 
     def _numel_vector(self, numels: list[int]) -> torch.Tensor:
         """``numels`` as a tensor on the primary device, cached: built once per set of parameters with
@@ -263,7 +312,8 @@ class GradTracker:
         return self._group is not None
 
     # ------------------------------------------------------------------ set-up
-    def _allocate(self, param: nn.Parameter, sample_start: int) -> dict[str, torch.Tensor]:
+    def _allocate(self, param: nn.Parameter, sample_start: int,
+                  sample_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         local = _local(param).detach()
         numel = local.numel()
         state: dict[str, torch.Tensor] = {}
@@ -273,9 +323,18 @@ class GradTracker:
             elif acc.name == "last_lowbits":
                 state[acc.name] = _change_signature(local).clone()
             else:
-                state[acc.name] = torch.zeros(acc.length(numel, self.config, sample_start), dtype=acc.dtype(local.dtype),
-                                              device=local.device)
+                length = acc.length(numel, self.config, sample_start)
+                if sample_index is not None and acc.name in ("signed_sum", "abs_sum"):
+                    length = sample_index.numel()  # the listed elements of a non-contiguous shard
+                state[acc.name] = torch.zeros(length, dtype=acc.dtype(local.dtype), device=local.device)
         return state
+
+    def _sampled(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """The elements of a parameter's flattened local data (or of a mask of it) that carry gradient sums."""
+        index = self._sample_index.get(name)
+        if index is not None:
+            return flat[_to(index, flat.device)]
+        return flat[self._sample_start[name]:: self.config.stride]
 
     def _reference_copy(self, local: torch.Tensor) -> torch.Tensor:
         device = torch.device(self.config.reference_device)
@@ -321,7 +380,8 @@ class GradTracker:
         bit, no sum): such a step is skipped by a loss scaler, or the run has diverged. Those steps and
         the discarded elements are counted. ``detail=False`` skips counting this step's nonzero
         elements (the gradient-density curve), a full pass over the mask; integrations ask for it on
-        the steps that will be logged.
+        the steps that will be logged. In a sharded run a NaN/inf in any rank's shard of a parameter drops
+        the whole parameter on every rank, as in a single process (one more small all-reduce per step).
         """
         stride = self.config.stride
         device = self._primary
@@ -330,38 +390,48 @@ class GradTracker:
         # gives host values, the torch path 0-d tensors on the parameters' devices (no host sync).
         host = _StepFlags()
         any_nonzero, all_finite, numels, counts = [], [], [], []
+        shard_finite = self._shard_finite(grads)
+        host_shard_finite: list[int] | None = None
         for name, param in self._params:
-            grad = param.grad if grads is None else grads.get(name)
+            grad = self._local_gradient(name, param, grads)
             if grad is None:
                 continue
-            grad = _local(grad)
-            if grad.is_sparse:
-                grad = grad.to_dense()
+            weight = self._weight[name]
             state = self.state[name]
             sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
+            listed = name in self._sample_index
             if self._cpu_scanner is not None and cpu_scan.supports(grad):
+                if name in shard_finite:
+                    if host_shard_finite is None:
+                        host_shard_finite = shard_finite["*"].tolist()
+                    if not host_shard_finite[shard_finite[name]]:  # dropped whole, as in one process
+                        host.add(False, False, grad.numel() * weight, None)
+                        continue
                 folded = self._cpu_scanner.fold(grad, state["gradient_bits"], full=name in self._full_bitmaps,
-                                                count=detail, sums=sums, stride=stride,
+                                                count=detail, sums=None if listed else sums, stride=stride,
                                                 sample_start=self._sample_start[name])
                 if folded.full:
                     self._full_bitmaps.add(name)
-                host.add(folded.any_nonzero, folded.finite, grad.numel(), folded.nonzero)
+                if listed and sums is not None and folded.finite:
+                    self._add_sums(name, grad, sums, None)
+                host.add(folded.any_nonzero, folded.finite, grad.numel() * weight, (folded.nonzero or 0) * weight)
                 continue
             nonzero, has_nonzero, finite = _scan_gradient(grad)
+            if name in shard_finite:  # a NaN/inf in any rank's shard drops the whole parameter
+                finite = _to(shard_finite["*"][shard_finite[name]], grad.device).bool()
             state["gradient_bits"].bitwise_or_(pack_bits(nonzero).mul_(finite))  # NaN/inf: no bit at all
             if sums is not None:
-                sampled = grad.reshape(-1)[self._sample_start[name]::stride].float()
-                sampled = torch.nan_to_num(sampled, nan=0.0, posinf=0.0, neginf=0.0).mul_(finite)
-                sums[0].add_(sampled)
-                sums[1].add_(sampled.abs_())
+                self._add_sums(name, grad, sums, finite)
             nonzero_count = torch.count_nonzero(nonzero) if detail else None
+            if detail and not weight:  # another rank counts this part
+                nonzero_count = nonzero_count.mul(0)
             if grad.device != device:  # model spread over several devices: the flags meet on one
-                has_nonzero, finite = has_nonzero.to(device, non_blocking=True), finite.to(device, non_blocking=True)
+                has_nonzero, finite = _to(has_nonzero, device), _to(finite, device)
                 if detail:
-                    nonzero_count = nonzero_count.to(device, non_blocking=True)
+                    nonzero_count = _to(nonzero_count, device)
             any_nonzero.append(has_nonzero)
             all_finite.append(finite)
-            numels.append(grad.numel())
+            numels.append(grad.numel() * weight)
             if detail:
                 counts.append(nonzero_count)
         # [some nonzero gradient, some NaN/inf, discarded elements, nonzero elements this step]
@@ -384,7 +454,9 @@ class GradTracker:
         if self._group is not None:
             # Whether the step was all-zero, or held a NaN, is a question about every shard together:
             # one 2-element all-reduce, no host sync on GPU.
+            flags = _to(flags, self._collective_device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+            flags = _to(flags, device)
         self.steps += 1
         counters = self.counters
         counters[COUNTER_INDEX["zero_gradient_steps"]] += 1 - flags[0]
@@ -393,6 +465,54 @@ class GradTracker:
         if detail:
             counters[COUNTER_INDEX["density_nonzero"]] = totals[3]
             counters[COUNTER_INDEX["density_step"]] = self.steps
+
+    def _local_gradient(self, name: str, param: nn.Parameter,
+                        grads: Mapping[str, torch.Tensor | None] | None) -> torch.Tensor | None:
+        """The gradient of ``param``'s local data, dense, where its state lives and in a dtype that can
+        be scanned (float8 gradients are widened exactly: no ``isfinite`` for float8)."""
+        grad = param.grad if grads is None else grads.get(name)
+        if grad is None:
+            return None
+        grad = _local(grad)
+        if grad.is_sparse:
+            grad = grad.to_dense()
+        bits = self.state[name]["gradient_bits"]
+        if grad.device != bits.device:  # ZeRO-3 offload_optimizer: gradient partitions on the CPU, state not
+            grad = _to(grad, bits.device)
+        if _is_float8(grad.dtype):
+            grad = grad.float()
+        return grad
+
+    def _add_sums(self, name: str, grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],
+                  finite: torch.Tensor | None) -> None:
+        """Add the sampled elements of a gradient to the sums; ``finite`` (a 0-d flag) zeroes a dropped one."""
+        sampled = torch.nan_to_num(self._sampled(name, grad.reshape(-1)).float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if finite is not None:
+            sampled.mul_(finite)
+        sums[0].add_(sampled)
+        sums[1].add_(sampled.abs_())
+
+    def _shard_finite(self, grads: Mapping[str, torch.Tensor | None] | None) -> dict[str, Any]:
+        """Whether each sharded parameter's gradient is finite on every rank: ``{name: position, "*": flags}``
+        (``flags`` an int tensor, 1 = finite everywhere), empty outside sharded runs.
+
+        A single process drops a parameter's whole gradient for the step when any element is NaN/inf; a
+        rank sees only its shard, so the ranks agree first: one all-reduce of one flag per sharded
+        parameter, at the price of reading each sharded gradient once more. Replicas (HSDP) hold the same
+        gradient, so the minimum over the whole reduction group is the minimum over the shards.
+        """
+        if self._group is None:
+            return {}
+        flags = []
+        for name in self._sharded_names:
+            grad = self._local_gradient(name, self._named[name], grads)
+            if grad is None or grad.numel() == 0:
+                flags.append(torch.ones((), dtype=torch.bool, device=self._collective_device))
+            else:
+                flags.append(_to(_scan_gradient(grad)[2], self._collective_device))
+        reduced = torch.stack(flags).to(torch.int32)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MIN, group=self._group)
+        return {"*": reduced, **{name: i for i, name in enumerate(self._sharded_names)}}
 
     @torch.no_grad()
     def observe_update(self) -> None:
@@ -408,15 +528,17 @@ class GradTracker:
             state = self.state[name]
             values = _local(param).detach()
             self._check_dtype(name, values)
+            weight = self._weight[name]  # counted on one rank only where several hold the same part
             if self._cpu_scanner is not None and cpu_scan.supports(values):
-                changed_on_host += self._cpu_scanner.fold_changes(values, state["last_lowbits"],
-                                                                  state["ever_changed_bits"])
+                changed_on_host += weight * self._cpu_scanner.fold_changes(values, state["last_lowbits"],
+                                                                           state["ever_changed_bits"])
                 continue
             low = _change_signature(values)
             changed = low.ne(state["last_lowbits"])
             or_pack_into(state["ever_changed_bits"], changed)
             state["last_lowbits"].copy_(low)
-            step_changed += changed.sum().to(self._primary, non_blocking=True)
+            if weight:
+                step_changed += _to(changed.sum(), self._primary)
         step_changed += changed_on_host
         self.counters[COUNTER_INDEX["last_step_changed"]] = step_changed
         self.counters[COUNTER_INDEX["changed_elements_total"]] += step_changed
@@ -425,7 +547,7 @@ class GradTracker:
     @torch.no_grad()
     def _update_masks(self, param: nn.Parameter, state: Mapping[str, torch.Tensor]):
         current = _local(param).detach().reshape(-1)
-        reference = state["reference"].to(current.device, non_blocking=True).reshape(-1)
+        reference = _to(state["reference"], current.device).reshape(-1)
         updated = _raw_bits(current).ne(_raw_bits(reference))
         delta = current - reference  # in the storage dtype, like the paper's script
         updated_abs = delta.abs().le(self.config.abs_tolerance).logical_not_()
@@ -448,7 +570,11 @@ class GradTracker:
             state = self.state[name]
             local = _local(param).detach()
             self._check_dtype(name, local)
-            if fast is not None and cpu_measure.supports(local, state["reference"]):
+            if not self._weight[name]:  # another rank counts this part (replicated here): nothing to add
+                rows.append(torch.zeros(len(COUNT_FIELDS), dtype=torch.int64, device=self._primary))
+                continue
+            listed = name in self._sample_index  # sampled elements by index: the torch path
+            if fast is not None and not listed and cpu_measure.supports(local, state["reference"]):
                 row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
                 rows.append(torch.tensor(row, dtype=torch.int64, device=self._primary))
                 continue
@@ -458,10 +584,9 @@ class GradTracker:
             zero = torch.zeros((), dtype=torch.int64, device=gradient.device)
             ever = popcount(state["ever_changed_bits"]) if cfg.ever_changed else zero
             if cfg.tracks_sums:
-                start = self._sample_start[name]
-                sampled_gradient = gradient[start:: cfg.stride]
+                sampled_gradient = self._sampled(name, gradient)
                 signed, absolute = state["signed_sum"].abs(), state["abs_sum"]
-                unchanged = sampled_gradient & updated[start:: cfg.stride].logical_not()
+                unchanged = sampled_gradient & self._sampled(name, updated).logical_not()
                 cancelled = unchanged & signed.le(absolute * cfg.cancel_epsilon)
                 ratio = (signed / absolute.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0, 1)
                 ratio.nan_to_num_(nan=1.0)  # inf / inf (both sums overflowed): the last bin, not a bad index
@@ -487,6 +612,7 @@ class GradTracker:
                     local_counters[COUNTER_INDEX[name]] = 0
         flat = torch.cat([torch.stack(rows).reshape(-1), histogram, local_counters])
         if self._group is not None:
+            flat = _to(flat, self._collective_device)
             dist.all_reduce(flat, group=self._group)
         table = flat.tolist()  # the one device-to-host sync
         width = len(COUNT_FIELDS)
@@ -543,21 +669,32 @@ class GradTracker:
         """Everything needed to resume, as flat CPU tensors (``"{accumulator}/{parameter}"``)."""
         tensors = {f"{key}/{name}": value.to("cpu", copy=True).contiguous()
                    for name, state in self.state.items() for key, value in state.items()}
-        tensors["counters"] = self.counters.cpu()
+        tensors["counters"] = self.counters.to("cpu", copy=True)  # a snapshot, also when counters live on the CPU
         tensors["steps"] = torch.tensor([self.steps], dtype=torch.int64)
         return tensors
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tracker state") -> None:
-        """Restore from :meth:`state_tensors`; refuses state of another model or another config."""
+        """Restore from :meth:`state_tensors`; refuses state of another model or another config.
+
+        Everything is checked before anything is overwritten: a refused state leaves the tracker as it was.
+        """
+        for key, like in (("counters", self.counters), ("steps", torch.zeros(1, dtype=torch.int64))):
+            saved = tensors.get(key)
+            if not isinstance(saved, torch.Tensor) or saved.shape != like.shape or saved.dtype != like.dtype:
+                found = (f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor)
+                         else "missing" if saved is None else type(saved).__name__)
+                raise ValueError(f"{source}: {key!r} is {found}, expected {tuple(like.shape)} {like.dtype} "
+                                 "(saved by another gradtrace version, or damaged?)")
         for name, state in self.state.items():
             for key, value in state.items():
                 saved = tensors.get(f"{key}/{name}")
                 if saved is None:
                     raise ValueError(f"{source}: no {key!r} for parameter {name!r}; was it saved for another "
                                      "model or with another TrackerConfig?")
-                if saved.shape != value.shape or saved.dtype != value.dtype:
-                    raise ValueError(f"{source}: {key!r} of {name!r} is {tuple(saved.shape)} {saved.dtype}, "
+                if not isinstance(saved, torch.Tensor) or saved.shape != value.shape or saved.dtype != value.dtype:
+                    found = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+                    raise ValueError(f"{source}: {key!r} of {name!r} is {found}, "
                                      f"expected {tuple(value.shape)} {value.dtype}")
         expected = {f"{key}/{name}" for name, state in self.state.items() for key in state} | {"counters", "steps"}
         unexpected = sorted(set(tensors) - expected)
@@ -576,6 +713,8 @@ class GradTracker:
         for state in self.state.values():
             for key, value in state.items():
                 out["reference" if key == "reference" else "device"] += value.numel() * value.element_size()
+        for index in self._sample_index.values():  # the sampled elements of non-contiguous shards
+            out["device"] += index.numel() * index.element_size()
         return out
 
     @property

@@ -3,12 +3,13 @@
 Run under torchrun (DeepSpeed's CPU accelerator, gloo), or as one plain process without DeepSpeed (the
 reference, on the same global batches):
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/distributed/trainer_deepspeed.py OUT STAGE PER_DEVICE_BATCH GA [lenient]
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/distributed/trainer_deepspeed.py OUT STAGE PER_DEVICE_BATCH GA [lenient] [offload]
     python tests/distributed/trainer_deepspeed.py OUT none GLOBAL_BATCH 1
 
 STAGE is the ZeRO stage, or ``none`` for no DeepSpeed at all (the reference). Every optimizer step is
 logged, so per-step counts (e.g. the step's gradient density) can be compared as well as the final masks.
-``lenient`` runs the callback with ``strict=False`` (its warnings are recorded).
+``lenient`` runs the callback with ``strict=False`` (its warnings are recorded); ``offload`` (ZeRO-3)
+offloads optimizer state and parameters to the CPU (``offload_optimizer`` / ``offload_param``).
 Each rank writes ``OUT/rank{r}.json``: what was attached, the tracker's state bytes and whether it
 tracked partitions (ZeRO-3), and a digest of its gradient mask bits (replicated state under ZeRO-0/1/2).
 """
@@ -58,9 +59,14 @@ def dataset(n: int) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def deepspeed_config(stage: int) -> dict:
+def deepspeed_config(stage: int, offload: bool = False) -> dict:
+    zero = {"stage": stage}
+    if offload:
+        zero |= {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    extra = {"zero_force_ds_cpu_optimizer": False} if offload else {}  # the Trainer's torch AdamW, no CPU Adam build
     return {
-        "zero_optimization": {"stage": stage},
+        **extra,
+        "zero_optimization": zero,
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -70,7 +76,8 @@ def deepspeed_config(stage: int) -> dict:
     }
 
 
-def main(out: str, stage: int | None, batch: int, accumulation: int, strict: bool = True) -> None:
+def main(out: str, stage: int | None, batch: int, accumulation: int, strict: bool = True,
+         offload: bool = False) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # odd sizes (hidden 33, vocab 95): ZeRO-3 partitions are uneven and the last one padded, as in real models
@@ -81,7 +88,7 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
                              gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1,
                              report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
                              disable_tqdm=True, seed=0, data_seed=0, lr_scheduler_type="constant",
-                             deepspeed=None if stage is None else deepspeed_config(stage),
+                             deepspeed=None if stage is None else deepspeed_config(stage, offload),
                              ddp_backend="gloo" if distributed else None)
     # a sampled subset with a stride that does not divide the partitions: under ZeRO-3 it must still be
     # chosen by global element index, as in the single process
@@ -111,6 +118,8 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
         "state_bytes": tracker.state_bytes() if tracker else None,
         "tracked_numel": tracker.numel if tracker else None,
         "warnings": [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)],
+        "offload": {attr: bool(getattr(handle.optimizer, attr, False)) for attr in ("offload_optimizer", "offload_param")}
+        if handle else None,
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
         json.dump(record, stream)
@@ -118,4 +127,4 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
 
 if __name__ == "__main__":
     main(sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
-         strict=sys.argv[5:] != ["lenient"])
+         strict="lenient" not in sys.argv[5:], offload="offload" in sys.argv[5:])
