@@ -12,7 +12,7 @@ whose info stays public as on the hub).
 The server counts what it serves: :attr:`HubServer.served` lists every ``GET .../resolve`` as
 ``(repo, revision, file, start, stop)`` (byte range actually sent). :attr:`stop_after_ranges` makes
 it stop itself once it has served that many range requests, dropping open connections, as a server
-that goes away mid-transfer does.
+that goes away mid-transfer does; :attr:`fail_next` answers the next resolve GETs with 503.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class HubServer:
         self.served: list[tuple[str, str, str, int, int]] = []
         self.range_requests = 0
         self.stop_after_ranges: int | None = None
+        self.fail_next = 0  # answer this many next resolve GETs with 503, as an overloaded hub does
         self.stopped = threading.Event()
         self._lock = threading.Lock()
         hub = self
@@ -168,6 +169,11 @@ class _Handler(BaseHTTPRequestHandler):
         if repo_id in hub.gated:
             return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access "
                                                  "to it and be authenticated to access it. Please log in.")
+        if not head_only:
+            with hub._lock:
+                fail, hub.fail_next = hub.fail_next > 0, max(0, hub.fail_next - 1)
+            if fail:
+                return self._error(503, "ServiceUnavailable", "try again later")
         path = folder / file
         if not path.is_file():
             return self._error(404, "EntryNotFound", f"{file} does not exist at {name}")

@@ -139,8 +139,9 @@ def hub(tmp_path_factory):
     write_revision(root / "org/gated/main", with_buffer(base))
     server = HubServer(root)
     server.gated.add("org/gated")
-    yield {"root": root, "server": server, "base": base, "tuned": revisions}
-    server.stop()
+    state = {"root": root, "server": server, "base": base, "tuned": revisions}
+    yield state
+    state["server"].stop()  # the resume test restarts it
 
 
 class Worker:
@@ -160,12 +161,12 @@ class Worker:
             print(json.dumps({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
     """)
 
-    def __init__(self, endpoint: str, home: Path):
+    def __init__(self, endpoint: str, home: Path, hf_home: Path | None = None, offline: bool = False):
         self.home = home
-        self.cwd, self.tmp, self.hf_home = home / "cwd", home / "tmp", home / "hf"
+        self.cwd, self.tmp, self.hf_home = home / "cwd", home / "tmp", hf_home or home / "hf"
         for folder in (self.cwd, self.tmp, self.hf_home):
             folder.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0",
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "1" if offline else "0",
                "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(self.hf_home), "TMPDIR": str(self.tmp),
                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "COLUMNS": "200"}
         env.pop("HF_TOKEN", None)
@@ -252,39 +253,32 @@ def test_server_stopped_mid_diff_resumes_to_the_same_result(hub, cli, tmp_path):
     root = hub["root"]
     out, masks = tmp_path / "out.json", tmp_path / "masks.safetensors"
     state = Path(f"{out}.resume.jsonl")
-    # A server of its own, on its own port, that goes away after the headers and 5 tensor reads.
-    first = HubServer(root)
-    first.stop_after_ranges = 2 * 2 * 2 + 5
-    worker = Worker(first.endpoint, tmp_path / "client")
-    try:
-        args = ("org/base", "org/tuned@step-100", "--json", "-o", str(out), "--masks-out", str(masks))
-        broken = diff(worker, *args)
-        assert broken["rc"] == 1
-        assert "still failing after 2 retries" in broken["stderr"] and "resume" in broken["stderr"]
-        assert re.search(r"org/(base|tuned@step-100): model-0000\d-of-00002.safetensors: still failing",
-                         broken["stderr"]), broken["stderr"]
-        assert not out.exists() and not masks.exists()
-        lines = [json.loads(line) for line in state.read_text().splitlines()]
-        finished = {entry["name"] for entry in lines[1:]}
-        assert 1 <= len(finished) < len(SHAPES)
-        assert lines[0]["key"]["tuned"] == f"org/tuned@{commit_sha('org/tuned', 'step-100')}"
+    args = ("org/base", "org/tuned@step-100", "--json", "-o", str(out), "--masks-out", str(masks))
+    # The server goes away after the headers and 5 tensor reads ...
+    first = hub["server"]
+    first.stop_after_ranges = first.range_requests + 2 * 2 * 2 + 5
+    broken = diff(cli, *args)
+    assert first.stopped.is_set()
+    assert broken["rc"] == 1
+    assert re.search(r"org/(base|tuned@step-100): model-0000\d-of-00002.safetensors: still failing after 2 "
+                     r"retries .*run the same command again to resume", broken["stderr"].replace("\n", " ")), broken
+    assert not out.exists() and not masks.exists()
+    lines = [json.loads(line) for line in state.read_text().splitlines()]
+    finished = {entry["name"] for entry in lines[1:]}
+    assert 1 <= len(finished) < len(SHAPES)
+    assert lines[0]["key"]["tuned"] == f"org/tuned@{commit_sha('org/tuned', 'step-100')}"
 
-        again = HubServer(root, port=first.port)  # the same address, as a restarted server has
-        try:
-            done = diff(worker, *args)
-            assert done["rc"] == 0, done["stderr"]
-            fetched = {e[2:] for e in again.served if e[2].endswith(".safetensors") and not _is_header(root, e)
-                       and e[3] != 0}
-        finally:
-            again.stop()
-    finally:
-        worker.close()
+    # ... and comes back on the same address; the same command resumes.
+    again = hub["server"] = HubServer(root, port=first.port)
+    again.gated = first.gated
+    done = diff(cli, *args)
+    assert done["rc"] == 0, done["stderr"]
     expected = expected_counts(hub["base"], hub["tuned"]["step-100"])
     assert counts_of(json.loads(out.read_text())) == expected
     assert not state.exists()  # complete: the state is gone
     # Only what was not finished before was fetched again.
-    again_names = set(SHAPES) - finished
-    want = {r for name in again_names for folder in (root / "org/base/main", root / "org/tuned/step-100")
+    fetched = {e[2:] for e in again.served if e[2].endswith(".safetensors") and not _is_header(root, e) and e[3] != 0}
+    want = {r for name in set(SHAPES) - finished for folder in (root / "org/base/main", root / "org/tuned/step-100")
             for r in data_ranges(folder, {name})}
     assert fetched == want
     # The masks (finished before the break or after) are the bitwise changes, tensor by tensor.
@@ -292,6 +286,16 @@ def test_server_stopped_mid_diff_resumes_to_the_same_result(hub, cli, tmp_path):
     for name, a in hub["base"].items():
         changed = a.view(torch.int16) != hub["tuned"]["step-100"][name].view(torch.int16)
         assert torch.equal(saved["update"][name], changed), name
+
+
+def test_transient_errors_are_retried(hub, cli):
+    server = hub["server"]
+    server.served.clear()
+    server.fail_next = 2  # 503 twice in a row: within the 2 retries of a request
+    done = diff(cli, "org/base", "org/tuned", "--json")
+    assert done["rc"] == 0, done["stderr"]
+    assert server.fail_next == 0
+    assert counts_of(json.loads(done["stdout"])) == expected_counts(hub["base"], hub["tuned"]["main"])
 
 
 def test_missing_repo_missing_revision_and_gated_repo_are_named(hub, cli):
@@ -323,6 +327,22 @@ def test_cache_downloads_once_then_costs_nothing(hub, cli):
     assert counts_of(results[0]) == counts_of(results[1]) == expected_counts(hub["base"], hub["tuned"]["step-100"])
     cached = [p for p in cli.hf_home.rglob("*.safetensors")]
     assert len(cached) == 4
+
+
+def test_offline_reads_the_cache_only(hub, cli, tmp_path):
+    """HF_HUB_OFFLINE=1 (read at import: a process of its own) over the cache the --cache test filled."""
+    server = hub["server"]
+    server.served.clear()
+    offline = Worker(server.endpoint, tmp_path / "offline", hf_home=cli.hf_home, offline=True)
+    try:
+        done = diff(offline, "org/base", "org/tuned@step-100", "--json")
+        missing = diff(offline, "org/base", "org/tuned@main", "--json")
+    finally:
+        offline.close()
+    assert done["rc"] == 0, done["stderr"]
+    assert counts_of(json.loads(done["stdout"])) == expected_counts(hub["base"], hub["tuned"]["step-100"])
+    assert missing["rc"] == 1 and "org/tuned@main: not a local path, and HF_HUB_OFFLINE=1" in missing["stderr"]
+    assert server.served == []  # not one request
 
 
 def test_rank_on_hub_repos_equals_rank_of_local_copies(hub, cli):

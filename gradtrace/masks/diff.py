@@ -12,8 +12,12 @@ several *criteria* for "this element is unchanged":
   ``|ŵ − w| ≤ η·max(|w|, |ŵ|)``, computed in float32.
 
 Checkpoints are Hugging Face model folders (a single ``*.safetensors`` file, or shards listed in
-``model.safetensors.index.json``) or a raw ``.safetensors`` file. Only one tensor pair is resident at
-a time (memory ≈ twice the largest tensor plus a few fixed-size chunks), never two whole models.
+``model.safetensors.index.json``), raw ``.safetensors`` files, or hub repos ``org/name[@revision]``
+streamed with HTTP range reads (:mod:`gradtrace.masks.hub`). Each is a :class:`TensorSource`, and
+one comparison loop reads them all. Only one tensor pair is resident at a time (memory ≈ twice the
+largest tensor plus a few fixed-size chunks; from the hub, plus the next pair read ahead), never two
+whole models. FP8 checkpoints in the DeepSeek-V3 layout are compared dequantized (:mod:`.fp8`); an
+interrupted diff can resume from its last finished tensor (:mod:`.resume`).
 Names, shapes and dtypes must match; any mismatch raises :class:`CheckpointDiffError` naming both
 checkpoints and the tensor. Non-float tensors (integer buffers) are skipped with a note.
 

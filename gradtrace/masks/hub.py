@@ -133,11 +133,14 @@ def open_hub_source(ref: HubRef, *, device: str = "cpu", cache: bool = False, re
     if cache:
         wanted = [*weights, *(f for f in files if f == "config.json" or f.endswith(".safetensors.index.json"))]
         try:
-            folder = _with_retries(str(ref), lambda: snapshot_download(ref.repo_id, revision=info.sha,
+            # By the name asked for (not the commit), so the cache maps that branch or tag to its
+            # commit and HF_HUB_OFFLINE=1 finds it later under the same name.
+            folder = _with_retries(str(ref), lambda: snapshot_download(ref.repo_id, revision=ref.revision,
                                                                        allow_patterns=wanted), retries, backoff)
         except HfHubHTTPError as err:
             raise _hub_error(ref, err) from err
-        return LocalSource(folder, device=device, label=str(ref), identity=f"{ref.repo_id}@{info.sha}")
+        return LocalSource(folder, device=device, label=str(ref),
+                           identity=f"{ref.repo_id}@{PurePosixPath(folder).name}")
     return HubSource(ref, info.sha, files, device=device, retries=retries, backoff=backoff)
 
 
