@@ -85,6 +85,7 @@ class HubServer:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the hub: connections are reused across range reads
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would add 40 ms to each
     server_hub: HubServer
 
     def log_message(self, format: str, *args: object) -> None:  # quiet

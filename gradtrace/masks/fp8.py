@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 SCALE_SUFFIX = "_scale_inv"
@@ -75,12 +76,24 @@ def check_scale(layout: Fp8Layout, name: str, shape: tuple[int, ...], scale_shap
             f"{layout.rows}×{layout.cols} blocks needs F32{list(layout.scale_shape(shape))}")
 
 
+# The 256 float8_e4m3fn values in float64, by bit pattern: a table lookup converts 2.4x faster on CPU than
+# torch's element-wise float8 -> float64 cast (measured on a 2048x7168 weight), with the same bits.
+_E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64).numpy()
+
+
+def to_float64(weight: torch.Tensor) -> torch.Tensor:
+    """A float8_e4m3fn tensor's values in float64 (exact)."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float8_e4m3fn:
+        bits = weight.contiguous().view(torch.uint8).numpy()
+        return torch.from_numpy(np.take(_E4M3_TABLE, bits))
+    return weight.to(torch.float64)  # float8 has no arithmetic of its own (nor promote_types): convert first
+
+
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
     """``weight · scale_inv`` broadcast over its blocks, in float64 (exact; see the module docstring)."""
     m, n = weight.shape
-    # float8 has no arithmetic of its own (nor promote_types): convert first.
-    values = weight.to(torch.float64)
-    scales = scale_inv.to(torch.float64)
+    values = to_float64(weight)
+    scales = scale_inv.to(device=values.device, dtype=torch.float64)
     if m % layout.rows == 0 and n % layout.cols == 0:  # the usual case: broadcast, no m×n copy of the scales
         blocks = values.view(m // layout.rows, layout.rows, n // layout.cols, layout.cols)
         blocks.mul_(scales[:, None, :, None])
