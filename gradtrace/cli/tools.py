@@ -106,7 +106,8 @@ def _resume_file(args: argparse.Namespace) -> str | None:
     beside = args.output or args.masks_out
     if beside:
         return f"{beside}.resume.jsonl"
-    digest = hashlib.sha256(f"{args.base}\0{args.tuned}".encode()).hexdigest()[:12]
+    what = [args.base, args.tuned, *(args.tolerance or ()), "rel", *(args.relative or ()), str(args.masks_out)]
+    digest = hashlib.sha256("\0".join(what).encode()).hexdigest()[:12]
     return f"gradtrace-diff-{digest}.resume.jsonl"
 
 

@@ -108,9 +108,16 @@ def open_hub_source(ref: HubRef, *, device: str = "cpu", cache: bool = False, re
                     backoff: float = 1.0) -> TensorSource:
     """The checkpoint at ``ref``: streamed (:class:`HubSource`), or from the HF cache when ``cache`` is set
     or ``HF_HUB_OFFLINE=1``."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+    try:
+        import huggingface_hub
+        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as err:
+        raise CheckpointDiffError(f"{ref}: reading hub repos needs huggingface_hub>=2.4 "
+                                  "(pip install 'gradtrace[hub]')") from err
+    if int(huggingface_hub.__version__.split(".")[0]) < 2:
+        raise CheckpointDiffError(f"{ref}: reading hub repos needs huggingface_hub>=2.4, found "
+                                  f"{huggingface_hub.__version__} (pip install 'gradtrace[hub]')")
     if constants.HF_HUB_OFFLINE:
         try:
             folder = snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True)
