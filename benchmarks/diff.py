@@ -284,6 +284,20 @@ def deepseek_v3_sizes() -> dict[str, float]:
             "largest_fp8_elements": 18432 * h}
 
 
+def derive_deepseek(stream_s_per_gb: float, fp8_cost: dict[str, float], sizes: dict[str, float]) -> dict[str, float]:
+    """Time of a streamed DeepSeek-V3 → R1-Zero diff at this machine's measured costs (derived, not run).
+
+    The streamed bf16 run's cost per GB is transfer (HTTP, parsing, copies) plus the bf16 compare; the transfer
+    part is taken to cost the same per byte for fp8 shards, and each dtype's bytes get their own measured compare
+    cost (``fp8_compare_cost``: dequantize + compare for fp8).
+    """
+    transfer = stream_s_per_gb - fp8_cost["bf16_s_per_gb"]
+    both = 2 * sizes["bytes"]
+    seconds = (both * transfer + 2 * sizes["bf16_bytes"] * fp8_cost["bf16_s_per_gb"]
+               + 2 * sizes["fp8_bytes"] * fp8_cost["fp8_s_per_gb"]) / 1e9
+    return {"read_bytes_both": both, "transfer_s_per_gb": transfer, "derived_cpu_bound_s": seconds}
+
+
 # ------------------------------------------------------------------------------------------ checks, report
 def check_agreement(gt: dict[str, Any], baseline: dict[str, dict[str, int]], meta: dict[str, Any]) -> list[str]:
     """Exact per-tensor counts; returns the list of disagreements (empty = all agree)."""
@@ -450,18 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"compare cost per GB read (in-process, {fp8_cost['shape']}): fp8 dequantize + compare "
                       f"{fp8_cost['fp8_s_per_gb']:.2f} s, bf16 compare {fp8_cost['bf16_s_per_gb']:.2f} s")
         if "hub, streamed" in summary:
-            stream = summary["hub, streamed"]
-            # Derived, not run: both checkpoints' bytes at the streamed run's cost per byte, the fp8 part scaled by
-            # the measured fp8 / bf16 compare cost ratio (the bf16 rows are what the streamed run measured).
-            fp8_factor = fp8_cost["fp8_s_per_gb"] / fp8_cost["bf16_s_per_gb"]
-            derived_s = 2 * stream["s_per_gb_served"] * (deepseek["bf16_bytes"] + fp8_factor * deepseek["fp8_bytes"]) / 1e9
-            deepseek["derived_cpu_bound_s"] = derived_s
-            deepseek["read_bytes_both"] = 2 * deepseek["bytes"]
-            deepseek["fp8_cost_factor"] = fp8_factor
-            console.print(f"DeepSeek-V3 → R1-Zero (derived, not run): {2 * deepseek['bytes'] / 1e12:.2f} TB read, "
-                          f"{derived_s / 3600:.1f} h at this machine's streamed cost per byte "
-                          f"({stream['s_per_gb_served']:.2f} s/GB bf16, fp8 ×{fp8_factor:.2f}); network-bound "
-                          f"time at 1 Gbit/s: {2 * deepseek['bytes'] / 125e6 / 3600:.1f} h")
+            deepseek.update(derive_deepseek(summary["hub, streamed"]["s_per_gb_served"], fp8_cost, deepseek))
+            console.print(f"DeepSeek-V3 → R1-Zero (derived, not run): {deepseek['read_bytes_both'] / 1e12:.2f} TB read, "
+                          f"{deepseek['derived_cpu_bound_s'] / 3600:.1f} h at this machine's measured costs "
+                          f"({deepseek['transfer_s_per_gb']:.1f} s/GB transfer + compare: bf16 "
+                          f"{fp8_cost['bf16_s_per_gb']:.1f}, fp8 {fp8_cost['fp8_s_per_gb']:.1f} s/GB); network-bound "
+                          f"time at 1 Gbit/s: {deepseek['read_bytes_both'] / 125e6 / 3600:.1f} h")
         results = {"machine": info, "argv": argv, "pair": {k: v for k, v in meta.items() if k != "truth"},
                    "fp8_compare_cost": fp8_cost, "deepseek_v3": deepseek,
                    "commands": {m: " ".join(c).replace(str(work), "$WORK") for m, c in methods.items()},

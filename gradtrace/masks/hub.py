@@ -115,7 +115,7 @@ def open_hub_source(ref: HubRef, *, device: str = "cpu", cache: bool = False, re
     except ImportError as err:
         raise CheckpointDiffError(f"{ref}: reading hub repos needs huggingface_hub>=2.4 "
                                   "(pip install 'gradtrace[hub]')") from err
-    if int(huggingface_hub.__version__.split(".")[0]) < 2:
+    if tuple(int(x) for x in re.findall(r"\d+", huggingface_hub.__version__)[:2]) < (2, 4):
         raise CheckpointDiffError(f"{ref}: reading hub repos needs huggingface_hub>=2.4, found "
                                   f"{huggingface_hub.__version__} (pip install 'gradtrace[hub]')")
     if constants.HF_HUB_OFFLINE:
