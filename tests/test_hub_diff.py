@@ -450,3 +450,21 @@ def test_hub_ids_are_parsed_and_local_paths_win(tmp_path, monkeypatch):
     write_revision(tmp_path / "org" / "name", base_tensors(), shards=1)
     result = diff_checkpoints("org/name", "org/name")
     assert result.global_sparsity() == {"0": 1.0, "1e-5": 1.0}
+
+
+def test_output_contract_is_the_local_one(hub, cli):
+    """--tolerance (repeated, spelling kept), --relative, --csv and --json from hub ids equal the local diff's."""
+    root = hub["root"]
+    flags = ("--tolerance", "0", "--tolerance", "1e-05", "--relative", "1e-3")
+    local = diff_checkpoints(root / "org/base/main", root / "org/tuned/step-100", tolerances=("0", "1e-05"),
+                             relative=("1e-3",))
+    as_csv = cli.run("diff", "org/base", "org/tuned@step-100", *flags, "--csv", *HUB_FLAGS)
+    assert as_csv["rc"] == 0, as_csv["stderr"]
+    assert as_csv["stdout"] == local.to_csv()
+    as_json = cli.run("diff", "org/base", "org/tuned@step-100", *flags, "--json", *HUB_FLAGS)
+    result = json.loads(as_json["stdout"])
+    assert set(result["global"]) == {"0", "1e-05"} and set(result["global_relative"]) == {"1e-3"}
+    expected = local.to_dict()
+    for key in ("base", "tuned", "notes"):
+        result.pop(key), expected.pop(key)
+    assert result == expected

@@ -187,6 +187,8 @@ class HubSource:
         self._where: dict[str, tuple[str, int, int]] = {}  # name -> (file, first byte, end byte)
         for file in self._shards(files):
             self._read_header(file)
+        if self._index is not None:  # the order a local diff of the same folder reports: the index's
+            self._specs = {name: self._specs[name] for name in self._index if name in self._specs}
 
     def _shards(self, files: list[str]) -> list[str]:
         indexes = sorted(f for f in files if "/" not in f and f.endswith(".safetensors.index.json"))
@@ -254,7 +256,7 @@ class HubSource:
         except ValueError as err:
             raise CheckpointDiffError(f"{self.label}: {file} has an unreadable safetensors header ({err})") from err
         index = self._index
-        for name, entry in header.items():
+        for name, entry in sorted(header.items()):  # sorted, as safetensors' own keys() are
             if name == "__metadata__" or (index is not None and index.get(name) != file):
                 continue
             if name in self._specs:
