@@ -26,6 +26,18 @@ What it does:
   baseline's and the generator's; the script exits non-zero otherwise.
 * **Memory target** "peak RSS ≤ 2× the largest tensor + a constant": the table gives peak − 2× largest tensor
   (the "constant") beside the RSS of a child that only imports what each method imports.
+* **Hub rows** (``--no-hub`` skips them). The same pair served as hub repos ``bench/base`` and ``bench/tuned`` by
+  the test suite's local hub (``tests/hub_server.py``: stdlib ``http.server`` on 127.0.0.1, in a thread of this
+  script, HTTP ranges, bytes counted server-side) to the real ``huggingface_hub`` client (``HF_ENDPOINT``):
+  (c) ``gradtrace diff bench/base bench/tuned`` streaming with range reads, (d) download-then-diff: the same with
+  ``--cache`` into an empty ``HF_HOME`` each run (``snapshot_download`` of both repos, then the local diff).
+  Besides wall time and peak RSS: bytes the server sent, and bytes left on disk in ``HF_HOME`` + ``TMPDIR``.
+  Loopback has no bandwidth limit worth the name, so these rows measure gradtrace's own cost per byte; over
+  the internet the network is usually the bound.
+* **FP8 compare cost.** DeepSeek-V3's weights are fp8 with block scales, compared dequantized: the cost per
+  byte of dequantize + compare is measured in-process on one expert-sized pair (2048×7168 fp8, 128×128 blocks)
+  beside the bf16 compare of the same element count, to derive the cost of a DeepSeek-V3 diff
+  (``deepseek_v3_sizes`` computes its bytes from the published config).
 """
 
 from __future__ import annotations
@@ -158,11 +170,11 @@ print(time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(statu
 """
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
+def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
     """Run cmd to completion; (wall seconds, peak RSS MiB of that child alone)."""
     with open(log, "w") as err:
         done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], stdout=subprocess.PIPE, stderr=err,
-                              text=True, cwd=REPO)
+                              text=True, cwd=REPO, env=env)
     wall, maxrss_kib, status = done.stdout.split()
     if done.returncode or int(status):
         sys.exit(f"{' '.join(cmd)} failed with status {status}:\n{log.read_text()[-3000:]}")
@@ -175,6 +187,115 @@ def warm_page_cache(*folders: Path) -> None:
             with open(file, "rb") as f:
                 while f.read(1 << 24):
                     pass
+
+
+# ------------------------------------------------------------------------------------------ hub rows
+def start_hub(work: Path) -> Any:
+    """Serve work/base and work/tuned as hub repos bench/base and bench/tuned (revision main)."""
+    sys.path.insert(0, str(REPO))
+    from tests.hub_server import HubServer
+
+    root = work / "hub"
+    for name in ("base", "tuned"):
+        link = root / "bench" / name / "main"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(work / name, target_is_directory=True)
+    return HubServer(root)
+
+
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """A child's environment: the local hub, an empty HF_HOME and TMPDIR of its own."""
+    shutil.rmtree(home, ignore_errors=True)
+    (home / "hf").mkdir(parents=True)
+    (home / "tmp").mkdir()
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(home / "hf"), "TMPDIR": str(home / "tmp"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+def bytes_on_disk(folder: Path) -> int:
+    """Bytes of the regular files under folder (the HF cache's snapshot links are not counted twice)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def fp8_compare_cost(repeats: int = 3) -> dict[str, float]:
+    """Seconds per byte read of dequantize + compare (fp8, DeepSeek blocks) and of the bf16 compare."""
+    from gradtrace.masks.diff import compare_tensors, make_criteria
+    from gradtrace.masks.fp8 import Fp8Layout, dequantize
+
+    g = torch.Generator().manual_seed(0)
+    shape, layout = (2048, 7168), Fp8Layout()
+    w0 = (torch.randn(shape, generator=g) * 2).to(torch.float8_e4m3fn)
+    w1 = w0.clone()
+    w1.view(torch.uint8)[:, ::7] ^= 1
+    s0 = torch.rand(layout.scale_shape(shape), generator=g) * 1e-3
+    s1 = s0.clone()
+    s1[0, 0] *= 1.5
+    b0 = torch.randn(shape, generator=g).to(torch.bfloat16)
+    b1 = b0.clone()
+    b1.view(torch.int16)[:, ::7] += 1
+    criteria = make_criteria(TOLERANCES)
+
+    def timed(fn: Any) -> float:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+
+    fp8_s = timed(lambda: compare_tensors(dequantize(w0, s0, layout), dequantize(w1, s1, layout), criteria))
+    bf16_s = timed(lambda: compare_tensors(b0, b1, criteria))
+    fp8_bytes = 2 * (w0.numel() + s0.numel() * 4)
+    bf16_bytes = 2 * b0.numel() * 2
+    return {"shape": list(shape), "fp8_s": fp8_s, "bf16_s": bf16_s, "fp8_s_per_gb": fp8_s / fp8_bytes * 1e9,
+            "bf16_s_per_gb": bf16_s / bf16_bytes * 1e9}
+
+
+def deepseek_v3_sizes() -> dict[str, float]:
+    """Bytes of one DeepSeek-V3 / R1-Zero checkpoint, from its published config.json (not downloaded here).
+
+    hidden 7168, vocab 129280, 61 layers (the first 3 dense, intermediate 18432; the others 256 routed experts
+    + 1 shared, 2048 each), MLA (q_lora 1536, kv_lora 512, 128 heads, nope 128 + rope 64, v 128), plus the one
+    multi-token-prediction layer (61: a MoE layer, eh_proj, its own embedding and head). FP8 (1 byte, plus a
+    float32 scale per 128×128 block): every attention and MLP projection. BF16: embeddings, heads, norms,
+    routers, eh_proj.
+    """
+    h, vocab, heads, q_lora, kv_lora, nope, rope, v = 7168, 129280, 128, 1536, 512, 128, 64, 128
+    attention = [(q_lora, h), (heads * (nope + rope), q_lora), (kv_lora + rope, h), (heads * (nope + v), kv_lora),
+                 (h, heads * v)]
+    dense = [(18432, h), (18432, h), (h, 18432)]
+    expert = [(2048, h), (2048, h), (h, 2048)]
+    moe = expert * 257  # 256 routed + 1 shared
+    layers = [attention + dense] * 3 + [attention + moe] * 59  # 58 MoE layers + the MTP layer
+    fp8 = [shape for layer in layers for shape in layer]
+    fp8_elements = sum(m * n for m, n in fp8)
+    scale_elements = sum(-(-m // 128) * -(-n // 128) for m, n in fp8)
+    bf16_elements = (4 * vocab * h  # embed + lm_head, and the MTP layer's own copies
+                     + 59 * 256 * h  # routers
+                     + h * 2 * h  # MTP eh_proj
+                     + 62 * (2 * h + q_lora + kv_lora) + 4 * h)  # norms
+    total = fp8_elements + 4 * scale_elements + 2 * bf16_elements
+    return {"params": fp8_elements + bf16_elements, "fp8_bytes": fp8_elements + 4 * scale_elements,
+            "bf16_bytes": 2 * bf16_elements, "bytes": total, "largest_tensor_bytes": 2 * vocab * h,
+            "largest_fp8_elements": 18432 * h}
+
+
+def derive_deepseek(stream_s_per_gb: float, fp8_cost: dict[str, float], sizes: dict[str, float]) -> dict[str, float]:
+    """Time of a streamed DeepSeek-V3 → R1-Zero diff at this machine's measured costs (derived, not run).
+
+    The streamed bf16 run's cost per GB is transfer (HTTP, parsing, copies) plus the bf16 compare; the transfer
+    part is taken to cost the same per byte for fp8 shards, and each dtype's bytes get their own measured compare
+    cost (``fp8_compare_cost``: dequantize + compare for fp8).
+    """
+    transfer = stream_s_per_gb - fp8_cost["bf16_s_per_gb"]
+    both = 2 * sizes["bytes"]
+    seconds = (both * transfer + 2 * sizes["bf16_bytes"] * fp8_cost["bf16_s_per_gb"]
+               + 2 * sizes["fp8_bytes"] * fp8_cost["fp8_s_per_gb"]) / 1e9
+    return {"read_bytes_both": both, "transfer_s_per_gb": transfer, "derived_cpu_bound_s": seconds}
 
 
 # ------------------------------------------------------------------------------------------ checks, report
@@ -233,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the pair is written and cached (default: a tempdir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (always kept with --workdir)")
     parser.add_argument("--out", default="benchmarks/results/diff-cpu.json", help="JSON results")
+    parser.add_argument("--no-hub", action="store_true", help="skip the rows against the local hub server")
     args = parser.parse_args(argv)
 
     info = machine_info()
@@ -265,28 +387,53 @@ def main(argv: list[str] | None = None) -> int:
         floors = {"gradtrace diff": "import gradtrace.cli, gradtrace.cli.tools, gradtrace.cli.report",
                   "load both + subtract": "import torch; from transformers import AutoModelForCausalLM, "
                                           "LlamaForCausalLM"}
-        raw: dict[str, dict[str, list[float]]] = {m: {"wall_s": [], "peak_rss_mib": []} for m in methods}
+        hub = None if args.no_hub else start_hub(work)
+        homes: dict[str, Path] = {}
+        if hub is not None:
+            hub_cmd = cli + ["diff", "bench/base", "bench/tuned", *tol_args, "--json"]
+            methods["hub, streamed"] = hub_cmd + ["-o", str(work / "hub-stream.json")]
+            methods["hub, download then diff"] = hub_cmd + ["--cache", "-o", str(work / "hub-cache.json")]
+            homes = {"hub, streamed": work / "home-stream", "hub, download then diff": work / "home-cache"}
+            floors["hub, streamed"] = floors["hub, download then diff"] = floors["gradtrace diff"]
+        raw: dict[str, dict[str, list[float]]] = {m: {"wall_s": [], "peak_rss_mib": [], "served_bytes": [],
+                                                      "disk_bytes": []} for m in methods}
         for r in range(args.repeats):
             for method, cmd in methods.items():
-                wall, rss = run_child(cmd, logs / f"{method.split()[0]}-{r}.log")
+                env = hub_env(hub.endpoint, homes[method]) if method in homes else None
+                if hub is not None:
+                    hub.served.clear()
+                wall, rss = run_child(cmd, logs / f"{method.split()[0].strip(',')}-{r}.log", env)
                 raw[method]["wall_s"].append(wall)
                 raw[method]["peak_rss_mib"].append(rss)
+                if method in homes:
+                    raw[method]["served_bytes"].append(sum(e[4] - e[3] for e in hub.served))
+                    raw[method]["disk_bytes"].append(bytes_on_disk(homes[method]))
+                    shutil.rmtree(homes[method], ignore_errors=True)
                 console.print(f"  run {r + 1}/{args.repeats} {method}: {wall:.2f} s, {rss:.0f} MiB")
+        if hub is not None:
+            hub.stop()
         floor = {m: run_child([sys.executable, "-c", code], logs / "imports.log") for m, code in floors.items()}
 
         gt, baseline = json.loads((work / "gt.json").read_text()), json.loads((work / "baseline.json").read_text())
         problems = check_agreement(gt, baseline, meta)
+        for method, file in (("hub, streamed", "hub-stream.json"), ("hub, download then diff", "hub-cache.json")):
+            if method in methods and json.loads((work / file).read_text())["per_matrix"] != gt["per_matrix"]:
+                problems.append(f"{method}: per-tensor results differ from the local diff's")
 
         summary: dict[str, dict[str, float]] = {}
         for method, runs in raw.items():
             summary[method] = {"median_wall_s": statistics.median(runs["wall_s"]),
                                "peak_rss_mib": max(runs["peak_rss_mib"]),
                                "imports_only_wall_s": floor[method][0], "imports_only_rss_mib": floor[method][1]}
+            if runs["served_bytes"]:
+                summary[method]["served_gb"] = max(runs["served_bytes"]) / 1e9
+                summary[method]["disk_gb"] = max(runs["disk_bytes"]) / 1e9
+                summary[method]["s_per_gb_served"] = summary[method]["median_wall_s"] / summary[method]["served_gb"]
         ref = summary["load both + subtract"]
         table = Table(title=f"gradtrace diff vs load-both-and-subtract, {meta['bytes'] / 2**30:.2f} GiB bf16 pair, "
                             f"median of {args.repeats} runs (warm page cache)", title_justify="left")
         for col in ("method", "wall s", "× baseline", "peak RSS MiB", "× baseline", "RSS − 2×largest",
-                    "imports-only RSS", "imports-only s"):
+                    "imports-only RSS", "imports-only s", "GB served", "GB on disk"):
             table.add_column(col, justify="left" if col == "method" else "right")
         for method, s in summary.items():
             s["time_ratio"] = s["median_wall_s"] / ref["median_wall_s"]
@@ -294,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             s["rss_minus_2x_largest_mib"] = s["peak_rss_mib"] - 2 * big["mib"]
             table.add_row(method, f"{s['median_wall_s']:.2f}", f"{s['time_ratio']:.2f}", f"{s['peak_rss_mib']:.0f}",
                           f"{s['rss_ratio']:.2f}", f"{s['rss_minus_2x_largest_mib']:.0f}",
-                          f"{s['imports_only_rss_mib']:.0f}", f"{s['imports_only_wall_s']:.2f}")
+                          f"{s['imports_only_rss_mib']:.0f}", f"{s['imports_only_wall_s']:.2f}",
+                          f"{s['served_gb']:.2f}" if "served_gb" in s else "", f"{s['disk_gb']:.3f}" if "disk_gb" in s else "")
         console.print(table)
         g = summary["gradtrace diff"]
         targets = {"faster_than_baseline": g["median_wall_s"] < ref["median_wall_s"],
@@ -311,13 +459,26 @@ def main(argv: list[str] | None = None) -> int:
                          else f"[bold red]{len(problems)} DISAGREEMENTS[/]"))
         for p in problems[:20]:
             console.print(f"  [red]{p}[/]")
+        fp8_cost = fp8_compare_cost()
+        deepseek = deepseek_v3_sizes()
+        console.print(f"compare cost per GB read (in-process, {fp8_cost['shape']}): fp8 dequantize + compare "
+                      f"{fp8_cost['fp8_s_per_gb']:.2f} s, bf16 compare {fp8_cost['bf16_s_per_gb']:.2f} s")
+        if "hub, streamed" in summary:
+            deepseek.update(derive_deepseek(summary["hub, streamed"]["s_per_gb_served"], fp8_cost, deepseek))
+            console.print(f"DeepSeek-V3 → R1-Zero (derived, not run): {deepseek['read_bytes_both'] / 1e12:.2f} TB read, "
+                          f"{deepseek['derived_cpu_bound_s'] / 3600:.1f} h at this machine's measured costs "
+                          f"({deepseek['transfer_s_per_gb']:.1f} s/GB transfer + compare: bf16 "
+                          f"{fp8_cost['bf16_s_per_gb']:.1f}, fp8 {fp8_cost['fp8_s_per_gb']:.1f} s/GB); network-bound "
+                          f"time at 1 Gbit/s: {deepseek['read_bytes_both'] / 125e6 / 3600:.1f} h")
         results = {"machine": info, "argv": argv, "pair": {k: v for k, v in meta.items() if k != "truth"},
+                   "fp8_compare_cost": fp8_cost, "deepseek_v3": deepseek,
                    "commands": {m: " ".join(c).replace(str(work), "$WORK") for m, c in methods.items()},
                    "imports_only_code": floors, "raw": raw, "summary": summary, "targets": targets,
                    "sparsity": sparsity, "agreement_problems": problems,
                    "notes": ["checkpoints are read from the OS page cache (one untimed warm-up read of both first)",
                              "wall time includes interpreter start and imports for both methods",
-                             "peak RSS is ru_maxrss of each child (os.wait4); max over runs"]}
+                             "peak RSS is ru_maxrss of each child (os.wait4); max over runs",
+                             "hub rows: local hub server in a thread of the benchmark process, on loopback"]}
         results["machine"]["loadavg_at_end"] = os.getloadavg()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -12,8 +12,12 @@ several *criteria* for "this element is unchanged":
   ``|ŵ − w| ≤ η·max(|w|, |ŵ|)``, computed in float32.
 
 Checkpoints are Hugging Face model folders (a single ``*.safetensors`` file, or shards listed in
-``model.safetensors.index.json``) or a raw ``.safetensors`` file. Only one tensor pair is resident at
-a time (memory ≈ twice the largest tensor plus a few fixed-size chunks), never two whole models.
+``model.safetensors.index.json``), raw ``.safetensors`` files, or hub repos ``org/name[@revision]``
+streamed with HTTP range reads (:mod:`gradtrace.masks.hub`). Each is a :class:`TensorSource`, and
+one comparison loop reads them all. Only one tensor pair is resident at a time (memory ≈ twice the
+largest tensor plus a few fixed-size chunks; from the hub, plus the next pair read ahead), never two
+whole models. FP8 checkpoints in the DeepSeek-V3 layout are compared dequantized (:mod:`.fp8`); an
+interrupted diff can resume from its last finished tensor (:mod:`.resume`).
 Names, shapes and dtypes must match; any mismatch raises :class:`CheckpointDiffError` naming both
 checkpoints and the tensor. Non-float tensors (integer buffers) are skipped with a note.
 
@@ -29,10 +33,12 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -40,6 +46,16 @@ from safetensors import safe_open
 from gradtrace.anatomy.grouping import by_kind, by_layer, total
 from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.masks_file import PackedMask, save_masks
+from gradtrace.masks.fp8 import (
+    FP8_DTYPES,
+    SCALE_SUFFIX,
+    Fp8Layout,
+    QuantizationError,
+    check_scale,
+    dequantize,
+    fp8_layout,
+)
+from gradtrace.masks.resume import ResumeState, ResumeStateError
 
 DEFAULT_TOLERANCES: tuple[str, ...] = ("0", "1e-5")
 INDEX_NAME = "model.safetensors.index.json"
@@ -157,6 +173,11 @@ def _is_float(st_dtype: str) -> bool:
     return st_dtype.startswith("F") or st_dtype == "BF16"
 
 
+# Bytes per element, by safetensors dtype.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+            "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor both checkpoints hold, as read from their headers (no data read)."""
@@ -170,28 +191,144 @@ class TensorSpec:
         return math.prod(self.shape)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of its data in one checkpoint."""
+        return self.numel * ITEMSIZE.get(self.dtype, 1)
+
+    @property
     def is_float(self) -> bool:
         return _is_float(self.dtype)
 
 
+class TensorSource(Protocol):
+    """Where one checkpoint's tensors come from: a local folder or file (:class:`LocalSource`) or a hub
+    repo read with HTTP range requests (:class:`gradtrace.masks.hub.HubSource`). The comparison loop
+    sees only this."""
+
+    label: str  # as the user named it ("path/to/ckpt", "org/name@rev"): the key of the results
+    identity: str  # what it resolved to (absolute path, "org/name@<commit>"): keys resume state, masks info
+    streamed: bool  # reads cost a network round trip, so the next tensor is worth reading ahead
+    bytes_read: int  # bytes of tensor data read so far
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """Every tensor's name, shape and dtype, from the headers alone."""
+        ...
+
+    def config(self) -> dict[str, Any] | None:
+        """The checkpoint's ``config.json`` (``None`` when it has none)."""
+        ...
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, on the source's device."""
+        ...
+
+
+class LocalSource:
+    """A checkpoint on disk: a ``.safetensors`` file or a Hugging Face model folder.
+
+    Each :meth:`read` opens the shard afresh and closes it at once: a tensor from ``safe_open`` is a
+    view of the file's memory map, and pages read through a handle kept open stay resident until it
+    closes (measured: +1 tensor per tensor read), whereas a closed handle's tensor releases its pages
+    when the tensor is freed.
+    """
+
+    streamed = False
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", label: str | None = None,
+                 identity: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        self.identity = identity or str(self.path.resolve())
+        self.device = device
+        self.bytes_read = 0
+        self._files = checkpoint_index(self.path)
+        self._specs: dict[str, TensorSpec] | None = None
+
+    def specs(self) -> dict[str, TensorSpec]:
+        if self._specs is None:
+            specs = {}
+            with contextlib.ExitStack() as stack:
+                handles: dict[Path, Any] = {}
+                for name, file in self._files.items():
+                    if file not in handles:
+                        handles[file] = stack.enter_context(self._open(file))
+                    try:
+                        sl = handles[file].get_slice(name)
+                        specs[name] = TensorSpec(name, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
+                    except Exception as err:
+                        raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} "
+                                                  f"({type(err).__name__}: {err})") from err
+            self._specs = specs
+        return self._specs
+
+    def config(self) -> dict[str, Any] | None:
+        file = self.path / "config.json"
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointDiffError(f"{file}: unreadable ({err})") from err
+
+    def _open(self, file: Path) -> Any:
+        try:
+            return safe_open(str(file), framework="pt", device=self.device)
+        except Exception as err:  # safetensors raises several exception types for unreadable files
+            raise CheckpointDiffError(f"{file}: cannot open ({type(err).__name__}: {err})") from err
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self._files[name]
+        try:
+            with self._open(file) as handle:
+                tensor = handle.get_tensor(name)
+        except CheckpointDiffError:
+            raise
+        except Exception as err:
+            raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def open_source(ref: str | os.PathLike, *, device: str = "cpu", cache: bool = False,
+                retries: int = 5, backoff: float = 1.0) -> TensorSource:
+    """A local checkpoint when ``ref`` exists on disk, else a hub repo ``org/name[@revision]``.
+
+    Hub repos are streamed (ranged reads, nothing written to disk) unless ``cache`` is set, which
+    downloads through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads the cache only. ``retries`` and
+    ``backoff`` (seconds, doubled per retry) bound the retries of transient HTTP errors.
+    """
+    if not isinstance(ref, str) or Path(ref).exists():
+        return LocalSource(ref, device=device)
+    from gradtrace.masks import hub  # huggingface_hub is imported there, and only when a hub id is given
+
+    parsed = hub.parse_hub_ref(ref)
+    if parsed is None:
+        return LocalSource(ref, device=device)  # raises "no such checkpoint"
+    return hub.open_hub_source(parsed, device=device, cache=cache, retries=retries, backoff=backoff)
+
+
 class CheckpointPair:
-    """Two checkpoints side by side; :meth:`load` reads one tensor pair at a time.
+    """Two checkpoints side by side; :meth:`load` and :meth:`stream` read one tensor pair at a time.
 
     The constructor checks names, shapes and dtypes from the headers alone, so a mismatch is reported
-    before any data is read. Each :meth:`load` opens the shards afresh and closes them at once: a
-    tensor from ``safe_open`` is a view of the file's memory map, and pages read through a handle
-    kept open stay resident until it closes (measured: +1 tensor per tensor read), whereas a closed
-    handle's tensor releases its pages when the tensor is freed.
+    before any data is read. FP8 checkpoints in the DeepSeek layout (:mod:`gradtrace.masks.fp8`) are
+    compared dequantized: their ``*_scale_inv`` tensors are read with their weight and are not tensors
+    of the pair. ``base`` and ``tuned`` are local paths or hub ids (see :func:`open_source`).
     """
 
     def __init__(self, base: str | os.PathLike, tuned: str | os.PathLike, *, allow_missing: bool = False,
-                 device: str = "cpu"):
-        self.base, self.tuned = Path(base), Path(tuned)
+                 device: str = "cpu", cache: bool = False, retries: int = 5, backoff: float = 1.0):
         self.device = device
+        self.sources = tuple(open_source(ref, device=device, cache=cache, retries=retries, backoff=backoff)
+                             for ref in (base, tuned))
+        self.base, self.tuned = (s.label for s in self.sources)
         self.notes: list[str] = []
-        self._files = (checkpoint_index(self.base), checkpoint_index(self.tuned))
-        only_base = [n for n in self._files[0] if n not in self._files[1]]
-        only_tuned = [n for n in self._files[1] if n not in self._files[0]]
+        all_specs = [s.specs() for s in self.sources]
+        self.layout, self.scales = self._fp8(all_specs)
+        scale_names = set(self.scales.values())
+        names = [[n for n in specs if n not in scale_names] for specs in all_specs]
+        only_base = [n for n in names[0] if n not in all_specs[1]]
+        only_tuned = [n for n in names[1] if n not in all_specs[0]]
         if (only_base or only_tuned) and not allow_missing:
             detail = []
             if only_base:
@@ -204,50 +341,89 @@ class CheckpointPair:
             self.notes.append(f"skipped {len(only_base)} tensors only in {self.base} and "
                               f"{len(only_tuned)} only in {self.tuned}")
         self.specs: list[TensorSpec] = []
-        with contextlib.ExitStack() as stack:
-            handles: dict[Path, Any] = {}
-            for name in self._files[0]:
-                if name not in self._files[1]:
-                    continue
-                spec_a, spec_b = self._spec(stack, handles, 0, name), self._spec(stack, handles, 1, name)
-                if spec_a.shape != spec_b.shape:
-                    raise CheckpointDiffError(f"tensor {name!r} has shape {list(spec_a.shape)} in {self.base} "
-                                              f"but {list(spec_b.shape)} in {self.tuned}")
-                if spec_a.dtype != spec_b.dtype:
-                    raise CheckpointDiffError(f"tensor {name!r} is {spec_a.dtype} in {self.base} but "
-                                              f"{spec_b.dtype} in {self.tuned}; compare checkpoints saved in the "
-                                              "same dtype")
-                self.specs.append(spec_a)
+        for name in names[0]:
+            if name not in all_specs[1]:
+                continue
+            spec_a, spec_b = all_specs[0][name], all_specs[1][name]
+            if spec_a.shape != spec_b.shape:
+                raise CheckpointDiffError(f"tensor {name!r} has shape {list(spec_a.shape)} in {self.base} "
+                                          f"but {list(spec_b.shape)} in {self.tuned}")
+            if spec_a.dtype != spec_b.dtype:
+                raise CheckpointDiffError(f"tensor {name!r} is {spec_a.dtype} in {self.base} but "
+                                          f"{spec_b.dtype} in {self.tuned}; compare checkpoints saved in the "
+                                          "same dtype")
+            self.specs.append(spec_a)
+        if self.scales:
+            self.notes.append(f"{len(self.scales)} fp8 weights compared dequantized (fp8 value × its "
+                              f"{self.layout.rows}×{self.layout.cols} block's scale_inv, in float64); their "
+                              "scale tensors are part of them, not elements of their own")
 
-    def _open(self, file: Path) -> Any:
+    def _fp8(self, all_specs: list[dict[str, TensorSpec]]) -> tuple[Fp8Layout | None, dict[str, str]]:
+        """The pair's fp8 layout and ``{weight: its scale tensor}``; errors name the checkpoint."""
         try:
-            return safe_open(str(file), framework="pt", device=self.device)
-        except Exception as err:  # safetensors raises several exception types for unreadable files
-            raise CheckpointDiffError(f"{file}: cannot open ({type(err).__name__}: {err})") from err
+            layouts = [fp8_layout(s.config(), s.label) for s in self.sources]
+            if layouts[0] != layouts[1]:
+                raise QuantizationError(f"{self.base} is quantized as {layouts[0]} but {self.tuned} as "
+                                        f"{layouts[1]}; compare checkpoints stored the same way")
+            layout = layouts[0]
+            scales: dict[str, str] = {}
+            if layout is None:
+                return None, scales
+            for source, specs in zip(self.sources, all_specs, strict=True):
+                for name, spec in specs.items():
+                    if spec.dtype not in FP8_DTYPES:
+                        continue
+                    scale = specs.get(name + SCALE_SUFFIX)
+                    if scale is None:
+                        raise QuantizationError(f"{source.label}: fp8 weight {name!r} has no {name + SCALE_SUFFIX!r}")
+                    check_scale(layout, name, spec.shape, scale.shape, scale.dtype, source.label)
+                    scales[name] = scale.name
+            return layout, scales
+        except QuantizationError as err:
+            raise CheckpointDiffError(str(err)) from err
 
-    def _spec(self, stack: contextlib.ExitStack, handles: dict[Path, Any], side: int, name: str) -> TensorSpec:
-        file = self._files[side][name]
-        if file not in handles:
-            handles[file] = stack.enter_context(self._open(file))
-        try:
-            sl = handles[file].get_slice(name)
-            return TensorSpec(name, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
-        except Exception as err:
-            raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
+    def nbytes(self, spec: TensorSpec) -> int:
+        """Bytes read for ``spec`` from both checkpoints (an fp8 weight's scales included)."""
+        scale = self.scales.get(spec.name)
+        extra = self.sources[0].specs()[scale].nbytes if scale else 0
+        return 2 * (spec.nbytes + extra)
 
-    def _read(self, side: int, name: str) -> torch.Tensor:
-        file = self._files[side][name]
-        try:
-            with self._open(file) as handle:
-                return handle.get_tensor(name)
-        except CheckpointDiffError:
-            raise
-        except Exception as err:
-            raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of tensor data read so far from both checkpoints."""
+        return sum(s.bytes_read for s in self.sources)
+
+    def _load_side(self, side: int, name: str) -> torch.Tensor:
+        source = self.sources[side]
+        tensor = source.read(name)
+        if name in self.scales:
+            tensor = dequantize(tensor, source.read(self.scales[name]), self.layout)
+        return tensor
 
     def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensor ``name`` from the base and from the tuned checkpoint."""
-        return self._read(0, name), self._read(1, name)
+        """The tensor ``name`` from the base and from the tuned checkpoint (fp8: dequantized, float64)."""
+        return self._load_side(0, name), self._load_side(1, name)
+
+    def stream(self, specs: Sequence[TensorSpec]) -> Iterator[tuple[TensorSpec, torch.Tensor, torch.Tensor]]:
+        """``(spec, base tensor, tuned tensor)`` for each of ``specs`` in order.
+
+        From a streamed (hub) source the next pair is read, base and tuned concurrently, while the
+        caller works on the current one: one pair ahead at most, so memory stays about two pairs.
+        """
+        if not any(s.streamed for s in self.sources):
+            for spec in specs:
+                yield (spec, *self.load(spec.name))
+            return
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gradtrace-read") as pool:
+            def submit(spec: TensorSpec) -> tuple[Future, Future]:
+                return pool.submit(self._load_side, 0, spec.name), pool.submit(self._load_side, 1, spec.name)
+
+            pending = submit(specs[0]) if specs else None
+            for i, spec in enumerate(specs):
+                a, b = pending[0].result(), pending[1].result()
+                pending = submit(specs[i + 1]) if i + 1 < len(specs) else None
+                yield spec, a, b
+                del a, b
 
     def close(self) -> None:
         """Nothing stays open between loads; kept so the pair can be used as a context manager."""
@@ -357,6 +533,8 @@ class DiffResult:
     specs: dict[str, TensorSpec]
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bytes_read: int = 0  # tensor data read from both checkpoints by this run (not in the JSON: it varies)
+    seconds: float = 0.0  # wall time of this run
 
     @property
     def tolerances(self) -> list[Criterion]:
@@ -445,47 +623,89 @@ def diff_checkpoints(
     allow_missing: bool = False,
     device: str = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
+    cache: bool = False,
+    resume: str | os.PathLike | None = None,
+    retries: int = 5,
+    backoff: float = 1.0,
 ) -> DiffResult:
     """Update sparsity of ``tuned`` relative to ``base``, streamed one tensor pair at a time.
 
+    ``base`` and ``tuned`` are local checkpoints or hub ids ``org/name[@revision]`` (streamed with
+    ranged reads; ``cache`` downloads through the HF cache instead; see :func:`open_source`).
     ``tolerances`` are absolute (``0`` = bit-exact); ``relative`` are Zhu et al.'s η. With
     ``masks_out`` the "changed" masks are saved as a gradtrace masks file: kind ``"update"`` is the
     bitwise change (like the live tracker's), ``"update_abs_<tol:g>"`` / ``"update_rel_<η:g>"`` the others;
-    holding them costs 1 bit per element per kind. ``progress(i, total, name)`` is called per tensor.
-    Raises :class:`CheckpointDiffError` on missing files or mismatched names, shapes or dtypes.
+    holding them costs 1 bit per element per kind. ``progress(bytes done, bytes in all, tensor name)``
+    is called before each tensor (bytes of both checkpoints). With ``resume`` every finished tensor is
+    recorded in that file (:mod:`gradtrace.masks.resume`), a rerun skips them, and the file is removed
+    once the diff is complete. Raises :class:`CheckpointDiffError` on missing files or mismatched
+    names, shapes or dtypes, and on hub errors (missing repo or revision, gated, unreachable).
     """
     criteria = make_criteria(tolerances, relative)
+    started = time.perf_counter()
     per_tensor: dict[str, dict[str, int]] = {}
     specs: dict[str, TensorSpec] = {}
     skipped: list[dict[str, str]] = []
     masks: dict[str, dict[str, PackedMask]] = {}
     dtypes: dict[str, str] = {}
-    with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device) as pair:
+    with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device, cache=cache, retries=retries,
+                        backoff=backoff) as pair:
         notes = list(pair.notes)
-        for i, spec in enumerate(pair.specs):
-            if progress is not None:
-                progress(i, len(pair.specs), spec.name)
+        identities = [s.identity for s in pair.sources]
+        state = None
+        done: dict[str, tuple[dict[str, int], dict[str, PackedMask]]] = {}
+        if resume is not None:
+            state = ResumeState(resume, {"base": identities[0], "tuned": identities[1],
+                                         "criteria": [c.key for c in criteria], "masks": masks_out is not None})
+            try:
+                done = state.load()
+            except (ResumeStateError, OSError) as err:
+                raise CheckpointDiffError(str(err)) from err
+        todo: list[TensorSpec] = []
+        for spec in pair.specs:
             if not spec.is_float:
                 skipped.append({"name": spec.name, "dtype": spec.dtype, "reason": "not a floating-point tensor"})
                 continue
-            a, b = pair.load(spec.name)
+            specs[spec.name] = spec
+            dtypes[spec.name] = _torch_dtype_name(spec.dtype)
+            if spec.name in done:
+                per_tensor[spec.name], finished_masks = done[spec.name]
+                for kind, mask in finished_masks.items():
+                    masks.setdefault(kind, {})[spec.name] = mask
+            else:
+                todo.append(spec)
+        if done:
+            notes.append(f"resumed from {resume}: {len(per_tensor)} tensors were already compared")
+        total_bytes, done_bytes = sum(pair.nbytes(s) for s in todo), 0
+        for spec, a, b in pair.stream(todo):
+            if progress is not None:
+                progress(done_bytes, total_bytes, spec.name)
             counts, tensor_masks = compare_tensors(a, b, criteria, with_masks=masks_out is not None)
             del a, b  # release this pair's pages before the next one is read
             per_tensor[spec.name] = counts
-            specs[spec.name] = spec
-            dtypes[spec.name] = _torch_dtype_name(spec.dtype)
+            done_bytes += pair.nbytes(spec)
             for kind, mask in tensor_masks.items():
                 masks.setdefault(kind, {})[spec.name] = mask
+            if state is not None:
+                state.append(spec.name, spec.shape, counts, tensor_masks)
+        if progress is not None:
+            progress(done_bytes, total_bytes, "")
+        bytes_read = pair.bytes_read
+    # Resumed tensors are filled in out of order: keep the checkpoint's order in every export.
+    per_tensor = {name: per_tensor[name] for name in specs}
     if skipped:
         notes.append(f"skipped {len(skipped)} non-float tensors (e.g. {skipped[0]['name']!r}, {skipped[0]['dtype']})")
-    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes)
+    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes,
+                        bytes_read=bytes_read, seconds=time.perf_counter() - started)
     if masks_out is not None:
         if not masks:
             raise CheckpointDiffError(f"{base} vs {tuned}: no floating-point tensors to write masks for")
-        info = {"source": "gradtrace diff", "base": str(Path(base).resolve()), "tuned": str(Path(tuned).resolve()),
+        info = {"source": "gradtrace diff", "base": identities[0], "tuned": identities[1],
                 "update": "stored value differs bitwise between base and tuned",
                 "tolerances": [c.label for c in result.tolerances], "relative": [c.label for c in result.relative]}
         save_masks(masks_out, masks, dtypes=dtypes, info=info)
+    if state is not None:
+        state.remove()
     return result
 
 

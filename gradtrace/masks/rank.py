@@ -126,31 +126,41 @@ def update_ranks(
     allow_missing: bool = False,
     device: str = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
+    cache: bool = False,
+    retries: int = 5,
+    backoff: float = 1.0,
 ) -> RankResult:
     """Rank of every 2-D floating-point update matrix between two checkpoints.
 
     ``max_dim`` skips matrices whose larger side exceeds it (the SVD costs O(m·n·min(m,n)) time and a
     few fp32 copies of the matrix); ``baseline`` adds the random-support rank (seeded by ``seed``, so
-    reruns agree). Raises :class:`~gradtrace.masks.diff.CheckpointDiffError` on mismatched
-    checkpoints.
+    reruns agree). ``base`` and ``tuned`` may be hub ids, streamed like ``gradtrace diff``'s
+    (``cache``, ``retries``, ``backoff``: see :func:`~gradtrace.masks.diff.open_source`); fp8
+    checkpoints are ranked dequantized. ``progress(bytes done, bytes in all, name)`` is called per
+    matrix. Raises :class:`~gradtrace.masks.diff.CheckpointDiffError` on mismatched checkpoints.
     """
     generator = torch.Generator(device=device).manual_seed(seed) if baseline else None
     matrices: dict[str, MatrixRank] = {}
     skipped: list[dict[str, Any]] = []
-    with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device) as pair:
+    with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device, cache=cache, retries=retries,
+                        backoff=backoff) as pair:
         notes = list(pair.notes)
         candidates = [s for s in pair.specs if s.is_float and len(s.shape) == 2]
         others = len(pair.specs) - len(candidates)
         if others:
             notes.append(f"{others} tensors are not 2-D floating-point matrices (norms, biases, buffers) "
                          "and have no matrix rank")
-        for i, spec in enumerate(candidates):
-            if progress is not None:
-                progress(i, len(candidates), spec.name)
+        todo = []
+        for spec in candidates:
             if max_dim is not None and max(spec.shape) > max_dim:
                 skipped.append({"name": spec.name, "shape": list(spec.shape), "reason": f"larger than --max-dim {max_dim}"})
-                continue
-            a, b = pair.load(spec.name)
+            else:
+                todo.append(spec)
+        total_bytes, done_bytes = sum(pair.nbytes(s) for s in todo), 0
+        for spec, a, b in pair.stream(todo):
+            if progress is not None:
+                progress(done_bytes, total_bytes, spec.name)
+            done_bytes += pair.nbytes(spec)
             delta = update_delta(a, b)
             del a, b
             if not bool(torch.isfinite(delta).all()):
