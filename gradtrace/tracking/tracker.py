@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradtrace.anatomy.experts import ExpertLayout, expert_layout
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import cpu_measure, cpu_scan, sharding
+from gradtrace.tracking import cpu_measure, cpu_scan, sharding, slices
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.state import (
     COUNTER_INDEX,
@@ -137,6 +138,9 @@ class Measurement:
     counters: dict[str, int]
     cancellation_histogram: list[int]  # counts of |Σg|/Σ|g| in equal bins over [0, 1], sampled elements
     config: TrackerConfig = field(default_factory=TrackerConfig)
+    # fused expert tensors: one count dict per expert (its slice along dim 0), same fields as per_param
+    per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)
+    experts: ExpertLayout = field(default_factory=ExpertLayout)
 
 
 class GradTracker:
@@ -179,6 +183,11 @@ class GradTracker:
         self.state: dict[str, dict[str, torch.Tensor]] = {
             name: self._allocate(p, self._sample_start[name]) for name, p in self._params
         }
+        # Fused MoE expert tensors (gradtrace.anatomy.experts) get per-expert counts from measure().
+        self.experts: ExpertLayout = expert_layout(self.shapes())
+        self._expert_slices: dict[str, int] = {
+            name: count for name, count in self.experts.fused.items() if self._slices_measurable(name)
+        }
 
     def _numel_vector(self, numels: list[int]) -> torch.Tensor:
         """``numels`` as a tensor on the primary device, cached: built once per set of parameters with
@@ -188,6 +197,13 @@ class GradTracker:
         if cached is None:
             cached = self._numel_cache[key] = torch.tensor(numels, dtype=torch.int64, device=self._primary)
         return cached
+
+    def _slices_measurable(self, name: str) -> bool:
+        """Per-expert slices need the local shard to be a contiguous run of the flattened full tensor:
+        true unsharded, under ZeRO-3 and FSDP2's ``Shard(0)``; not for a DTensor sharded on another dim."""
+        param = dict(self._params)[name]
+        placements = getattr(param, "placements", None) if not sharding.is_zero3(param) else None
+        return not placements or all(not p.is_shard() or p.dim == 0 for p in placements)
 
     @property
     def sharded(self) -> bool:
@@ -373,15 +389,21 @@ class GradTracker:
         bins = cfg.histogram_bins
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
         count = torch.count_nonzero  # on a bool mask: no int64 copy, unlike .sum()
-        rows = []
+        rows, slice_blocks = [], []
         # CPU parameters: chunked NumPy passes, host counts (gradtrace.tracking.cpu_measure), identical results.
         fast = cpu_measure.CpuMeasurer(bins) if self._cpu_measure else None
         for name, param in self._params:
             state = self.state[name]
             local = _local(param).detach()
             self._check_dtype(name, local)
+            experts = self._expert_slices.get(name)
             if fast is not None and cpu_measure.supports(local, state["reference"]):
-                row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
+                if experts is None:
+                    row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
+                else:
+                    row, packed = fast.row_and_masks(local, state["reference"], state, cfg,
+                                                     sample_start=self._sample_start[name])
+                    slice_blocks.append(self._slice_rows(name, param, packed))
                 rows.append(torch.tensor(row, dtype=torch.int64, device=self._primary))
                 continue
             numel = local.numel()
@@ -408,6 +430,9 @@ class GradTracker:
                 count(updated_rel), count(gradient & updated), ever, *sampled,
             ]).to(self._primary)
             rows.append(row)
+            if experts is not None:
+                slice_blocks.append(self._slice_rows(name, param, [pack_bits(m) for m in
+                                                                   (updated, updated_abs, updated_rel)]))
         if fast is not None:
             histogram += torch.from_numpy(fast.histogram).to(self._primary)
         local_counters = self.counters.clone()
@@ -417,7 +442,8 @@ class GradTracker:
             for name, reduce in COUNTER_REDUCE.items():
                 if reduce == "none" and dist.get_rank(self._group) != 0:
                     local_counters[COUNTER_INDEX[name]] = 0
-        flat = torch.cat([torch.stack(rows).reshape(-1), histogram, local_counters])
+        flat = torch.cat([torch.stack(rows).reshape(-1), histogram, local_counters,
+                          *(block.reshape(-1) for block in slice_blocks)])
         if self._group is not None:
             dist.all_reduce(flat, group=self._group)
         table = flat.tolist()  # the one device-to-host sync
@@ -427,13 +453,37 @@ class GradTracker:
             for i, (name, _) in enumerate(self._params)
         }
         offset = len(self._params) * width
+        end = offset + bins + len(COUNTERS)
+        per_slice = {}
+        for name, experts in self._expert_slices.items():
+            per_slice[name] = [dict(zip(COUNT_FIELDS, table[end + e * width:end + (e + 1) * width], strict=True))
+                               for e in range(experts)]
+            end += experts * width
         return Measurement(
             step=self.steps,
             per_param=per_param,
             cancellation_histogram=table[offset:offset + bins],
-            counters=dict(zip(COUNTERS, table[offset + bins:], strict=True)),
+            counters=dict(zip(COUNTERS, table[offset + bins:offset + bins + len(COUNTERS)], strict=True)),
             config=cfg,
+            per_slice=per_slice,
+            experts=self.experts,
         )
+
+    def _slice_rows(self, name: str, param: nn.Parameter, update_bits) -> torch.Tensor:
+        """Per-expert counts of a fused expert tensor's local shard (gradtrace.tracking.slices), as an
+        ``(experts, len(COUNT_FIELDS))`` tensor on the primary device, ready to be summed across ranks."""
+        state = self.state[name]
+        experts = self._expert_slices[name]
+        device = state["gradient_bits"].device
+        masks = {"gradient": state["gradient_bits"]}
+        masks.update(zip(("updated", "updated_abs", "updated_rel"), (b.to(device) for b in update_bits), strict=True))
+        if self.config.ever_changed:
+            masks["ever_changed"] = state["ever_changed_bits"]
+        sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
+        full = math.prod(sharding.full_shape(param))
+        return slices.slice_rows(masks, sums, config=self.config, slices=experts, slice_numel=full // experts,
+                                 offset=sharding.flat_offset(param), local_numel=_local(param).numel(),
+                                 sample_start=self._sample_start[name]).to(self._primary)
 
     @torch.no_grad()
     def packed_masks(self) -> dict[str, dict[str, PackedMask]]:
