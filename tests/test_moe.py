@@ -179,7 +179,7 @@ def test_tracker_per_slice_counts_on_odd_expert_sizes(cpu_path):
     param = model.get_parameter(name)
     start = param.detach().clone()
     gradient = torch.zeros(param.shape, dtype=torch.bool)
-    for step in range(2):
+    for _ in range(2):
         model.layers[0].mlp(torch.randn(2, 4)).backward()
         param.grad[:, 0, :2] = 0  # some elements of a touched expert get no gradient
         gradient |= param.grad != 0

@@ -1,0 +1,62 @@
+"""The MoE views: report's layer x expert heatmap and table, watch's expert line, from a real Trainer run."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import Trainer
+
+from gradtrace import GradTraceCallback
+from gradtrace.views.report import expert_grid, write_report
+from gradtrace.views.watch import LogFollower, render
+from tests import moe_models
+from tests.test_moe import _args, _token_data
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-run")
+    torch.manual_seed(0)
+    Trainer(model=moe_models.qwen3_moe(), args=_args(out), train_dataset=_token_data(0),
+            callbacks=[GradTraceCallback(strict=True, wandb=False)]).train()
+    return out / "gradtrace"
+
+
+def test_report_has_the_layer_by_expert_heatmap_and_table(moe_run, tmp_path):
+    summary = json.loads((moe_run / "summary.json").read_text())
+    per_expert = summary["per_expert"]
+    grid = expert_grid(per_expert, "gradient_sparsity")
+    assert grid.rows == ["0", "1"] and grid.columns == [str(e) for e in range(8)]
+    for key, values in per_expert.items():
+        layer, expert = key.split("/")
+        assert grid.cell(layer, expert) == values["gradient_sparsity"]
+    page = write_report([moe_run], tmp_path).read_text()
+    assert (tmp_path / "experts-moe-run0.png").stat().st_size > 1000
+    assert "Layer x routed expert" in page
+    table = re.search(r'<table id="experts-[^"]+" class="per-expert">(.*?)</table>', page, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    assert len(rows) == len(per_expert)
+    for row, (key, values) in zip(rows, per_expert.items(), strict=True):
+        cells = re.findall(r'<td(?: data-value="([^"]*)")?(?: class="text")?>([^<]*)</td>', row)
+        assert f"{cells[0][1]}/{cells[1][0]}" == key
+        assert float(cells[3][0]) == values["gradient_sparsity"]
+
+
+def test_watch_prints_one_expert_line_per_moe_layer(moe_run):
+    summary = json.loads((moe_run / "summary.json").read_text())
+    follower = LogFollower(moe_run)
+    follower.poll()
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(render(follower, width=120))
+    out = console.file.getvalue()
+    g = summary["global"]
+    assert f"{g['experts']} routed · {g['experts_without_gradient']} never received a gradient" in out
+    for layer in ("0", "1"):
+        line = re.search(rf"layer {layer}  (\S+)", out).group(1)
+        without = [summary["per_expert"][f"{layer}/{e}"]["gradient_sparsity"] == 1 for e in range(8)]
+        assert [c == "·" for c in line] == without
