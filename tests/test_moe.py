@@ -11,12 +11,15 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from gradtrace import GradTraceCallback, load_masks, read_run_log
 from gradtrace.anatomy.naming import layer_key
 from gradtrace.formats.bitpack import pack_bits
+from gradtrace.masks.diff import diff_checkpoints
+from gradtrace.masks.overlap import pair_overlap
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.slices import slice_rows
 from gradtrace.tracking.tracker import COUNT_FIELDS, GradTracker
@@ -196,3 +199,50 @@ def test_tracker_per_slice_counts_on_odd_expert_sizes(cpu_path):
     for field in COUNT_FIELDS:
         assert sum(r[field] for r in rows) == measurement.per_param[name][field], field
     assert 0 < sum(r["gradient"] == 0 for r in rows) < 7
+
+
+def _train_qwen3_moe(out, seed: int, *, save_to=None):
+    """A 3-step Trainer run of the tiny Qwen3-MoE from the same start; optionally saves start and end."""
+    torch.manual_seed(0)
+    model = moe_models.qwen3_moe()
+    if save_to is not None:
+        model.save_pretrained(save_to / "base")
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, save_to / "base.safetensors")
+    callback = GradTraceCallback(strict=True, wandb=False)
+    Trainer(model=model, args=_args(out), train_dataset=_token_data(seed), callbacks=[callback]).train()
+    if save_to is not None:
+        model.save_pretrained(save_to / "tuned")
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                  save_to / "tuned.safetensors")
+    return out / "gradtrace"
+
+
+def test_overlap_and_diff_per_expert(tmp_path):
+    run_a = _train_qwen3_moe(tmp_path / "a", seed=0, save_to=tmp_path)
+    run_b = _train_qwen3_moe(tmp_path / "b", seed=1)
+    result = pair_overlap(run_a / "masks.safetensors", run_b / "masks.safetensors")
+    a, b = (load_masks(r / "masks.safetensors")["update"] for r in (run_a, run_b))
+    expected: dict[str, list[int]] = {}
+    for name in a:
+        if ".mlp.experts." not in name:
+            continue
+        for e in range(8):
+            counts = expected.setdefault(f"{layer_key(name)}/{e}", [0, 0, 0, 0])
+            for i, value in enumerate((a[name][e].numel(), a[name][e].sum(), b[name][e].sum(),
+                                       (a[name][e] & b[name][e]).sum())):
+                counts[i] += int(value)
+    assert list(result["per_expert"]) == list(expected)
+    for key, (n, ua, ub, both) in expected.items():
+        got = result["per_expert"][key]
+        assert (got["numel"], got["updated_1"], got["updated_2"], got["intersection"]) == (n, ua, ub, both)
+    assert any(c[1] == 0 for c in expected.values()) and any(c[3] > 0 for c in expected.values())
+    assert list(result["per_tower"]) == ["language"]
+    # post-hoc: the checkpoints' per-expert update sparsity equals the live run's, whether the experts
+    # are saved fused (a raw state dict) or as transformers saves them (one module per expert)
+    live = json.loads((run_a / "summary.json").read_text())["per_expert"]
+    for base, tuned in (("base", "tuned"), ("base.safetensors", "tuned.safetensors")):
+        diff = diff_checkpoints(tmp_path / base, tmp_path / tuned, tolerances=[0]).to_dict()
+        assert list(diff["per_expert"]) == list(live)
+        for key, values in live.items():
+            assert diff["per_expert"][key]["numel"] == values["numel"]
+            assert diff["per_expert"][key]["sparsity"]["0"] == pytest.approx(values["update_sparsity"], abs=1e-12)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
-from gradtrace.anatomy.naming import kind_of, layer_key, layer_sort_key
+from gradtrace.anatomy.naming import LANGUAGE, PROJECTOR, kind_of, layer_key, layer_sort_key, tower_of
 
 Counts = Mapping[str, float]
 
@@ -36,6 +36,14 @@ def by_layer(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
 def by_kind(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
     """Counts summed per module kind (``q``, ``down``, ``router``, ``expert.down``, ``vision.q``...)."""
     return dict(sorted(sum_by_group(per_param, kind_of).items()))
+
+
+def by_tower(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
+    """Counts summed per tower: ``"language"`` (the decoder, embeddings and head included), ``"vision"``,
+    ``"audio"``, ``"projector"``; the decoder first."""
+    groups = sum_by_group(per_param, tower_of)
+    order = {LANGUAGE: 0, PROJECTOR: 2}
+    return {key: groups[key] for key in sorted(groups, key=lambda t: (order.get(t, 1), t))}
 
 
 def total(per_param: Mapping[str, Counts]) -> dict[str, float]:

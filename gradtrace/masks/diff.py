@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.anatomy.experts import expert_layout
+from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, by_tower, total
 from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.masks_file import PackedMask, save_masks
 
@@ -264,13 +265,16 @@ class CheckpointPair:
 
 
 def compare_tensors(
-    base: torch.Tensor, tuned: torch.Tensor, criteria: Sequence[Criterion], *, with_masks: bool = False
+    base: torch.Tensor, tuned: torch.Tensor, criteria: Sequence[Criterion], *, with_masks: bool = False,
+    slices: int | None = None, per_slice: list[dict[str, int]] | None = None,
 ) -> tuple[dict[str, int], dict[str, PackedMask]]:
     """Count unchanged elements of one tensor pair under each criterion, chunk by chunk.
 
     Returns ``({criterion.key: unchanged elements, "numel": n}, {mask kind: packed "changed" mask})``;
     the masks (bit-packed, 1 bit per element) are only built when ``with_masks`` is set, and then
     always include kind ``"update"`` (bitwise change) besides one per non-zero criterion.
+    With ``slices`` (a fused MoE expert tensor: experts along dim 0), ``per_slice`` receives the same
+    counts for each expert's slice, one dict per expert.
     """
     if base.shape != tuned.shape or base.dtype != tuned.dtype:
         raise ValueError(f"tensor pair differs: {base.dtype}{list(base.shape)} vs {tuned.dtype}{list(tuned.shape)}")
@@ -281,6 +285,8 @@ def compare_tensors(
     delta_dtype = torch.float32 if flat_a.element_size() == 1 else flat_a.dtype
     rel_dtype = torch.promote_types(flat_a.dtype, torch.float32)
     counts = {"numel": n, **{c.key: 0 for c in criteria}}
+    slice_numel = n // slices if slices else 0
+    slice_totals = {c.key: torch.zeros(slices, dtype=torch.int64) for c in criteria} if slices else {}
     packed: dict[str, list[torch.Tensor]] = {}
     if with_masks:
         packed = {"update": [], **{c.mask_kind: [] for c in criteria}}
@@ -302,6 +308,8 @@ def compare_tensors(
         stop = min(n, start + CHUNK_ELEMENTS)
         m = stop - start
         a, b = flat_a[start:stop], flat_b[start:stop]
+        # the expert of each element of the chunk (fused expert tensors only)
+        expert = (torch.arange(start, stop, device=flat_a.device) // slice_numel).cpu() if slices else None
         same_bits = torch.eq(a.view(int_view), b.view(int_view), out=same_bits_buf[:m])
         delta_ready = False
         packed_now: set[str] = set()  # "1e-5" and "1e-05" are two criteria but one mask kind
@@ -327,11 +335,16 @@ def compare_tensors(
                 # and a NaN delta compares False (changed).
                 same = torch.le(delta, c.value, out=same_buf[:m])
             counts[c.key] += int(torch.count_nonzero(same))
+            if expert is not None:
+                slice_totals[c.key].index_add_(0, expert, same.cpu().long())
             if with_masks and c.mask_kind != "update" and c.mask_kind not in packed_now:
                 packed_now.add(c.mask_kind)
                 packed[c.mask_kind].append(pack_bits(~same).cpu())
         if with_masks:
             packed["update"].append(pack_bits(~same_bits).cpu())
+    if slices and per_slice is not None:
+        per_slice.extend({"numel": slice_numel, **{k: int(v[e]) for k, v in slice_totals.items()}}
+                         for e in range(slices))
     shape = tuple(base.shape)
     masks = {kind: PackedMask(torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8), shape)
              for kind, chunks in packed.items()}
@@ -357,6 +370,8 @@ class DiffResult:
     specs: dict[str, TensorSpec]
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)  # fused expert tensors, per expert
+    listed_experts: dict[str, int] = field(default_factory=dict)  # per-expert module lists: name -> expert
 
     @property
     def tolerances(self) -> list[Criterion]:
@@ -373,10 +388,13 @@ class DiffResult:
                 "rel": {c.label: _ratio(counts.get(c.key, 0), n) for c in self.relative}}
 
     def groups(self) -> dict[str, dict[str, dict[str, float]]]:
-        """Summed counts: ``{"global": {"all": counts}, "layer": {...}, "kind": {...}, "matrix": {...}}``."""
+        """Summed counts: ``{"global": {"all": counts}, "layer", "kind", "tower", "expert", "matrix"}``
+        (``"expert"``: ``"<layer>/<expert>"`` of MoE checkpoints, empty for dense ones)."""
         return {"global": {"all": total(self.per_tensor)},
-                "layer": {str(k): v for k, v in by_layer(self.per_tensor).items()},
+                "layer": by_layer(self.per_tensor),
                 "kind": by_kind(self.per_tensor),
+                "tower": by_tower(self.per_tensor),
+                "expert": by_expert(self.per_tensor, self.per_slice, self.listed_experts),
                 "matrix": dict(self.per_tensor)}
 
     @property
@@ -410,6 +428,9 @@ class DiffResult:
             result["global_relative"] = self.sparsity(everything)["rel"]
         result["per_layer"] = {k: entry(v) for k, v in groups["layer"].items()}
         result["per_kind"] = {k: entry(v) for k, v in groups["kind"].items()}
+        result["per_tower"] = {k: entry(v) for k, v in groups["tower"].items()}
+        if groups["expert"]:
+            result["per_expert"] = {k: entry(v) for k, v in groups["expert"].items()}
         result["per_matrix"] = {
             k: entry(v, {"shape": list(self.specs[k].shape), "dtype": self.specs[k].dtype})
             for k, v in groups["matrix"].items()}
@@ -460,8 +481,12 @@ def diff_checkpoints(
     skipped: list[dict[str, str]] = []
     masks: dict[str, dict[str, PackedMask]] = {}
     dtypes: dict[str, str] = {}
+    per_slice: dict[str, list[dict[str, int]]] = {}
     with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device) as pair:
         notes = list(pair.notes)
+        experts = expert_layout({spec.name: spec.shape for spec in pair.specs if spec.is_float})
+        if experts.note:
+            notes.append(experts.note)
         for i, spec in enumerate(pair.specs):
             if progress is not None:
                 progress(i, len(pair.specs), spec.name)
@@ -469,7 +494,9 @@ def diff_checkpoints(
                 skipped.append({"name": spec.name, "dtype": spec.dtype, "reason": "not a floating-point tensor"})
                 continue
             a, b = pair.load(spec.name)
-            counts, tensor_masks = compare_tensors(a, b, criteria, with_masks=masks_out is not None)
+            slices = experts.fused.get(spec.name)
+            counts, tensor_masks = compare_tensors(a, b, criteria, with_masks=masks_out is not None, slices=slices,
+                                                   per_slice=per_slice.setdefault(spec.name, []) if slices else None)
             del a, b  # release this pair's pages before the next one is read
             per_tensor[spec.name] = counts
             specs[spec.name] = spec
@@ -478,7 +505,8 @@ def diff_checkpoints(
                 masks.setdefault(kind, {})[spec.name] = mask
     if skipped:
         notes.append(f"skipped {len(skipped)} non-float tensors (e.g. {skipped[0]['name']!r}, {skipped[0]['dtype']})")
-    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes)
+    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes, per_slice=per_slice,
+                        listed_experts=experts.listed)
     if masks_out is not None:
         if not masks:
             raise CheckpointDiffError(f"{base} vs {tuned}: no floating-point tensors to write masks for")
