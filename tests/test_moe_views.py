@@ -60,3 +60,16 @@ def test_watch_prints_one_expert_line_per_moe_layer(moe_run):
         line = re.search(rf"layer {layer}  (\S+)", out).group(1)
         without = [summary["per_expert"][f"{layer}/{e}"]["gradient_sparsity"] == 1 for e in range(8)]
         assert [c == "·" for c in line] == without
+
+
+def test_moe_example_prints_the_summary_numbers_and_draws_the_heatmap(tmp_path, capsys):
+    from tests.test_examples import load
+
+    summary = load("moe_experts").main(str(tmp_path / "run"), steps=2, png=str(tmp_path / "experts.png"))
+    g = summary["global"]
+    per_expert = summary["per_expert"]
+    assert len(per_expert) == g["experts"] == 64
+    assert g["experts_without_gradient"] == sum(v["gradient_sparsity"] == 1 for v in per_expert.values())
+    out = capsys.readouterr().out
+    assert f"never received a gradient: {g['experts_without_gradient']}" in out
+    assert (tmp_path / "experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
