@@ -11,11 +11,12 @@ import torch
 from rich.console import Console
 from transformers import Trainer
 
-from gradtrace import GradTraceCallback
+from gradtrace import GradTraceCallback, read_run_log
 from gradtrace.views.report import expert_grid, write_report
 from gradtrace.views.watch import LogFollower, render
 from tests import moe_models
 from tests.test_moe import _args, _token_data
+from tests.test_wandb_sink import wandb_env  # noqa: F401  (the offline W&B fixture, used by name)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,36 @@ def test_moe_example_prints_the_summary_numbers_and_draws_the_heatmap(tmp_path, 
     out = capsys.readouterr().out
     assert f"never received a gradient: {g['experts_without_gradient']}" in out
     assert (tmp_path / "experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  # noqa: F811
+    """Read back from the offline run's own transaction log (tests/wandb_file.py), as test_wandb_sink does;
+    the Trainer opens no run of its own (report_to="none"), so the sink logs to ours, against the Trainer's step."""
+    import wandb
+
+    from gradtrace.sinks.wandb import EXPERT_TABLE_KEY
+    from gradtrace.views.report import expert_heatmap_png
+    from tests.test_wandb_sink import pixels
+    from tests.wandb_file import read_run
+
+    wandb.init(mode="offline", dir=wandb_env, project="gradtrace-tests")
+    Trainer(model=moe_models.qwen3_moe(), args=_args(tmp_path, max_steps=2), train_dataset=_token_data(0),
+            callbacks=[GradTraceCallback(strict=True, output_dir=tmp_path / "run")]).train()
+    wandb.finish()
+    wb = read_run(wandb_env)
+    records = {r["step"]: r for r in read_run_log(tmp_path / "run")["logs"]}
+    rows = {row["train/global_step"]: row for row in wb.history if "gradtrace/experts_without_gradient" in row}
+    assert sorted(rows) == sorted(records) == [1, 2]
+    for step, record in records.items():
+        row = rows[step]
+        for key in ("experts_without_gradient", "expert_gradient_density_min", "expert_gradient_density_median",
+                    "expert_gradient_density_max"):
+            assert row[f"gradtrace/{key}"] == record["global"][key]
+        entry = row["gradtrace_heatmap/expert_gradient_sparsity"]
+        assert (pixels(wb.files_dir / entry["path"]) == pixels(expert_heatmap_png(record, "gradient_sparsity"))).all()
+    [table_row] = [row for row in wb.history if EXPERT_TABLE_KEY in row]
+    table = json.loads(wb.load_file(table_row[EXPERT_TABLE_KEY]["path"]))
+    got = {f"{r[0]}/{r[1]}": dict(zip(table["columns"], r, strict=True)) for r in table["data"]}
+    assert list(got) == list(records[2]["per_expert"])
+    for key, values in records[2]["per_expert"].items():
+        assert got[key]["gradient_sparsity"] == values["gradient_sparsity"] and got[key]["numel"] == values["numel"]
