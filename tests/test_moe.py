@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+import gradtrace
 from gradtrace import GradTraceCallback, load_masks, read_run_log
 from gradtrace.anatomy.naming import layer_key
 from gradtrace.formats.bitpack import pack_bits
@@ -246,3 +247,52 @@ def test_overlap_and_diff_per_expert(tmp_path):
         for key, values in live.items():
             assert diff["per_expert"][key]["numel"] == values["numel"]
             assert diff["per_expert"][key]["sparsity"]["0"] == pytest.approx(values["update_sparsity"], abs=1e-12)
+
+
+def test_a_frozen_router_still_identifies_the_experts(tmp_path, reference):
+    torch.manual_seed(0)
+    model = moe_models.qwen3_moe()
+    for layer in model.model.layers:
+        layer.mlp.gate.weight.requires_grad_(False)  # a common choice when fine-tuning a MoE
+    callback = GradTraceCallback(strict=True, wandb=False)
+    Trainer(model=model, args=_args(tmp_path), train_dataset=_token_data(0), callbacks=[callback, reference]).train()
+    summary = json.loads((tmp_path / "gradtrace" / "summary.json").read_text())
+    assert "router" not in summary["per_kind"]  # not tracked
+    expected = _expected_per_expert(reference, callback.tracker.experts)
+    assert len(expected) == 16
+    assert {k: v["gradient_sparsity"] for k, v in summary["per_expert"].items()} == {
+        k: 1 - c["gradient"] / c["numel"] for k, c in expected.items()}
+
+
+class _RouterlessMixture(nn.Module):
+    """Named like a MoE block (``mlp.experts.down_proj``) but with no router: a soft mixture whose expert
+    dimension gradtrace cannot identify."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.experts = nn.Module()
+        self.mlp.experts.down_proj = nn.Parameter(torch.randn(4, 3, 5))
+        self.mlp.mix = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        weights = self.mlp.mix.softmax(0)
+        return torch.einsum("e,eij,bj->bi", weights, self.mlp.experts.down_proj, x).pow(2).sum()
+
+
+def test_an_unidentified_expert_dimension_is_said_once_and_training_goes_on(tmp_path):
+    model = nn.Module()
+    model.layers = nn.ModuleList([_RouterlessMixture()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracer = gradtrace.trace(model, optimizer, tmp_path, log_every=1, wandb=False, strict=True)
+    for _ in range(2):
+        model.layers[0](torch.randn(2, 5)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    log = read_run_log(tmp_path)
+    note = log["info"]["experts"]["note"]
+    assert "layers.0.mlp.experts.down_proj" in note and "per matrix only" in note
+    assert (tmp_path / "log.jsonl").read_text().count("no identifiable expert dimension") == 1  # once
+    assert [r["step"] for r in log["logs"]] == [1, 2] and all("per_expert" not in r for r in log["logs"])
+    assert log["logs"][-1]["per_matrix"]["layers.0.mlp.experts.down_proj"]["gradient_sparsity"] == 0

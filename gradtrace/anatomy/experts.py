@@ -14,7 +14,7 @@ so is left to the per-matrix views, and :attr:`ExpertLayout.note` says so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gradtrace.anatomy.naming import ROUTED_EXPERTS, expert_of, is_routed_expert, kind_of, layer_key
@@ -33,6 +33,12 @@ class ExpertLayout:
     listed: dict[str, int] = field(default_factory=dict)
     experts: dict[str, int] = field(default_factory=dict)
     unidentified: list[str] = field(default_factory=list)
+
+    def restricted_to(self, names: Collection[str]) -> ExpertLayout:
+        """The layout of the parameters in ``names`` only (e.g. the trainable ones), layers kept as found."""
+        return ExpertLayout({n: e for n, e in self.fused.items() if n in names},
+                            {n: e for n, e in self.listed.items() if n in names}, dict(self.experts),
+                            [n for n in self.unidentified if n in names])
 
     @property
     def note(self) -> str | None:

@@ -183,8 +183,14 @@ class GradTracker:
         self.state: dict[str, dict[str, torch.Tensor]] = {
             name: self._allocate(p, self._sample_start[name]) for name, p in self._params
         }
-        # Fused MoE expert tensors (gradtrace.anatomy.experts) get per-expert counts from measure().
-        self.experts: ExpertLayout = expert_layout(self.shapes())
+        # Fused MoE expert tensors (gradtrace.anatomy.experts) get per-expert counts from measure(). The
+        # layout is read from every parameter of a module, frozen ones included: a frozen router (common
+        # when fine-tuning a MoE) still says how many experts its layer's fused tensors hold.
+        shapes = self.shapes()
+        if isinstance(model, nn.Module):
+            shapes = {**{strip_wrapper_prefix(n): sharding.full_shape(p) for n, p in model.named_parameters()},
+                      **shapes}
+        self.experts: ExpertLayout = expert_layout(shapes).restricted_to(shapes.keys() & self.state.keys())
         self._expert_slices: dict[str, int] = {
             name: count for name, count in self.experts.fused.items() if self._slices_measurable(name)
         }
