@@ -292,7 +292,7 @@ def test_cli_default_tolerances_csv_and_table(pair, capsys):
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {"sparsity@0", "sparsity@1e-5"} <= set(rows[0])
     scopes = {r["scope"] for r in rows}
-    assert scopes == {"global", "layer", "kind", "matrix"}
+    assert scopes == {"global", "layer", "kind", "tower", "matrix"}  # no "expert" rows: a dense model
     json_out = diff_checkpoints(a, b).to_dict()
     g = next(r for r in rows if r["scope"] == "global")
     assert float(g["sparsity@1e-5"]) == pytest.approx(json_out["global"]["1e-5"])

@@ -264,16 +264,17 @@ def test_evolution_steps_spread_over_the_run():
 
 
 def test_grid_cells_weight_matrices_by_numel():
-    """Mixture-of-experts: several matrices share a (layer, kind) cell and are weighted by size."""
+    """Mixture-of-experts: several matrices share a (layer, kind) cell and are weighted by size (the
+    routed experts' kind is ``expert.down``, apart from a dense ``down``)."""
     per_matrix = {
         "model.layers.0.mlp.experts.0.down_proj.weight": {"update_sparsity": 0.1, "cancelled": None, "numel": 100},
         "model.layers.0.mlp.experts.1.down_proj.weight": {"update_sparsity": 0.5, "cancelled": 0.25, "numel": 300},
         "model.layers.1.self_attn.q_proj.weight": {"update_sparsity": 1.0, "cancelled": None, "numel": 50},
     }
     grid = layer_kind_grid(per_matrix, "update_sparsity")
-    assert grid.rows == ["0", "1"] and grid.columns == ["q", "down"]
-    assert grid.cell("0", "down") == pytest.approx((0.1 * 100 + 0.5 * 300) / 400)
-    assert grid.cell("1", "q") == 1.0 and grid.cell("0", "q") is None and grid.cell("1", "down") is None
+    assert grid.rows == ["0", "1"] and grid.columns == ["q", "expert.down"]
+    assert grid.cell("0", "expert.down") == pytest.approx((0.1 * 100 + 0.5 * 300) / 400)
+    assert grid.cell("1", "q") == 1.0 and grid.cell("0", "q") is None and grid.cell("1", "expert.down") is None
     cancelled = layer_kind_grid(per_matrix, "cancelled")
-    assert cancelled.cell("0", "down") == 0.25  # the unknown value is left out, not counted as 0
+    assert cancelled.cell("0", "expert.down") == 0.25  # the unknown value is left out, not counted as 0
     assert cancelled.cell("1", "q") is None

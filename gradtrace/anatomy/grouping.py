@@ -1,10 +1,11 @@
-"""Sum per-parameter counts into groups: all parameters, per transformer layer, per module kind."""
+"""Sum per-parameter counts into groups: all parameters, per block (towers apart), per module kind,
+per routed expert."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
-from gradtrace.anatomy.naming import kind_of, layer_of
+from gradtrace.anatomy.naming import LANGUAGE, PROJECTOR, kind_of, layer_key, layer_sort_key, tower_of
 
 Counts = Mapping[str, float]
 
@@ -16,22 +17,60 @@ def sum_by_group(per_param: Mapping[str, Counts], key: Callable[[str], Hashable 
         group = key(name)
         if group is None:
             continue
-        into = groups.setdefault(group, {})
-        for field, value in counts.items():
-            into[field] = into.get(field, 0) + value
+        _add(groups.setdefault(group, {}), counts)
     return groups
 
 
-def by_layer(per_param: Mapping[str, Counts]) -> dict[int, dict[str, float]]:
-    """Counts summed per transformer block index (parameters outside the blocks are left out)."""
-    return dict(sorted(sum_by_group(per_param, layer_of).items()))
+def _add(into: dict, counts: Counts) -> None:
+    for field, value in counts.items():
+        into[field] = into.get(field, 0) + value
+
+
+def by_layer(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
+    """Counts summed per block: keys ``"3"`` (language decoder), ``"vision.3"`` (other towers),
+    ``"projector"``, in that order; parameters outside the blocks are left out."""
+    groups = sum_by_group(per_param, layer_key)
+    return {key: groups[key] for key in sorted(groups, key=layer_sort_key)}
 
 
 def by_kind(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
-    """Counts summed per module kind (``q``, ``down``, ``embed``...)."""
+    """Counts summed per module kind (``q``, ``down``, ``router``, ``expert.down``, ``vision.q``...)."""
     return dict(sorted(sum_by_group(per_param, kind_of).items()))
+
+
+def by_tower(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
+    """Counts summed per tower: ``"language"`` (the decoder, embeddings and head included), ``"vision"``,
+    ``"audio"``, ``"projector"``; the decoder first."""
+    groups = sum_by_group(per_param, tower_of)
+    order = {LANGUAGE: 0, PROJECTOR: 2}
+    return {key: groups[key] for key in sorted(groups, key=lambda t: (order.get(t, 1), t))}
 
 
 def total(per_param: Mapping[str, Counts]) -> dict[str, float]:
     """Counts summed over every parameter."""
     return sum_by_group(per_param, lambda _name: "all").get("all", {})
+
+
+def expert_key(layer: str, expert: int) -> str:
+    """``"<layer>/<expert>"``: the key of one routed expert of one MoE layer."""
+    return f"{layer}/{expert}"
+
+
+def by_expert(per_param: Mapping[str, Counts], per_slice: Mapping[str, Sequence[Counts]],
+              listed: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    """Counts summed per routed expert, keyed ``"<layer>/<expert>"`` (layers in order, then experts).
+
+    ``per_slice`` holds, for each fused expert tensor, one count mapping per expert (its slice along
+    dim 0); ``listed`` maps the parameters of per-expert module lists to their expert index, whose
+    counts come from ``per_param``. An expert's entry sums all its tensors (gate/up, down, biases).
+    """
+    groups: dict[tuple[str, int], dict] = {}
+    for name, slices in per_slice.items():
+        layer = layer_key(name)
+        for expert, counts in enumerate(slices):
+            _add(groups.setdefault((layer, expert), {}), counts)
+    for name, expert in listed.items():
+        if name in per_param:
+            _add(groups.setdefault((layer_key(name), expert), {}), per_param[name])
+    ordered = sorted(groups, key=lambda k: (layer_sort_key(k[0]), k[1]))
+    return {expert_key(layer, expert): groups[(layer, expert)] for layer, expert in ordered}

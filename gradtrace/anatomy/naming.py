@@ -1,9 +1,21 @@
-"""Where a parameter sits in a transformer, derived from its name alone.
+"""Where a parameter sits in a model, derived from its name alone: tower, layer, module kind, expert.
 
-``layer_of`` finds the block index (``model.layers.3.mlp.up_proj.weight`` -> 3) and ``kind_of`` a
-module kind shared across architectures (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``,
-``embed``, ``norm``, ``lm_head``...). Names the table does not know fall back to the owning module's
-attribute name, so an unknown architecture still gets a usable, if less uniform, grouping.
+- ``tower_of``: ``"language"`` (the decoder), ``"vision"``, ``"audio"``, or ``"projector"`` (the merger
+  / projector between a tower and the decoder: a group of its own).
+- ``layer_of``: the block index inside its tower (``model.layers.3.mlp.up_proj.weight`` -> 3,
+  ``model.visual.blocks.1.attn.qkv.weight`` -> 1); ``layer_key`` the group key that keeps towers apart:
+  plain ``"3"`` for the language decoder, ``"vision.3"`` for other towers, ``"projector"`` for the merger.
+- ``kind_of``: a module kind shared across architectures (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
+  ``down``, ``embed``, ``norm``, ``lm_head``...). MoE blocks: ``router`` (never ``gate``), routed expert
+  projections ``expert.gate_up`` / ``expert.down`` (fused 3-D tensors and per-expert module lists
+  alike), shared experts ``shared_expert.gate`` ...; attention variants: DeepSeek MLA's ``q_a`` / ``q_b``
+  / ``kv_a`` / ``kv_b``, gpt-oss ``sinks``, ``q_norm`` / ``k_norm`` apart from the layer norms. Kinds of
+  other towers carry the tower (``vision.gate``), so a VLM's vision MLP is never mixed with the text MLP.
+- ``expert_of``: the expert index of a per-expert module list (``experts.7.w1.weight`` -> 7); fused 3-D
+  expert tensors are found with their shapes, in :mod:`gradtrace.anatomy.experts`.
+
+Names the tables do not know fall back to the owning module's attribute name, so an unknown
+architecture still gets a usable, if less uniform, grouping.
 """
 
 from __future__ import annotations
@@ -15,62 +27,159 @@ _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wr
 _PEFT_ADAPTERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)(?:\.|$)")
 
-# Module attribute name -> kind. Llama/Qwen/Mistral first, then GPT-2/NeoX/Falcon/BERT spellings.
+# Module names that open a tower other than the language decoder. The projector is checked first: a
+# Qwen2.5-VL merger lives inside ``model.visual`` but belongs to neither tower.
+_PROJECTOR_PARTS = {"merger", "multi_modal_projector", "mm_projector", "connector", "visual_projection"}
+_TOWER_PARTS = {
+    "visual": "vision", "vision_tower": "vision", "vision_model": "vision", "vision_encoder": "vision",
+    "audio_tower": "audio", "audio_model": "audio", "audio_encoder": "audio",
+}
+LANGUAGE = "language"
+PROJECTOR = "projector"
+
+# Module attribute name -> kind. Llama/Qwen/Mistral first, then GPT-2/NeoX/Falcon/BERT spellings,
+# DeepSeek MLA, vision towers.
 _KIND_BY_MODULE = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "query": "q", "key": "k", "value": "v",
-    "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "Wqkv": "qkv",
+    "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "Wqkv": "qkv", "qkv": "qkv",
+    "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
     "w1": "gate", "w3": "up", "w2": "down",
     "gate_up_proj": "gate_up", "c_fc": "up", "fc1": "up", "dense_h_to_4h": "up",
     "fc2": "down", "dense_4h_to_h": "down",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "tok_embeddings": "embed",
+    "patch_embed": "patch_embed",
     "wpe": "pos_embed", "position_embeddings": "pos_embed", "embed_positions": "pos_embed",
     "lm_head": "lm_head", "output": "lm_head", "embed_out": "lm_head",
     "router": "router",
 }
+# Norms that are not a block's layer norms: they normalise queries / keys (Qwen3, OLMo 2) or MLA's
+# low-rank latents, and move differently from the residual-stream norms.
+_SPECIAL_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm", "q_a_layernorm": "q_a_norm",
+                  "kv_a_layernorm": "kv_a_norm"}
 _ATTENTION_PARENTS = {"attn", "self_attn", "attention", "self_attention"}
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn"}
+# The MoE block's scoring layer: Mixtral/Qwen-MoE/DeepSeek ``mlp.gate`` (a Linear named "gate"),
+# gpt-oss ``mlp.router``, older Mixtral ``block_sparse_moe.gate``.
+_MOE_PARENTS = _MLP_PARENTS | {"block_sparse_moe", "moe"}
+ROUTED_EXPERTS = "experts"
+_SHARED_EXPERTS = {"shared_expert", "shared_experts"}
 
 
 def _parts(name: str) -> list[str]:
     return [p for p in name.split(".") if p not in _WRAPPER_PARTS]
 
 
+def tower_of(name: str) -> str:
+    """``"language"``, ``"vision"``, ``"audio"`` or ``"projector"``: which part of the model holds it."""
+    parts = _parts(name)
+    if any(p in _PROJECTOR_PARTS for p in parts):
+        return PROJECTOR
+    return next((_TOWER_PARTS[p] for p in parts if p in _TOWER_PARTS), LANGUAGE)
+
+
 def layer_of(name: str) -> int | None:
-    """Index of the transformer block holding the parameter, or ``None`` outside the blocks."""
+    """Index of the block holding the parameter inside its tower, or ``None`` outside the blocks."""
     match = _LAYER_RE.search(".".join(_parts(name)))
     return int(match.group(1)) if match else None
 
 
-def kind_of(name: str) -> str:
-    """Module kind of a parameter, e.g. ``"q"``, ``"down"``, ``"norm"``, ``"embed"``; LoRA adds a suffix."""
+def layer_key(name: str) -> str | None:
+    """Group key of the parameter's block: ``"3"`` (language decoder), ``"vision.3"`` (other towers),
+    ``"projector"`` (merger / projector, one group); ``None`` outside the blocks (embeddings, head)."""
+    tower = tower_of(name)
+    if tower == PROJECTOR:
+        return PROJECTOR
+    layer = layer_of(name)
+    if layer is None:
+        return None
+    return str(layer) if tower == LANGUAGE else f"{tower}.{layer}"
+
+
+def layer_sort_key(key: str) -> tuple[int, str, int, str]:
+    """Order layer keys: the decoder's blocks by index, then other towers' blocks, then the projector."""
+    if key.isdigit():
+        return 0, "", int(key), ""
+    tower, _, index = key.partition(".")
+    if index.isdigit():
+        return 1, tower, int(index), ""
+    return 2, key, 0, ""
+
+
+def expert_of(name: str) -> int | None:
+    """Expert index of a parameter in a per-expert module list (``mlp.experts.7.w1.weight`` -> 7).
+
+    ``None`` for everything else, fused expert tensors included (their experts are slices of one
+    tensor: see :func:`gradtrace.anatomy.experts.fused_expert_tensors`).
+    """
     parts = _parts(name)
+    for i, part in enumerate(parts[:-1]):
+        if part == ROUTED_EXPERTS and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether the parameter belongs to a MoE block's routed experts (fused or a module list)."""
+    parts = _parts(name)
+    return ROUTED_EXPERTS in parts[:-1] and not any(p in _SHARED_EXPERTS for p in parts)
+
+
+def kind_of(name: str) -> str:
+    """Module kind of a parameter, e.g. ``"q"``, ``"down"``, ``"norm"``, ``"router"``, ``"expert.down"``;
+    LoRA adds a suffix (``"q.lora_A"``), towers other than the decoder a prefix (``"vision.q"``)."""
+    kind = _block_kind(_parts(name))
+    tower = tower_of(name)
+    return kind if tower == LANGUAGE else f"{tower}.{kind}"
+
+
+def _block_kind(parts: list[str]) -> str:
     adapter = next((p for p in parts if p in _PEFT_ADAPTERS), None)
     if adapter is not None:
         # model.layers.0.self_attn.q_proj.lora_A.default.weight -> "q.lora_A"
-        owner = parts[parts.index(adapter) - 1] if parts.index(adapter) > 0 else adapter
-        return f"{_module_kind(owner, parts)}.{adapter}"
+        index = parts.index(adapter)
+        owner = parts[index - 1] if index > 0 else adapter
+        return f"{_module_kind(owner, parts[:index])}.{adapter}"
     if len(parts) < 2:
-        return parts[0] if parts else name
-    leaf = parts[-1]
-    owner = parts[-2]
+        return parts[0] if parts else ""
+    leaf, owner = parts[-1], parts[-2]
+    if owner == ROUTED_EXPERTS:
+        # fused expert tensors are the module's own parameters: experts.gate_up_proj, ..._bias
+        bias = leaf.endswith("_bias")
+        kind = _KIND_BY_MODULE.get(leaf.removesuffix("_bias"), leaf.removesuffix("_bias"))
+        return f"expert.{kind}.bias" if bias else f"expert.{kind}"
+    if leaf == "sinks":  # gpt-oss: a learned per-head attention sink logit
+        return "sinks"
+    if owner in _SPECIAL_NORMS:
+        return _SPECIAL_NORMS[owner]
     if "norm" in owner.lower() or owner.startswith("ln"):
         return "norm"
     kind = _module_kind(owner, parts)
-    if leaf == "bias":
-        return f"{kind}.bias"
-    return kind
+    if is_routed_expert(".".join(parts)):
+        kind = f"expert.{kind}"
+    elif any(p in _SHARED_EXPERTS for p in parts[:-2]):
+        kind = f"shared_expert.{kind}"
+    elif owner == "shared_expert_gate":  # Qwen2-MoE: sigmoid gate of the shared expert's output
+        kind = "shared_expert.router"
+    return f"{kind}.bias" if leaf == "bias" else kind
 
 
 def _module_kind(owner: str, parts: list[str]) -> str:
+    index = len(parts) - 1 - parts[::-1].index(owner) if owner in parts else 0
+    parent = parts[index - 1] if index > 0 else ""
+    if owner == "gate" and parent in _MOE_PARENTS:  # the router, not a gate projection
+        return "router"
     if owner in _KIND_BY_MODULE:
         return _KIND_BY_MODULE[owner]
+    if parent == "patch_embed":  # a vision tower's patch embedding: patch_embed.proj
+        return "patch_embed"
     # GPT-2 uses c_proj for both attention output and MLP down projection: the parent decides.
-    if owner in {"c_proj", "dense", "out_proj"}:
-        parent = parts[parts.index(owner) - 1] if parts.index(owner) > 0 else ""
+    if owner in {"c_proj", "dense", "out_proj", "proj"}:
         if parent in _ATTENTION_PARENTS:
             return "o"
         if parent in _MLP_PARENTS:
             return "down"
+    if owner.isdigit() and parent:  # nn.Sequential inside a projector: merger.mlp.0 -> "mlp.0"
+        return f"{parent}.{owner}"
     return owner

@@ -105,7 +105,7 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     ``max_grad_norm=1.0``) are recorded in the run's info.
     """
     named, not_stepped = stepped_parameters(model, optimizer)
-    tracker = GradTracker(named, config)
+    tracker = GradTracker(named, config, layout_model=model)
     sinks = []
     if wandb:
         from gradtrace.sinks.wandb import WandbSink

@@ -70,6 +70,8 @@ def run_info(tracker: GradTracker, optimizer: Any | None = None, **extra: Any) -
         "state_bytes": tracker.state_bytes(),
         "versions": versions(),
         "master_weights_dtype": None,
+        # routed experts found (per-expert views), and the ones left to per-matrix views, said once here
+        "experts": {"per_layer": dict(tracker.experts.experts), "note": tracker.experts.note},
     }
     info.update(extra)
     return info

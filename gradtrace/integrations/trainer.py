@@ -120,7 +120,7 @@ class GradTraceCallback(TrainerCallback):
             named, not_stepped = [(n, p) for n, p in model.named_parameters() if p.requires_grad], []
         else:
             named, not_stepped = stepped_parameters(model, optimizer)
-        tracker = GradTracker(named, self.config)
+        tracker = GradTracker(named, self.config, layout_model=model)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
         info = run_info(
             tracker, optimizer,

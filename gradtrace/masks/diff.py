@@ -43,7 +43,8 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.anatomy.experts import expert_layout
+from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, by_tower, total
 from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.masks_file import PackedMask, save_masks
 from gradtrace.masks.fp8 import (
@@ -440,13 +441,16 @@ class CheckpointPair:
 
 
 def compare_tensors(
-    base: torch.Tensor, tuned: torch.Tensor, criteria: Sequence[Criterion], *, with_masks: bool = False
+    base: torch.Tensor, tuned: torch.Tensor, criteria: Sequence[Criterion], *, with_masks: bool = False,
+    slices: int | None = None, per_slice: list[dict[str, int]] | None = None,
 ) -> tuple[dict[str, int], dict[str, PackedMask]]:
     """Count unchanged elements of one tensor pair under each criterion, chunk by chunk.
 
     Returns ``({criterion.key: unchanged elements, "numel": n}, {mask kind: packed "changed" mask})``;
     the masks (bit-packed, 1 bit per element) are only built when ``with_masks`` is set, and then
     always include kind ``"update"`` (bitwise change) besides one per non-zero criterion.
+    With ``slices`` (a fused MoE expert tensor: experts along dim 0), ``per_slice`` receives the same
+    counts for each expert's slice, one dict per expert.
     """
     if base.shape != tuned.shape or base.dtype != tuned.dtype:
         raise ValueError(f"tensor pair differs: {base.dtype}{list(base.shape)} vs {tuned.dtype}{list(tuned.shape)}")
@@ -457,6 +461,8 @@ def compare_tensors(
     delta_dtype = torch.float32 if flat_a.element_size() == 1 else flat_a.dtype
     rel_dtype = torch.promote_types(flat_a.dtype, torch.float32)
     counts = {"numel": n, **{c.key: 0 for c in criteria}}
+    slice_numel = n // slices if slices else 0
+    slice_totals = {c.key: torch.zeros(slices, dtype=torch.int64) for c in criteria} if slices else {}
     packed: dict[str, list[torch.Tensor]] = {}
     if with_masks:
         packed = {"update": [], **{c.mask_kind: [] for c in criteria}}
@@ -478,6 +484,8 @@ def compare_tensors(
         stop = min(n, start + CHUNK_ELEMENTS)
         m = stop - start
         a, b = flat_a[start:stop], flat_b[start:stop]
+        # the expert of each element of the chunk (fused expert tensors only)
+        expert = (torch.arange(start, stop, device=flat_a.device) // slice_numel).cpu() if slices else None
         same_bits = torch.eq(a.view(int_view), b.view(int_view), out=same_bits_buf[:m])
         delta_ready = False
         packed_now: set[str] = set()  # "1e-5" and "1e-05" are two criteria but one mask kind
@@ -503,11 +511,16 @@ def compare_tensors(
                 # and a NaN delta compares False (changed).
                 same = torch.le(delta, c.value, out=same_buf[:m])
             counts[c.key] += int(torch.count_nonzero(same))
+            if expert is not None:
+                slice_totals[c.key].index_add_(0, expert, same.cpu().long())
             if with_masks and c.mask_kind != "update" and c.mask_kind not in packed_now:
                 packed_now.add(c.mask_kind)
                 packed[c.mask_kind].append(pack_bits(~same).cpu())
         if with_masks:
             packed["update"].append(pack_bits(~same_bits).cpu())
+    if slices and per_slice is not None:
+        per_slice.extend({"numel": slice_numel, **{k: int(v[e]) for k, v in slice_totals.items()}}
+                         for e in range(slices))
     shape = tuple(base.shape)
     masks = {kind: PackedMask(torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8), shape)
              for kind, chunks in packed.items()}
@@ -535,6 +548,8 @@ class DiffResult:
     notes: list[str] = field(default_factory=list)
     bytes_read: int = 0  # tensor data read from both checkpoints by this run (not in the JSON: it varies)
     seconds: float = 0.0  # wall time of this run
+    per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)  # fused expert tensors, per expert
+    listed_experts: dict[str, int] = field(default_factory=dict)  # per-expert module lists: name -> expert
 
     @property
     def tolerances(self) -> list[Criterion]:
@@ -551,10 +566,13 @@ class DiffResult:
                 "rel": {c.label: _ratio(counts.get(c.key, 0), n) for c in self.relative}}
 
     def groups(self) -> dict[str, dict[str, dict[str, float]]]:
-        """Summed counts: ``{"global": {"all": counts}, "layer": {...}, "kind": {...}, "matrix": {...}}``."""
+        """Summed counts: ``{"global": {"all": counts}, "layer", "kind", "tower", "expert", "matrix"}``
+        (``"expert"``: ``"<layer>/<expert>"`` of MoE checkpoints, empty for dense ones)."""
         return {"global": {"all": total(self.per_tensor)},
-                "layer": {str(k): v for k, v in by_layer(self.per_tensor).items()},
+                "layer": by_layer(self.per_tensor),
                 "kind": by_kind(self.per_tensor),
+                "tower": by_tower(self.per_tensor),
+                "expert": by_expert(self.per_tensor, self.per_slice, self.listed_experts),
                 "matrix": dict(self.per_tensor)}
 
     @property
@@ -588,6 +606,9 @@ class DiffResult:
             result["global_relative"] = self.sparsity(everything)["rel"]
         result["per_layer"] = {k: entry(v) for k, v in groups["layer"].items()}
         result["per_kind"] = {k: entry(v) for k, v in groups["kind"].items()}
+        result["per_tower"] = {k: entry(v) for k, v in groups["tower"].items()}
+        if groups["expert"]:
+            result["per_expert"] = {k: entry(v) for k, v in groups["expert"].items()}
         result["per_matrix"] = {
             k: entry(v, {"shape": list(self.specs[k].shape), "dtype": self.specs[k].dtype})
             for k, v in groups["matrix"].items()}
@@ -648,10 +669,14 @@ def diff_checkpoints(
     skipped: list[dict[str, str]] = []
     masks: dict[str, dict[str, PackedMask]] = {}
     dtypes: dict[str, str] = {}
+    per_slice: dict[str, list[dict[str, int]]] = {}
     with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device, cache=cache, retries=retries,
                         backoff=backoff) as pair:
         notes = list(pair.notes)
         identities = [s.identity for s in pair.sources]
+        experts = expert_layout({spec.name: spec.shape for spec in pair.specs if spec.is_float})
+        if experts.note:
+            notes.append(experts.note)
         state = None
         done: dict[str, tuple[dict[str, int], dict[str, PackedMask]]] = {}
         if resume is not None:
@@ -668,7 +693,7 @@ def diff_checkpoints(
                 continue
             specs[spec.name] = spec
             dtypes[spec.name] = _torch_dtype_name(spec.dtype)
-            if spec.name in done:
+            if spec.name in done and spec.name not in experts.fused:  # per-expert counts are not kept in it
                 per_tensor[spec.name], finished_masks = done[spec.name]
                 for kind, mask in finished_masks.items():
                     masks.setdefault(kind, {})[spec.name] = mask
@@ -680,7 +705,9 @@ def diff_checkpoints(
         for spec, a, b in pair.stream(todo):
             if progress is not None:
                 progress(done_bytes, total_bytes, spec.name)
-            counts, tensor_masks = compare_tensors(a, b, criteria, with_masks=masks_out is not None)
+            slices = experts.fused.get(spec.name)
+            counts, tensor_masks = compare_tensors(a, b, criteria, with_masks=masks_out is not None, slices=slices,
+                                                   per_slice=per_slice.setdefault(spec.name, []) if slices else None)
             del a, b  # release this pair's pages before the next one is read
             per_tensor[spec.name] = counts
             done_bytes += pair.nbytes(spec)
@@ -695,8 +722,8 @@ def diff_checkpoints(
     per_tensor = {name: per_tensor[name] for name in specs}
     if skipped:
         notes.append(f"skipped {len(skipped)} non-float tensors (e.g. {skipped[0]['name']!r}, {skipped[0]['dtype']})")
-    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes,
-                        bytes_read=bytes_read, seconds=time.perf_counter() - started)
+    result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes, per_slice=per_slice,
+                        listed_experts=experts.listed, bytes_read=bytes_read, seconds=time.perf_counter() - started)
     if masks_out is not None:
         if not masks:
             raise CheckpointDiffError(f"{base} vs {tuned}: no floating-point tensors to write masks for")

@@ -9,7 +9,10 @@ arXiv 2505.11711, §5 and App. E):
 
 All counts come from the bit-packed bytes (AND + popcount), never from unpacked booleans, so
 comparing two 7 B-parameter masks costs ~1 GB of reads and no 8× expansion. Groups (per layer, per
-module kind) sum the counts first, then take the ratios, so chance values are those of the group.
+module kind, per tower, per routed expert of a MoE model) sum the counts first, then take the ratios, so
+chance values are those of the group. A fused expert tensor's experts are its slices along dim 0, counted
+on rows of the packed bytes (a slice of a whole number of bytes, as in every real model; otherwise that
+tensor alone is unpacked).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.anatomy.experts import ExpertLayout, expert_layout
+from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, by_tower, total
 from gradtrace.anatomy.parameter_names import matching_key
-from gradtrace.formats.bitpack import popcount
+from gradtrace.formats.bitpack import popcount, unpack_bits
 from gradtrace.formats.masks_file import MaskFileError, PackedMask, read_packed_masks
 
 # Bytes per popcount call: off the CPU the lookup widens each byte to int64, so this bounds the temporary at 128 MB.
@@ -140,16 +145,47 @@ def pair_counts(a: Mapping[str, PackedMask], b: Mapping[str, PackedMask]) -> dic
     return counts
 
 
-def _grouped(per_param: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
-    return {
+def _per_expert_counts(mask: PackedMask, experts: int) -> np.ndarray:
+    """Set bits of each expert's slice (dim 0) of a fused expert tensor's packed mask."""
+    n = mask.numel
+    if (n // experts) % 8 == 0:  # every slice a whole number of bytes: popcount rows of the packed bytes
+        rows = mask.bits[: n // 8].reshape(experts, -1).contiguous().numpy()
+        return np.bitwise_count(rows).sum(axis=1, dtype=np.int64)
+    return unpack_bits(mask.bits, n).reshape(experts, -1).sum(dim=1).numpy()
+
+
+def pair_slice_counts(a: Mapping[str, PackedMask], b: Mapping[str, PackedMask],
+                      layout: ExpertLayout) -> dict[str, list[dict[str, int]]]:
+    """:func:`pair_counts` per expert of each fused expert tensor: ``{name: [counts of expert 0, ...]}``."""
+    out = {}
+    for name, experts in layout.fused.items():
+        both = PackedMask(a[name].bits & b[name].bits, a[name].shape)
+        ua, ub, ab = (_per_expert_counts(m, experts) for m in (a[name], b[name], both))
+        size = a[name].numel // experts
+        out[name] = [{"numel": size, "updated_1": int(ua[e]), "updated_2": int(ub[e]), "intersection": int(ab[e])}
+                     for e in range(experts)]
+    return out
+
+
+def _grouped(per_param: Mapping[str, Mapping[str, int]], a: Mapping[str, PackedMask] | None = None,
+             b: Mapping[str, PackedMask] | None = None) -> dict[str, Any]:
+    out = {
         "global": overlap_stats(total(per_param)),
-        "per_layer": {str(k): overlap_stats(v) for k, v in by_layer(per_param).items()},
+        "per_layer": {k: overlap_stats(v) for k, v in by_layer(per_param).items()},
         "per_kind": {k: overlap_stats(v) for k, v in by_kind(per_param).items()},
+        "per_tower": {k: overlap_stats(v) for k, v in by_tower(per_param).items()},
     }
+    if a is not None and b is not None:
+        layout = expert_layout({name: mask.shape for name, mask in a.items()})
+        experts = by_expert(per_param, pair_slice_counts(a, b, layout), layout.listed)
+        if experts:
+            out["per_expert"] = {k: overlap_stats(v) for k, v in experts.items()}
+    return out
 
 
 def pair_overlap(a: MaskSource, b: MaskSource, kind: str = "update") -> dict[str, Any]:
-    """Overlap of two runs: ``{"kind", "runs", "global", "per_layer", "per_kind"}`` (see :func:`overlap_stats`).
+    """Overlap of two runs: ``{"kind", "runs", "global", "per_layer", "per_kind", "per_tower"}`` and, for a MoE
+    model, ``"per_expert"`` (``"<layer>/<expert>"``); see :func:`overlap_stats`.
 
     Raises :class:`OverlapError` if the masks belong to different models or lack ``kind``, and
     :class:`~gradtrace.formats.masks_file.MaskFileError` if a file is unreadable.
@@ -157,7 +193,7 @@ def pair_overlap(a: MaskSource, b: MaskSource, kind: str = "update") -> dict[str
     label_a, label_b = _label(a, 0), _label(b, 1)
     masks_a, masks_b = _aligned([load_kind(a, kind, label=label_a), load_kind(b, kind, label=label_b)])
     _check_same_model(masks_a, masks_b, label_a, label_b)
-    return {"kind": kind, "runs": [label_a, label_b], **_grouped(pair_counts(masks_a, masks_b))}
+    return {"kind": kind, "runs": [label_a, label_b], **_grouped(pair_counts(masks_a, masks_b), masks_a, masks_b)}
 
 
 def overlap_matrix(sources: Sequence[MaskSource], kind: str = "update") -> dict[str, Any]:
@@ -180,7 +216,7 @@ def overlap_matrix(sources: Sequence[MaskSource], kind: str = "update") -> dict[
     sparsity: list[float | None] = [None] * k
     for i in range(k):
         for j in range(i + 1, k):
-            grouped = _grouped(pair_counts(masks[i], masks[j]))
+            grouped = _grouped(pair_counts(masks[i], masks[j]), masks[i], masks[j])
             pairs.append({"runs": [labels[i], labels[j]], "index": [i, j], **grouped})
             g = grouped["global"]
             matrix["overlap"][i][j], matrix["chance"][i][j] = g["overlap"], g["chance"]
@@ -206,4 +242,5 @@ def overlap_report(sources: Sequence[MaskSource], kind: str = "update") -> dict[
 
 
 __all__ = ["MaskFileError", "MaskSource", "OverlapError", "count_and", "count_bits", "load_kind",
-           "overlap_matrix", "overlap_report", "overlap_stats", "pair_counts", "pair_overlap"]
+           "overlap_matrix", "overlap_report", "overlap_stats", "pair_counts", "pair_overlap",
+           "pair_slice_counts"]

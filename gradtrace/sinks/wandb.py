@@ -8,6 +8,8 @@ W&B's default workspace makes one panel section per first key segment, so each v
 - ``gradtrace_heatmap/update_sparsity``, ``gradtrace_heatmap/gradient_sparsity``: layer x kind images.
 - ``gradtrace_cancellation/ratio``: histogram of |Σg|/Σ|g| over the elements whose sums are kept.
 - ``gradtrace_final/per_matrix``: at the end, a table with one row per parameter matrix.
+- MoE models: ``gradtrace_heatmap/expert_<metric>`` (layer x expert images), ``gradtrace_final/per_expert``
+  (a table at the end); their headline curves are global values (``gradtrace/experts_without_gradient``...).
 
 Every series is plotted against ``step_key`` (the Trainer's ``train/global_step``, or ``gradtrace/step``).
 At the end the masks file is logged as an artifact of type ``gradtrace-masks`` so another run can fetch it
@@ -35,6 +37,7 @@ SECTIONS = ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_heatmap
 HEATMAP_METRICS = ("update_sparsity", "gradient_sparsity")
 HISTOGRAM_KEY = "gradtrace_cancellation/ratio"
 TABLE_KEY = "gradtrace_final/per_matrix"
+EXPERT_TABLE_KEY = "gradtrace_final/per_expert"
 ARTIFACT_TYPE = "gradtrace-masks"
 
 
@@ -117,6 +120,13 @@ class WandbSink:
                 png = heatmap_png(summary, metric)
                 payload[f"gradtrace_heatmap/{metric}"] = wandb.Image(Image.open(io.BytesIO(png)),
                                                                     caption=f"step {summary.get('step')}")
+            if summary.get("per_expert"):
+                from gradtrace.views.report import expert_heatmap_png
+
+                for metric in HEATMAP_METRICS:
+                    png = expert_heatmap_png(summary, metric)
+                    payload[f"gradtrace_heatmap/expert_{metric}"] = wandb.Image(
+                        Image.open(io.BytesIO(png)), caption=f"step {summary.get('step')}")
         histogram = summary.get("cancellation_histogram") or {}
         counts, edges = histogram.get("counts") or [], histogram.get("edges") or []
         if sum(counts) > 0 and len(edges) == len(counts) + 1:  # nothing counted with cancellation="off"
@@ -140,11 +150,15 @@ class WandbSink:
             return
         import wandb
 
-        from gradtrace.views.report import matrix_rows
+        from gradtrace.views.report import expert_rows, matrix_rows
 
         self._define_metrics(run)
         columns, rows = matrix_rows(summary["per_matrix"])
-        run.log({TABLE_KEY: wandb.Table(columns=columns, data=rows), self.step_key: summary["step"]})
+        tables = {TABLE_KEY: wandb.Table(columns=columns, data=rows)}
+        if summary.get("per_expert"):
+            columns, rows = expert_rows(summary["per_expert"])
+            tables[EXPERT_TABLE_KEY] = wandb.Table(columns=columns, data=rows)
+        run.log({**tables, self.step_key: summary["step"]})
         final = {f"gradtrace/final/{k}": v for k, v in summary["global"].items() if _finite(v)}
         final["gradtrace/final/step"] = summary["step"]
         masks = Path(run_dir) / MASKS_NAME

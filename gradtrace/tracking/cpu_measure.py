@@ -113,6 +113,16 @@ class CpuMeasurer:
         :attr:`histogram`. ``state`` is the parameter's tracker state (bitmaps and sums on the CPU)."""
         return self._scan(current, reference, state, config, sample_start=sample_start, histogram=self.histogram)
 
+    def row_and_masks(self, current: torch.Tensor, reference: torch.Tensor, state: Mapping[str, torch.Tensor],
+                      config: TrackerConfig, *, sample_start: int = 0) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+        """:meth:`row` and :meth:`update_masks` in one pass: what per-expert counts of a fused expert
+        tensor are computed from (gradtrace.tracking.slices)."""
+        length = (current.numel() + 7) // 8
+        masks = tuple(np.empty(length, dtype=np.uint8) for _ in range(3))
+        row = self._scan(current, reference, state, config, sample_start=sample_start, histogram=self.histogram,
+                         masks=masks)
+        return row, tuple(torch.from_numpy(mask) for mask in masks)
+
     def update_masks(self, current: torch.Tensor, reference: torch.Tensor, state: Mapping[str, torch.Tensor],
                      config: TrackerConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The packed ``updated``, ``updated_abs`` and ``updated_rel`` masks (``bitpack`` layout)."""

@@ -12,14 +12,21 @@ Every element falls in exactly one category (fractions of tracked elements, summ
 ``cancelled``/``absorbed`` split the "gradient but unchanged" elements in the proportion seen on the
 elements whose gradient sums are kept (all of them with ``cancellation="full"``): exact in that mode,
 an unbiased estimate with ``"sampled"``, absent with ``"off"`` or when no sampled element is in the split.
+
+MoE models also get ``per_expert["<layer>/<expert>"]`` (``numel`` and the ``per_layer`` fractions, for
+every routed expert of every MoE layer: fused expert tensors are counted per slice along their expert
+dimension, per-expert module lists per module) and, in ``global``, the headline numbers: ``experts``,
+``experts_without_gradient`` (routed experts none of whose elements ever received a gradient) and the
+min / median / max over experts of the gradient density (``expert_gradient_density_*``).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from gradtrace.anatomy.grouping import by_kind, by_layer, total
+from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, total
 from gradtrace.tracking.tracker import Measurement
 
 CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed")
@@ -58,9 +65,10 @@ def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_t
 def summarize(measurement: Measurement, *, step: int | None = None) -> dict[str, Any]:
     """Plain-data summary of a measurement (JSON-ready): what the run log, W&B and reports read."""
     cfg = measurement.config
-    per_param = measurement.per_param
+    per_param, per_slice = measurement.per_param, measurement.per_slice
     if cfg.ever_changed:
         per_param = {name: {**counts, "ever_changed_tracked": 1} for name, counts in per_param.items()}
+        per_slice = {name: [{**c, "ever_changed_tracked": 1} for c in rows] for name, rows in per_slice.items()}
     tol = {"abs_tolerance": cfg.abs_tolerance, "rel_tolerance": cfg.rel_tolerance}
     overall = total(per_param)
     global_ = fractions(overall, **tol)
@@ -79,16 +87,38 @@ def summarize(measurement: Measurement, *, step: int | None = None) -> dict[str,
     if cfg.ever_changed:
         global_["last_step_changed_fraction"] = counters["last_step_changed"] / numel if steps else 0.0
         global_["mean_step_changed_fraction"] = counters["changed_elements_total"] / (numel * steps) if steps else 0.0
+    per_expert = by_expert(per_param, per_slice, measurement.experts.listed)
+    global_.update(expert_headline(per_expert))
     bins = len(measurement.cancellation_histogram)
-    return {
+    summary = {
         "step": measurement.step if step is None else step,
         "optimizer_steps": steps,
         "global": global_,
         "per_layer": {str(layer): fractions(c, **tol) for layer, c in by_layer(per_param).items()},
         "per_kind": {kind: fractions(c, **tol) for kind, c in by_kind(per_param).items()},
         "per_matrix": {name: {**fractions(c, **tol), "numel": c["numel"]} for name, c in per_param.items()},
+        "per_expert": {key: {**fractions(c, **tol), "numel": c["numel"]} for key, c in per_expert.items()},
         "cancellation_histogram": {
             "edges": [i / bins for i in range(bins + 1)],
             "counts": list(measurement.cancellation_histogram),
         },
+    }
+    if not per_expert:
+        del summary["per_expert"]  # dense models: no such view
+    return summary
+
+
+def expert_headline(per_expert: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The global curves of a MoE run: how many routed experts never received a gradient, and the spread
+    of the experts' gradient density (fraction of their elements that ever received one). Empty for a
+    dense model."""
+    densities = [c["gradient"] / c["numel"] for c in per_expert.values() if c["numel"]]
+    if not densities:
+        return {}
+    return {
+        "experts": len(per_expert),
+        "experts_without_gradient": sum(1 for c in per_expert.values() if c["gradient"] == 0),
+        "expert_gradient_density_min": min(densities),
+        "expert_gradient_density_median": statistics.median(densities),
+        "expert_gradient_density_max": max(densities),
     }

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradtrace.anatomy.experts import ExpertLayout, expert_layout
 from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import cpu_measure, cpu_scan, sharding
+from gradtrace.tracking import cpu_measure, cpu_scan, sharding, slices
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.state import (
     COUNTER_INDEX,
@@ -177,6 +178,9 @@ class Measurement:
     counters: dict[str, int]
     cancellation_histogram: list[int]  # counts of |Σg|/Σ|g| in equal bins over [0, 1], sampled elements
     config: TrackerConfig = field(default_factory=TrackerConfig)
+    # fused expert tensors: one count dict per expert (its slice along dim 0), same fields as per_param
+    per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)
+    experts: ExpertLayout = field(default_factory=ExpertLayout)
 
 
 class GradTracker:
@@ -185,12 +189,15 @@ class GradTracker:
     Args:
         model: a module (its ``requires_grad`` parameters are tracked) or ``(name, parameter)`` pairs.
         config: what to track; see :class:`TrackerConfig` for the bytes per parameter of each mode.
+        layout_model: the whole model, when ``model`` is a selection of its parameters: the expert layout
+            of MoE layers is read from all of its parameters (a frozen router still says how many experts).
 
     Under FSDP2 (parameters sharded as DTensors) each rank keeps state for its local shard only; then
     :meth:`measure` and :meth:`packed_masks` are collectives that every rank must call together.
     """
 
-    def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None):
+    def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None,
+                 *, layout_model: nn.Module | None = None):
         self.config = config or TrackerConfig()
         named = model.named_parameters() if isinstance(model, nn.Module) else model
         self._params: list[tuple[str, nn.Parameter]] = _named_for_tracking(named)
@@ -234,6 +241,18 @@ class GradTracker:
         }
         # Shapes at allocation: a parameter resized in place is recognised by them (compare_parameters).
         self._tracked_shapes = {name: sharding.full_shape(p) for name, p in self._params}
+        # Fused MoE expert tensors (gradtrace.anatomy.experts) get per-expert counts from measure(). The
+        # layout is read from every parameter of a module, frozen ones included: a frozen router (common
+        # when fine-tuning a MoE) still says how many experts its layer's fused tensors hold.
+        shapes = self.shapes()
+        whole = layout_model if layout_model is not None else model if isinstance(model, nn.Module) else None
+        if whole is not None:
+            shapes = {**{tracked_name(n): sharding.full_shape(p) for n, p in whole.named_parameters()},
+                      **shapes}
+        self.experts: ExpertLayout = expert_layout(shapes).restricted_to(shapes.keys() & self.state.keys())
+        self._expert_slices: dict[str, int] = {
+            name: count for name, count in self.experts.fused.items() if self._slices_measurable(name)
+        }
 
     # ------------------------------------------------------------------ the parameter set
     def compare_parameters(self, named: Iterable[tuple[str, nn.Parameter]]) -> ParameterChanges:
@@ -284,6 +303,8 @@ class GradTracker:
             self._tracked_shapes[name] = sharding.full_shape(param)
             self.state[name] = self._allocate(param, self._sample_start[name], index)
             self._full_bitmaps.discard(name)
+            if (name, param) in changes.restarted:
+                self._expert_slices.pop(name, None)  # its expert layout is no longer known
         return before
 
     def _check_trackable(self) -> None:
@@ -305,6 +326,13 @@ class GradTracker:
         if cached is None:
             cached = self._numel_cache[key] = torch.tensor(numels, dtype=torch.int64, device=self._primary)
         return cached
+
+    def _slices_measurable(self, name: str) -> bool:
+        """Per-expert slices need the local shard to be a contiguous run of the flattened full tensor:
+        true unsharded, under ZeRO-3 and FSDP2's ``Shard(0)``; not for a DTensor sharded on another dim."""
+        param = dict(self._params)[name]
+        placements = getattr(param, "placements", None) if not sharding.is_zero3(param) else None
+        return not placements or all(not p.is_shard() or p.dim == 0 for p in placements)
 
     @property
     def sharded(self) -> bool:
@@ -563,7 +591,7 @@ class GradTracker:
         bins = cfg.histogram_bins
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
         count = torch.count_nonzero  # on a bool mask: no int64 copy, unlike .sum()
-        rows = []
+        rows, slice_blocks = [], []
         # CPU parameters: chunked NumPy passes, host counts (gradtrace.tracking.cpu_measure), identical results.
         fast = cpu_measure.CpuMeasurer(bins) if self._cpu_measure else None
         for name, param in self._params:
@@ -576,6 +604,14 @@ class GradTracker:
             listed = name in self._sample_index  # sampled elements by index: the torch path
             if fast is not None and not listed and cpu_measure.supports(local, state["reference"]):
                 row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
+            experts = self._expert_slices.get(name)
+            if fast is not None and cpu_measure.supports(local, state["reference"]):
+                if experts is None:
+                    row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
+                else:
+                    row, packed = fast.row_and_masks(local, state["reference"], state, cfg,
+                                                     sample_start=self._sample_start[name])
+                    slice_blocks.append(self._slice_rows(name, param, packed))
                 rows.append(torch.tensor(row, dtype=torch.int64, device=self._primary))
                 continue
             numel = local.numel()
@@ -601,6 +637,9 @@ class GradTracker:
                 count(updated_rel), count(gradient & updated), ever, *sampled,
             ]).to(self._primary)
             rows.append(row)
+            if experts is not None:
+                slice_blocks.append(self._slice_rows(name, param, [pack_bits(m) for m in
+                                                                   (updated, updated_abs, updated_rel)]))
         if fast is not None:
             histogram += torch.from_numpy(fast.histogram).to(self._primary)
         local_counters = self.counters.clone()
@@ -610,7 +649,8 @@ class GradTracker:
             for name, reduce in COUNTER_REDUCE.items():
                 if reduce == "none" and dist.get_rank(self._group) != 0:
                     local_counters[COUNTER_INDEX[name]] = 0
-        flat = torch.cat([torch.stack(rows).reshape(-1), histogram, local_counters])
+        flat = torch.cat([torch.stack(rows).reshape(-1), histogram, local_counters,
+                          *(block.reshape(-1) for block in slice_blocks)])
         if self._group is not None:
             flat = _to(flat, self._collective_device)
             dist.all_reduce(flat, group=self._group)
@@ -621,13 +661,37 @@ class GradTracker:
             for i, (name, _) in enumerate(self._params)
         }
         offset = len(self._params) * width
+        end = offset + bins + len(COUNTERS)
+        per_slice = {}
+        for name, experts in self._expert_slices.items():
+            per_slice[name] = [dict(zip(COUNT_FIELDS, table[end + e * width:end + (e + 1) * width], strict=True))
+                               for e in range(experts)]
+            end += experts * width
         return Measurement(
             step=self.steps,
             per_param=per_param,
             cancellation_histogram=table[offset:offset + bins],
-            counters=dict(zip(COUNTERS, table[offset + bins:], strict=True)),
+            counters=dict(zip(COUNTERS, table[offset + bins:offset + bins + len(COUNTERS)], strict=True)),
             config=cfg,
+            per_slice=per_slice,
+            experts=self.experts,
         )
+
+    def _slice_rows(self, name: str, param: nn.Parameter, update_bits) -> torch.Tensor:
+        """Per-expert counts of a fused expert tensor's local shard (gradtrace.tracking.slices), as an
+        ``(experts, len(COUNT_FIELDS))`` tensor on the primary device, ready to be summed across ranks."""
+        state = self.state[name]
+        experts = self._expert_slices[name]
+        device = state["gradient_bits"].device
+        masks = {"gradient": state["gradient_bits"]}
+        masks.update(zip(("updated", "updated_abs", "updated_rel"), (b.to(device) for b in update_bits), strict=True))
+        if self.config.ever_changed:
+            masks["ever_changed"] = state["ever_changed_bits"]
+        sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
+        full = math.prod(sharding.full_shape(param))
+        return slices.slice_rows(masks, sums, config=self.config, slices=experts, slice_numel=full // experts,
+                                 offset=sharding.flat_offset(param), local_numel=_local(param).numel(),
+                                 sample_start=self._sample_start[name]).to(self._primary)
 
     @torch.no_grad()
     def packed_masks(self) -> dict[str, dict[str, PackedMask]]:

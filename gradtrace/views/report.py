@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from gradtrace.anatomy.naming import kind_of, layer_of
+from gradtrace.anatomy.naming import kind_of, layer_key, layer_of, layer_sort_key
 from gradtrace.formats.run_dir import SUMMARY_NAME, find_run_dir
 from gradtrace.formats.run_log import read_run_log
 
@@ -38,11 +38,13 @@ REPORT_NAME = "report.html"
 OUTSIDE_LAYERS = "outside"  # heatmap row of the parameters outside the transformer blocks (embeddings, head)
 
 # Module kinds in the order a block computes them; kinds not listed follow, alphabetically.
-_KIND_ORDER = ("embed", "pos_embed", "q", "k", "v", "qkv", "o", "router", "gate", "up", "gate_up", "down",
-               "norm", "lm_head")
+_KIND_ORDER = ("embed", "pos_embed", "patch_embed", "q_a", "q_a_norm", "q_b", "q", "kv_a", "kv_a_norm", "kv_b",
+               "k", "v", "qkv", "q_norm", "k_norm", "sinks", "o", "gate", "up", "gate_up", "down", "router",
+               "expert", "shared_expert", "norm", "lm_head")
 # Global curves the report plots (the W&B sink logs every finite global value anyway).
 CURVE_METRICS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*",
-                 "cancelled", "absorbed", "changed_without_gradient", "updated")
+                 "cancelled", "absorbed", "changed_without_gradient", "updated", "expert_gradient_density_min",
+                 "expert_gradient_density_median", "expert_gradient_density_max")
 _TITLES = {
     "gradient_sparsity": "gradient sparsity (never a nonzero gradient)",
     "update_sparsity": "update sparsity (bitwise unchanged)",
@@ -70,11 +72,14 @@ def metric_keys(values: Mapping[str, Any], patterns: Iterable[str] = CURVE_METRI
     return keys
 
 
-def kind_sort_key(kind: str) -> tuple[int, str]:
-    """Order module kinds as a block computes them (``q`` before ``o`` before ``down``); others after."""
-    base = kind.split(".")[0]
+def kind_sort_key(kind: str) -> tuple[int, int, str]:
+    """Order module kinds as a block computes them (``q`` before ``o`` before ``down``); others after;
+    the decoder's kinds before other towers' (``vision.q``)."""
+    parts = kind.split(".")
+    tower = 1 if parts[0] in ("vision", "audio", "projector") and len(parts) > 1 else 0
+    base = parts[tower]
     rank = _KIND_ORDER.index(base) if base in _KIND_ORDER else len(_KIND_ORDER)
-    return rank, kind
+    return tower, rank, kind
 
 
 @dataclass(frozen=True)
@@ -103,25 +108,65 @@ def layer_kind_grid(per_matrix: Mapping[str, Mapping[str, Any]], metric: str = "
     group's elements. Matrices whose value is unknown (``None``) are left out of their cell.
     """
     sums: dict[tuple[str, str], list[float]] = {}
-    layers: set[int] = set()
+    layers: set[str] = set()
     outside = False
     for name, values in per_matrix.items():
-        layer = layer_of(name)
+        layer = layer_key(name)  # towers apart: "3", "vision.3", "projector"
         if layer is None:
             outside = True
         else:
             layers.add(layer)
-        row = OUTSIDE_LAYERS if layer is None else str(layer)
+        row = OUTSIDE_LAYERS if layer is None else layer
         cell = sums.setdefault((row, kind_of(name)), [0.0, 0.0])
         value, numel = values.get(metric), values.get("numel", 0)
         if isinstance(value, (int, float)) and numel:
             cell[0] += value * numel
             cell[1] += numel
-    rows = [str(layer) for layer in sorted(layers)] + ([OUTSIDE_LAYERS] if outside else [])
+    rows = sorted(layers, key=layer_sort_key) + ([OUTSIDE_LAYERS] if outside else [])
     columns = sorted({kind for _, kind in sums}, key=kind_sort_key)
     grid = [[(sums[(r, c)][0] / sums[(r, c)][1]) if (r, c) in sums and sums[(r, c)][1] else None
              for c in columns] for r in rows]
     return Grid(metric, rows, columns, grid)
+
+
+def expert_grid(per_expert: Mapping[str, Mapping[str, Any]], metric: str = "gradient_sparsity") -> Grid:
+    """``summary["per_expert"]`` as a layer x expert grid (rows: MoE layers, columns: expert indices)."""
+    cells: dict[tuple[str, str], Any] = {}
+    for key, values in per_expert.items():
+        layer, _, expert = key.rpartition("/")
+        value = values.get(metric)
+        cells[(layer, expert)] = value if isinstance(value, (int, float)) else None
+    rows = sorted({layer for layer, _ in cells}, key=layer_sort_key)
+    columns = sorted({expert for _, expert in cells}, key=int)
+    return Grid(metric, rows, columns, [[cells.get((r, c)) for c in columns] for r in rows])
+
+
+def expert_heatmap_figure(summary: Mapping[str, Any], *, label: str = "") -> Figure:
+    """Gradient and update sparsity per routed expert, layer x expert, one colour scale."""
+    grids = [expert_grid(summary["per_expert"], m) for m in ("gradient_sparsity", "update_sparsity")]
+    figure = heatmap_figure(grids, ["gradient sparsity", "update sparsity"], colorbar_label="sparsity",
+                            suptitle=f"{label + ': ' if label else ''}layer x routed expert at step "
+                                     f"{summary.get('step')} (100: the expert never received a gradient)")
+    for ax in figure.axes[:len(grids)]:
+        ax.set_xlabel("expert")
+    return figure
+
+
+def expert_heatmap_png(summary: Mapping[str, Any], metric: str = "gradient_sparsity") -> bytes:
+    """PNG of one summary's layer x expert heatmap of ``metric`` (what the W&B sink logs for MoE runs)."""
+    grid = expert_grid(summary["per_expert"], metric)
+    figure = heatmap_figure([grid], [f"{metric.replace('_', ' ')} at step {summary.get('step')}"],
+                            colorbar_label=metric.replace("_", " "))
+    figure.axes[0].set_xlabel("expert")
+    return figure_png(figure)
+
+
+def expert_rows(per_expert: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """``(columns, rows)`` of the per-expert table: layer, expert, numel, then each fraction."""
+    fractions = matrix_columns(per_expert)
+    rows = [[key.rpartition("/")[0], int(key.rpartition("/")[2]), int(values.get("numel", 0)),
+             *(values.get(c) for c in fractions)] for key, values in per_expert.items()]
+    return ["layer", "expert", "numel", *fractions], rows
 
 
 def matrix_columns(per_matrix: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -347,7 +392,7 @@ def breakdown_figure(runs: Sequence[RunData]) -> Figure:
         keys: list[str] = []
         for run in runs:
             keys.extend(k for k in run.final.get(group, {}) if k not in keys)
-        keys = sorted(keys, key=int) if group == "per_layer" else sorted(keys, key=kind_sort_key)
+        keys = sorted(keys, key=layer_sort_key) if group == "per_layer" else sorted(keys, key=kind_sort_key)
         for row, metric in enumerate(("update_sparsity", "gradient_sparsity")):
             ax = axes[row][column]
             width = 0.8 / max(len(runs), 1)
@@ -454,7 +499,8 @@ def _global_table_html(runs: Sequence[RunData]) -> str:
     head = "<th>metric</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs)
     rows = [f'<tr><td class="text">{html.escape(m)}</td>'
             + "".join(_cell(r.final["global"].get(m), fraction=True) for r in runs) + "</tr>" for m in metrics]
-    counts = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "tracked_elements")
+    counts = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "tracked_elements",
+              *(k for k in ("experts", "experts_without_gradient") if any(k in r.final["global"] for r in runs)))
     for key in counts:
         rows.append(f'<tr><td class="text">{key}</td>'
                     + "".join(_cell(r.final["global"].get(key), fraction=False) for r in runs) + "</tr>")
@@ -568,6 +614,20 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                                                f"{runs[0].label})"))
             heatmaps.append(image_html(name, f"difference {run.label}"))
     sections.append("<h2>Layer x module kind, at the end</h2>" + "".join(heatmaps))
+
+    experts = [image_html(add(f"experts-{_slug(run.label)}.png", expert_heatmap_figure(run.final, label=run.label)),
+                          f"experts {run.label}") for run in runs if run.final.get("per_expert")]
+    if experts:
+        for run in runs:
+            if run.final.get("per_expert"):
+                columns, rows = expert_rows(run.final["per_expert"])
+                head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+                body = "\n".join("<tr>" + "".join(_cell(v, fraction=i >= 3) for i, v in enumerate(row)) + "</tr>"
+                                 for row in rows)
+                experts.append(f"<details><summary>{html.escape(run.label)}: {len(rows)} routed experts</summary>"
+                               f'<table id="experts-{_slug(run.label)}" class="per-expert"><tr>{head}</tr>\n'
+                               f"{body}</table></details>")
+        sections.append("<h2>Layer x routed expert, at the end</h2>" + "".join(experts))
 
     evolutions = [image_html(add(f"evolution-{_slug(run.label)}.png", evolution_figure(run)),
                              f"evolution {run.label}") for run in runs]

@@ -25,6 +25,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradtrace.anatomy.naming import layer_sort_key
 from gradtrace.formats.run_dir import LOG_NAME, TRAINER_SUBDIR
 from gradtrace.formats.run_log import RunRecords
 from gradtrace.views.report import metric_keys, percent, run_label
@@ -179,9 +180,36 @@ def render(follower: LogFollower, *, width: int = 100) -> Group:
         parts.append(_bars_table("per module kind", per_kind, "kind", width))
     per_layer = latest.get("per_layer") or {}
     if per_layer:
-        parts.append(_bars_table("per layer", dict(sorted(per_layer.items(), key=lambda kv: int(kv[0]))),
+        parts.append(_bars_table("per layer", dict(sorted(per_layer.items(), key=lambda kv: layer_sort_key(kv[0]))),
                                  "layer", width))
+    per_expert = latest.get("per_expert") or {}
+    if per_expert:  # right after the global table: one short line per MoE layer, above the long tables
+        parts.insert(2, expert_lines(current, per_expert))
     return Group(*parts)
+
+
+def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[str, Any]]) -> Text:
+    """The compact expert view: the headline numbers, then one line per MoE layer with one character per
+    routed expert, its gradient density (1 − gradient sparsity) as a block height; ``·`` for none at all."""
+    text = Text()
+    text.append("experts ", style="bold")
+    text.append(f"{current.get('experts', len(per_expert))} routed · "
+                f"{current.get('experts_without_gradient', '?')} never received a gradient · gradient density "
+                f"min {percent(current.get('expert_gradient_density_min'))} / median "
+                f"{percent(current.get('expert_gradient_density_median'))} / max "
+                f"{percent(current.get('expert_gradient_density_max'))}")
+    layers: dict[str, list[float | None]] = {}
+    for key, values in per_expert.items():
+        layer, _, _ = key.rpartition("/")
+        sparsity = values.get("gradient_sparsity")
+        layers.setdefault(layer, []).append(None if sparsity is None else 1 - sparsity)
+    width = max(len(layer) for layer in layers)
+    for layer, densities in layers.items():
+        cells = "".join("·" if d is None or d <= 0 else _SPARK[min(len(_SPARK) - 1, round(d * (len(_SPARK) - 1)))]
+                        for d in densities)
+        text.append(f"\n  layer {layer.rjust(width)}  ")
+        text.append(cells, style="cyan")
+    return text
 
 
 def watch(run_dir: str | os.PathLike, *, once: bool = False, interval: float = 1.0,
