@@ -79,5 +79,5 @@ def build_sinks(report_to: Iterable[str], *, step_key: str, charts: LiveCharts,
         else:
             from gradtrace.sinks.trackio import TrackioSink
 
-            sinks.append(TrackioSink(charts=charts))
+            sinks.append(TrackioSink(step_key, charts=charts))
     return sinks, problems

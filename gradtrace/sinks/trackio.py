@@ -6,6 +6,11 @@ layer x step and layer x kind images (``trackio.Image``), the cancellation-ratio
 (``trackio.Histogram``), and at the end the per-matrix table (``trackio.Table``) and the masks file as an
 artifact of type ``gradtrace-masks``.
 
+The x axis: the Trainer's ``TrackioCallback`` logs without a step (trackio counts its own) and carries
+``train/global_step`` as a value; with that step key the sink does the same, so both can be plotted
+against ``train/global_step``. With any other step key (the plain loop's ``gradtrace/step``) the step is
+passed to trackio as its step.
+
 The Trainer's callback finishes its trackio run in ``on_train_end``, before gradtrace's final export:
 the sink then resumes that run by project and name (``resume="must"``), logs the end, and finishes it again.
 """
@@ -20,19 +25,25 @@ from typing import Any
 from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
 from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, LiveCharts, final_scalars
 
+TRAINER_STEP_KEY = "train/global_step"
+
 
 class TrackioSink:
     """Logs to the trackio run current at each log (nothing while none is; trackio is not even imported
     unless something else did).
 
     Args:
+        step_key: logged with every row; ``"train/global_step"`` means "log as the Trainer does" (above).
         charts: what to show (:class:`~.payload.LiveCharts`); may be shared with other sinks.
         artifact_name: name of the masks artifact; default ``gradtrace-masks-<run name>``.
     """
 
     name = "trackio"
 
-    def __init__(self, *, charts: LiveCharts | None = None, artifact_name: str | None = None):
+    def __init__(self, step_key: str = "gradtrace/step", *, charts: LiveCharts | None = None,
+                 artifact_name: str | None = None):
+        self.step_key = step_key
+        self._own_steps = step_key != TRAINER_STEP_KEY
         self.charts = charts or LiveCharts()
         self.artifact_name = artifact_name
         self._seen: tuple[str, str] | None = None  # (project, run name) of the run logged to
@@ -62,7 +73,8 @@ class TrackioSink:
 
             counts, edges = frame.histogram
             payload[HISTOGRAM_KEY] = trackio.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
-        run.log(payload, step=step)
+        payload[self.step_key] = step
+        run.log(payload, step=step if self._own_steps else None)
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         """Per-matrix table, final values and the masks artifact, into the run logged to."""
@@ -77,8 +89,8 @@ class TrackioSink:
             run = trackio.init(project=project, name=name, resume="must", embed=False)
             reopened = True
         columns, rows = self.charts.table(summary)
-        run.log({TABLE_KEY: trackio.Table(columns=columns, data=rows), **final_scalars(summary)},
-                step=summary["step"])
+        run.log({TABLE_KEY: trackio.Table(columns=columns, data=rows), **final_scalars(summary),
+                 self.step_key: summary["step"]}, step=summary["step"] if self._own_steps else None)
         masks = Path(run_dir) / MASKS_NAME
         if masks.is_file():
             artifact = trackio.Artifact(self.artifact_name or f"gradtrace-masks-{run.name}", type="gradtrace-masks",
