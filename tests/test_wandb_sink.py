@@ -26,8 +26,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import gradtrace
 from gradtrace import GradTraceWarning, TraceSession, TrackerConfig, read_run_log
 from gradtrace.anatomy.naming import kind_of, layer_of
-from gradtrace.sinks.wandb import ARTIFACT_TYPE, HISTOGRAM_KEY, TABLE_KEY, WandbSink, flatten_summary
+from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, scalar_payload
+from gradtrace.sinks.wandb import ARTIFACT_TYPE, WandbSink
 from gradtrace.views.report import heatmap_png
+from tests.tracker_checks import assert_layer_step_image
 from tests.wandb_file import read_run
 
 VOCAB = 64
@@ -84,7 +86,7 @@ def pixels(png: bytes | Path) -> np.ndarray:
 
 
 def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expected_steps: list[int],
-                                     tokens: torch.Tensor) -> None:
+                                     tokens: torch.Tensor, per_layer_curves: bool = False) -> None:
     """Every gradtrace series W&B recorded equals the run log at the same step; media and table too."""
     log = read_run_log(run_dir)
     records = {int(r["step"]): r for r in log["logs"]}
@@ -92,7 +94,8 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
 
     # define_metric: each section is plotted against the step key.
     globs = {m["glob_name"]: m["step_metric"] for m in wb.metrics if m["glob_name"]}
-    for section in ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_heatmap", "gradtrace_cancellation"):
+    for section in ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_layer_step", "gradtrace_heatmap",
+                    "gradtrace_cancellation"):
         assert globs[f"{section}/*"] == step_key, section
 
     rows = rows_at(wb.history, step_key, "gradtrace/update_sparsity")
@@ -112,8 +115,20 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
             assert row[f"gradtrace_kind/{kind}/update_sparsity"] == values["update_sparsity"]
             assert row[f"gradtrace_kind/{kind}/gradient_sparsity"] == values["gradient_sparsity"]
         for layer, values in record["per_layer"].items():
-            assert row[f"gradtrace_layer/{layer}/update_sparsity"] == values["update_sparsity"]
-        assert not [k for k in flatten_summary(record) if k not in row]
+            for metric in ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed"):
+                key = f"gradtrace_layer/{layer}/{metric}"
+                if per_layer_curves:
+                    assert row[key] == values[metric], (step, key)
+                else:
+                    assert key not in row  # by default, per-layer numbers are in the layer x step images
+        scalars = {k for k in row if k.startswith(("gradtrace/", "gradtrace_kind/", "gradtrace_layer/"))}
+        assert scalars - {step_key} == set(scalar_payload(record, per_layer_curves=per_layer_curves))
+        # The live layer x step images: every layer's cell at every step so far shows the run log's value.
+        history = [records[s] for s in expected_steps if s <= step]
+        for metric in ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed", "changed_without_gradient"):
+            entry = row[f"gradtrace_layer_step/{metric}"]
+            assert entry["_type"] == "image-file" and entry["format"] == "png"
+            assert_layer_step_image(pixels(wb.files_dir / entry["path"]), history, metric)
 
         # Heatmaps: an image file in the run's files, showing this step's grid.
         for metric in ("update_sparsity", "gradient_sparsity"):
@@ -216,7 +231,7 @@ def test_trainer_report_to_wandb_reads_back_equal_to_run_log(tmp_path, wandb_env
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=6,
                              logging_steps=2, report_to="wandb", use_cpu=True, save_strategy="no",
                              learning_rate=1e-3, disable_tqdm=True, seed=0)
-    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full")
+    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full", per_layer_curves=True)
     dataset = Tokens()
     Trainer(model=tiny_llama(), args=args, train_dataset=dataset, callbacks=[callback]).train()
     wandb.finish()
@@ -224,7 +239,7 @@ def test_trainer_report_to_wandb_reads_back_equal_to_run_log(tmp_path, wandb_env
     wb = read_run(wandb_env)
     run_dir = tmp_path / "out" / "gradtrace"
     assert_dashboard_matches_run_log(wb, run_dir, "train/global_step", expected_steps=[2, 4, 6],
-                                     tokens=dataset.rows)
+                                     tokens=dataset.rows, per_layer_curves=True)
     # The trainer's own rows (loss) share the step key, so W&B aligns them with gradtrace's.
     loss_steps = {row["train/global_step"] for row in wb.history if "train/loss" in row}
     assert loss_steps == {2, 4, 6}
@@ -272,4 +287,4 @@ def test_a_failing_wandb_run_never_stops_training(tmp_path):
     messages = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
     assert len(messages) == 1 and "W&B" in messages[0] and "switched off" in messages[0]
     assert [r["step"] for r in read_run_log(tmp_path)["logs"]] == [1, 2, 3]  # the local log went on
-    assert isinstance(tracer.session, TraceSession) and tracer.session.sinks == []
+    assert isinstance(tracer.session, TraceSession) and "W&B" not in [s.name for s in tracer.session.sinks]

@@ -16,6 +16,7 @@ micro-batches and clipped), and the post-hook sees the result of the step.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -28,7 +29,9 @@ from gradtrace.integrations.parameters import (
     unwrap_optimizer,
 )
 from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import TraceSession
+from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.sinks.payload import LiveCharts
+from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
@@ -93,24 +96,32 @@ class Tracer:
 
 
 def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, *,
-          config: TrackerConfig | None = None, log_every: int | None = 10, wandb: bool = True,
-          strict: bool = False, is_main_process: bool = True, **info: Any) -> Tracer:
+          config: TrackerConfig | None = None, log_every: int | None = 10,
+          report_to: str | list[str] | None = None, wandb: bool = True, heatmaps: bool = True,
+          per_layer_curves: bool = False, strict: bool = False, is_main_process: bool = True,
+          **info: Any) -> Tracer:
     """Start tracking ``model``'s trainable parameters that ``optimizer`` steps, through its steps.
 
     ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer`` after ``accelerator.prepare``): the
     hooks go on the optimizer inside, which steps once per accumulation cycle.
 
-    Logs every ``log_every`` optimizer steps to ``output_dir/log.jsonl`` and, if a run is active, to
-    W&B under ``gradtrace/`` against ``gradtrace/step``. Extra keyword arguments (e.g.
-    ``max_grad_norm=1.0``) are recorded in the run's info.
+    Logs every ``log_every`` optimizer steps to ``output_dir/log.jsonl`` and to the trackers in
+    ``report_to`` (``"wandb"``, ``"mlflow"``, ``"trackio"``: the run active at the first log;
+    ``"tensorboard"``: ``$TENSORBOARD_LOGGING_DIR`` or ``output_dir/tensorboard``). Default: W&B,
+    MLflow and trackio, each only while you have a run of it open. ``wandb=False`` leaves W&B out;
+    ``heatmaps`` / ``per_layer_curves`` as for :class:`~gradtrace.GradTraceCallback`. Extra keyword
+    arguments (e.g. ``max_grad_norm=1.0``) are recorded in the run's info.
     """
+    names = (["wandb", "mlflow", "trackio"] if report_to is None
+             else normalize_report_to(report_to, strict=True))
+    names = [n for n in names if wandb or n != "wandb"]
     named, not_stepped = stepped_parameters(model, optimizer)
     tracker = GradTracker(named, config, layout_model=model)
-    sinks = []
-    if wandb:
-        from gradtrace.sinks.wandb import WandbSink
-
-        sinks.append(WandbSink(step_key="gradtrace/step"))
+    sinks, problems = build_sinks(
+        names, step_key="gradtrace/step", charts=LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves),
+        tensorboard_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "tensorboard"))
+    for problem in problems if report_to is not None else []:  # the default names only what is open
+        warnings.warn(f"gradtrace: {problem}", GradTraceWarning, stacklevel=2)
     info = run_info(tracker, optimizer, parameter_selection=describe_selection(not_stepped, optimizer), **info)
     session = TraceSession(tracker, output_dir, sinks=sinks, info=info, strict=strict,
                            is_main_process=is_main_process)

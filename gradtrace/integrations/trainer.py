@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -29,7 +30,9 @@ from gradtrace.integrations import deepspeed as deepspeed_support
 from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import GradTraceWarning, TraceSession
-from gradtrace.sinks.wandb import WandbSink
+from gradtrace.sinks.payload import LiveCharts
+from gradtrace.sinks.select import build_sinks, normalize_report_to
+from gradtrace.sinks.tensorboard import trainer_log_dir
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
@@ -61,15 +64,21 @@ class GradTraceCallback(TrainerCallback):
         output_dir: where the run log, masks and summary go; default ``<TrainingArguments.output_dir>/gradtrace``.
         config: a :class:`TrackerConfig`; keyword arguments (e.g. ``cancellation="full"``) build one.
         log_every: measure every this many optimizer steps; default: on the trainer's logging steps.
-        wandb: log to the active W&B run (the one ``report_to="wandb"`` opened, or your ``wandb.init``).
-        wandb_heatmaps: also log the layer × kind heatmap images (about 0.2 s of rendering per log).
+        report_to: the trackers to show gradtrace's charts in (``"wandb"``, ``"tensorboard"``, ``"mlflow"``,
+            ``"trackio"``, a list, ``"all"`` or ``"none"``); default: the Trainer's ``args.report_to``,
+            into the run each Trainer integration opened. W&B is also used whenever a run is active
+            (your own ``wandb.init``), unless ``wandb=False``.
+        wandb: allow W&B (``False``: never log to it, whatever ``report_to`` says).
+        heatmaps: also log the images (layer x step per metric, layer x kind); see README for their cost.
+        per_layer_curves: also log one scalar series per layer and metric (``gradtrace_layer/<NN>/...``).
         resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
             default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
         strict: raise instead of warning when gradtrace itself fails (for tests).
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, config: TrackerConfig | None = None, *,
-                 log_every: int | None = None, wandb: bool = True, wandb_heatmaps: bool = True,
+                 log_every: int | None = None, report_to: str | list[str] | None = None, wandb: bool = True,
+                 heatmaps: bool = True, per_layer_curves: bool = False,
                  resume_from: str | os.PathLike | None = None,
                  strict: bool = False, **config_kwargs: Any):
         if config is not None and config_kwargs:
@@ -77,8 +86,9 @@ class GradTraceCallback(TrainerCallback):
         self.config = config or TrackerConfig(**config_kwargs)
         self.output_dir = output_dir
         self.log_every = log_every
+        self.report_to = None if report_to is None else normalize_report_to(report_to, strict=True)
         self.use_wandb = wandb
-        self.wandb_heatmaps = wandb_heatmaps
+        self.charts = LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves)
         self.resume_from = resume_from
         self.strict = strict
         self.session: TraceSession | None = None
@@ -136,8 +146,7 @@ class GradTraceCallback(TrainerCallback):
             parameter_selection=describe_selection(not_stepped, None if deepspeed else optimizer),
         )
         run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
-        sinks = [WandbSink(step_key="train/global_step", heatmaps=self.wandb_heatmaps)] if self.use_wandb else []
-        self.session = TraceSession(tracker, run_dir, sinks=sinks, info=info, strict=self.strict,
+        self.session = TraceSession(tracker, run_dir, sinks=self._sinks(args), info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
         if not deepspeed:
             self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
@@ -154,6 +163,19 @@ class GradTraceCallback(TrainerCallback):
             # Inside the engine's step global_step is still the previous one; `state` is the Trainer's own.
             self._deepspeed.wants_detail = lambda: self._logs_at(args, state.global_step + 1)
         self.session.start(step=state.global_step, resumed_from=resumed_from)
+
+    def _sinks(self, args) -> list:
+        """The trackers to show the charts in: ``report_to`` (or the Trainer's), each into the Trainer's run."""
+        names = self.report_to if self.report_to is not None else normalize_report_to(args.report_to)
+        if self.report_to is None and "wandb" not in names:
+            names = [*names, "wandb"]  # a run you opened yourself (wandb.init) still gets the panels, as before
+        if not self.use_wandb:
+            names = [n for n in names if n != "wandb"]
+        sinks, problems = build_sinks(names, step_key="train/global_step", charts=self.charts,
+                                      tensorboard_dir=lambda: trainer_log_dir(args.output_dir))
+        for problem in problems:
+            warnings.warn(f"gradtrace: {problem}", GradTraceWarning, stacklevel=3)
+        return sinks
 
     @_guarded
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

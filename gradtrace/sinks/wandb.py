@@ -1,65 +1,45 @@
 """Send summaries to the active Weights & Biases run (the Trainer's, or the user's ``wandb.init``).
 
-W&B's default workspace makes one panel section per first key segment, so each view gets its own:
-
-- ``gradtrace/<metric>``: the global curves (gradient sparsity, update sparsity and its tolerance
-  variants, cancelled, absorbed, changed without gradient, ...). These names are a contract.
-- ``gradtrace_kind/<kind>/<metric>`` and ``gradtrace_layer/<NN>/<metric>``: per module kind, per layer.
-- ``gradtrace_heatmap/update_sparsity``, ``gradtrace_heatmap/gradient_sparsity``: layer x kind images.
-- ``gradtrace_cancellation/ratio``: histogram of |Σg|/Σ|g| over the elements whose sums are kept.
-- ``gradtrace_final/per_matrix``: at the end, a table with one row per parameter matrix.
-- MoE models: ``gradtrace_heatmap/expert_<metric>`` (layer x expert images), ``gradtrace_final/per_expert``
-  (a table at the end); their headline curves are global values (``gradtrace/experts_without_gradient``...).
-
-Every series is plotted against ``step_key`` (the Trainer's ``train/global_step``, or ``gradtrace/step``).
-At the end the masks file is logged as an artifact of type ``gradtrace-masks`` so another run can fetch it
-with ``run.use_artifact("<name>:latest")``.
+The keys are :mod:`.payload`'s, shared by every tracker; W&B's default workspace makes one panel section
+per first key segment (``gradtrace/``, ``gradtrace_kind/``, ``gradtrace_layer_step/``, ...). Every series is
+plotted against ``step_key`` (the Trainer's ``train/global_step``, or ``gradtrace/step``). At the end: the
+per-matrix table (``gradtrace_final/per_matrix``), the final values in the run summary, and the masks file
+as an artifact of type ``gradtrace-masks`` so another run can fetch it with
+``run.use_artifact("<name>:latest")``.
 
 The sink only formats what :meth:`TraceSession.log` already measured (one host sync per logging step,
-the tracker's); it is called on logging steps only. It stays simple on purpose: when W&B is missing it
-does nothing, and when W&B raises the session switches the sink off with one warning.
+the tracker's); it is called on logging steps only. When W&B is missing it does nothing, and when W&B
+raises the session switches the sink off with one warning.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
+from gradtrace.sinks.payload import HISTOGRAM_KEY, SECTIONS, TABLE_KEY, LiveCharts, final_scalars, finite
 
-BREAKDOWN_METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
-SECTIONS = ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_heatmap", "gradtrace_cancellation",
-            "gradtrace_final")
-HEATMAP_METRICS = ("update_sparsity", "gradient_sparsity")
-HISTOGRAM_KEY = "gradtrace_cancellation/ratio"
-TABLE_KEY = "gradtrace_final/per_matrix"
-EXPERT_TABLE_KEY = "gradtrace_final/per_expert"
 ARTIFACT_TYPE = "gradtrace-masks"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def flatten_summary(summary: dict[str, Any]) -> dict[str, float]:
-    """The scalar W&B payload for one summary: global curves and per-kind / per-layer breakdowns."""
-    payload = {f"gradtrace/{key}": value for key, value in summary["global"].items() if _finite(value)}
-    for kind, values in summary["per_kind"].items():
-        payload.update({f"gradtrace_kind/{kind}/{m}": values[m] for m in BREAKDOWN_METRICS if _finite(values.get(m))})
-    width = max((len(layer) for layer in summary["per_layer"]), default=1)
-    for layer, values in summary["per_layer"].items():
-        name = layer.zfill(width)  # zero-padded so panels sort in layer order
-        payload.update({f"gradtrace_layer/{name}/{m}": values[m] for m in BREAKDOWN_METRICS if _finite(values.get(m))})
-    return payload
+EXPERT_TABLE_KEY = "gradtrace_final/per_expert"  # MoE models: one row per routed expert
 
 
 def default_artifact_name(run: Any) -> str:
     """``gradtrace-masks-<run id>``: unique per run, and a legal artifact name."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"gradtrace-masks-{getattr(run, 'id', None) or 'run'}")
+
+
+def artifact_metadata(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Step, final global values and the run's info (optimizer, lr, dtypes, tracker config): whoever
+    fetches the masks needs them to interpret them."""
+    metadata = {"step": summary["step"], **{k: v for k, v in summary["global"].items() if finite(v)}}
+    exported = Path(run_dir) / SUMMARY_NAME
+    if exported.is_file():
+        metadata["info"] = json.loads(exported.read_text(encoding="utf-8")).get("info", {})
+    return metadata
 
 
 class WandbSink:
@@ -71,17 +51,17 @@ class WandbSink:
     Args:
         run: a W&B run; default: ``wandb.run`` at each call (the Trainer opens it after callbacks exist).
         step_key: the x axis of every gradtrace series.
-        heatmaps: log the layer x kind heatmap images (a matplotlib render, ~0.1 s per logging step).
+        charts: what to show (:class:`~.payload.LiveCharts`); may be shared with other sinks.
         artifact_name: name of the masks artifact; default ``gradtrace-masks-<run id>``.
     """
 
     name = "W&B"
 
-    def __init__(self, run: Any | None = None, step_key: str = "gradtrace/step", *, heatmaps: bool = True,
-                 artifact_name: str | None = None):
+    def __init__(self, run: Any | None = None, step_key: str = "gradtrace/step", *,
+                 charts: LiveCharts | None = None, artifact_name: str | None = None):
         self._explicit_run = run
         self.step_key = step_key
-        self.heatmaps = heatmaps
+        self.charts = charts or LiveCharts()
         self.artifact_name = artifact_name
         self._defined_for: Any | None = None
 
@@ -105,41 +85,22 @@ class WandbSink:
             run.define_metric(f"{section}/*", step_metric=self.step_key)
         self._defined_for = run
 
-    def media(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """The non-scalar payload: heatmap images and the cancellation-ratio histogram."""
-        import numpy as np
-        import wandb
-
-        payload: dict[str, Any] = {}
-        if self.heatmaps and summary.get("per_matrix"):
-            from PIL import Image
-
-            from gradtrace.views.report import heatmap_png
-
-            for metric in HEATMAP_METRICS:
-                png = heatmap_png(summary, metric)
-                payload[f"gradtrace_heatmap/{metric}"] = wandb.Image(Image.open(io.BytesIO(png)),
-                                                                    caption=f"step {summary.get('step')}")
-            if summary.get("per_expert"):
-                from gradtrace.views.report import expert_heatmap_png
-
-                for metric in HEATMAP_METRICS:
-                    png = expert_heatmap_png(summary, metric)
-                    payload[f"gradtrace_heatmap/expert_{metric}"] = wandb.Image(
-                        Image.open(io.BytesIO(png)), caption=f"step {summary.get('step')}")
-        histogram = summary.get("cancellation_histogram") or {}
-        counts, edges = histogram.get("counts") or [], histogram.get("edges") or []
-        if sum(counts) > 0 and len(edges) == len(counts) + 1:  # nothing counted with cancellation="off"
-            payload[HISTOGRAM_KEY] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
-        return payload
-
     def log(self, summary: dict[str, Any], step: int) -> None:
         run = self._run()
         if run is None:
             return
+        import numpy as np
+        import wandb
+        from PIL import Image
+
         self._define_metrics(run)
-        payload: dict[str, Any] = flatten_summary(summary)
-        payload.update(self.media(summary))
+        frame = self.charts.frame(summary)
+        payload: dict[str, Any] = dict(frame.scalars)
+        for key, png in frame.images.items():
+            payload[key] = wandb.Image(Image.open(io.BytesIO(png)), caption=f"step {frame.step}")
+        if frame.histogram is not None:
+            counts, edges = frame.histogram
+            payload[HISTOGRAM_KEY] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
         payload[self.step_key] = step
         run.log(payload)
 
@@ -150,29 +111,23 @@ class WandbSink:
             return
         import wandb
 
-        from gradtrace.views.report import expert_rows, matrix_rows
-
         self._define_metrics(run)
-        columns, rows = matrix_rows(summary["per_matrix"])
+        columns, rows = self.charts.table(summary)
         tables = {TABLE_KEY: wandb.Table(columns=columns, data=rows)}
         if summary.get("per_expert"):
+            from gradtrace.views.report import expert_rows
+
             columns, rows = expert_rows(summary["per_expert"])
             tables[EXPERT_TABLE_KEY] = wandb.Table(columns=columns, data=rows)
         run.log({**tables, self.step_key: summary["step"]})
-        final = {f"gradtrace/final/{k}": v for k, v in summary["global"].items() if _finite(v)}
-        final["gradtrace/final/step"] = summary["step"]
+        final = final_scalars(summary)
         masks = Path(run_dir) / MASKS_NAME
         if masks.is_file():
             name = self.artifact_name or default_artifact_name(run)
-            metadata = {"step": summary["step"], **{k: v for k, v in summary["global"].items() if _finite(v)}}
-            exported = Path(run_dir) / SUMMARY_NAME
-            if exported.is_file():
-                # The run's info (optimizer, lr, dtypes, tracker config) travels with its masks: whoever
-                # fetches them needs it to interpret them.
-                metadata["info"] = json.loads(exported.read_text(encoding="utf-8")).get("info", {})
-            artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata=metadata,
+            artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata=artifact_metadata(summary, run_dir),
                                       description="gradtrace masks: which elements received a gradient / changed")
             artifact.add_file(str(masks), name=MASKS_NAME)
+            exported = Path(run_dir) / SUMMARY_NAME
             if exported.is_file():
                 artifact.add_file(str(exported), name=SUMMARY_NAME)
             run.log_artifact(artifact)

@@ -1,0 +1,166 @@
+"""What every tracker shows, decided once: which chart keys exist, and the images and histogram per step.
+
+Each tracker module (W&B, TensorBoard, MLflow, trackio) only translates a :class:`Frame` into its own
+calls, so a user who switches tracker finds the same panels under the same keys:
+
+- ``gradtrace/<metric>``: every finite global value (gradient sparsity, update sparsity and its
+  tolerance variants, cancelled, absorbed, changed without gradient, counters...). These names are a contract.
+- ``gradtrace_kind/<kind>/<metric>``: per module kind, for :data:`KIND_METRICS` (the number of kinds
+  does not grow with depth).
+- ``gradtrace_layer_step/<metric>``: an image per logging step, all layers (rows) x the steps so far
+  (columns), for :data:`LAYER_STEP_METRICS`: the per-layer picture at any depth, live.
+- ``gradtrace_heatmap/<metric>``: the layer x kind image of the current step (update / gradient sparsity).
+- ``gradtrace_cancellation/ratio``: the histogram of |Σg|/Σ|g|.
+- ``gradtrace_layer/<NN>/<metric>``: one scalar series per layer and metric, only with
+  ``per_layer_curves=True`` (5 charts per layer: 320 for a 64-layer model, which nobody reads).
+
+Every per-layer number stays reachable without them: the run log, the layer x step images, and the final
+per-matrix table. :func:`chart_keys_bound` states how many distinct keys a run gets by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BREAKDOWN_METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
+KIND_METRICS = ("gradient_sparsity", "update_sparsity")
+LAYER_STEP_METRICS = BREAKDOWN_METRICS
+HEATMAP_METRICS = ("update_sparsity", "gradient_sparsity")
+
+GLOBAL_SECTION = "gradtrace"
+KIND_SECTION = "gradtrace_kind"
+LAYER_SECTION = "gradtrace_layer"
+LAYER_STEP_SECTION = "gradtrace_layer_step"
+HEATMAP_SECTION = "gradtrace_heatmap"
+HISTOGRAM_KEY = "gradtrace_cancellation/ratio"
+TABLE_KEY = "gradtrace_final/per_matrix"
+SECTIONS = (GLOBAL_SECTION, KIND_SECTION, LAYER_SECTION, LAYER_STEP_SECTION, HEATMAP_SECTION,
+            "gradtrace_cancellation", "gradtrace_final")
+
+
+def finite(value: Any) -> bool:
+    """A number a tracker can plot (not a bool, not None, not NaN / inf)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def layer_key(layer: str, width: int) -> str:
+    """``gradtrace_layer/<NN>``: zero-padded so panels sort in layer order."""
+    return f"{LAYER_SECTION}/{layer.zfill(width)}"
+
+
+def scalar_payload(summary: Mapping[str, Any], *, per_layer_curves: bool = False,
+                   kind_metrics: Sequence[str] = KIND_METRICS) -> dict[str, float]:
+    """The scalar charts of one summary: global curves, per-kind curves, and per-layer ones if asked."""
+    payload = {f"{GLOBAL_SECTION}/{key}": value for key, value in summary["global"].items() if finite(value)}
+    for kind, values in summary["per_kind"].items():
+        payload.update({f"{KIND_SECTION}/{kind}/{m}": values[m] for m in kind_metrics if finite(values.get(m))})
+    if per_layer_curves:
+        width = max((len(layer) for layer in summary["per_layer"]), default=1)
+        for layer, values in summary["per_layer"].items():
+            prefix = layer_key(layer, width)
+            payload.update({f"{prefix}/{m}": values[m] for m in BREAKDOWN_METRICS if finite(values.get(m))})
+    return payload
+
+
+def histogram_of(summary: Mapping[str, Any]) -> tuple[list[int], list[float]] | None:
+    """``(counts, edges)`` of the cancellation-ratio histogram, or None when it counted nothing
+    (``cancellation="off"``, or no element with a gradient yet)."""
+    histogram = summary.get("cancellation_histogram") or {}
+    counts, edges = list(histogram.get("counts") or []), list(histogram.get("edges") or [])
+    if sum(counts) > 0 and len(edges) == len(counts) + 1:
+        return counts, edges
+    return None
+
+
+def final_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
+    """``gradtrace/final/<metric>``: the last global values, for a run's summary / final metrics."""
+    final = {f"{GLOBAL_SECTION}/final/{k}": v for k, v in summary["global"].items() if finite(v)}
+    final[f"{GLOBAL_SECTION}/final/step"] = summary["step"]
+    return final
+
+
+def chart_keys_bound(global_keys: int, kinds: int, *, kind_metrics: int = len(KIND_METRICS),
+                     layer_step_metrics: int = len(LAYER_STEP_METRICS),
+                     heatmap_metrics: int = len(HEATMAP_METRICS)) -> int:
+    """Distinct per-step chart keys by default: independent of the model's depth.
+
+    ``global_keys`` (about 16) + ``kinds`` x ``kind_metrics`` + one image key per layer x step and layer x
+    kind metric + the histogram. For a Llama-style model (10 kinds): 16 + 20 + 5 + 2 + 1 = 44.
+    """
+    return global_keys + kinds * kind_metrics + layer_step_metrics + heatmap_metrics + 1
+
+
+@dataclass
+class Frame:
+    """Everything a tracker shows for one logging step; images are PNG bytes, by key."""
+
+    step: int
+    scalars: dict[str, float]
+    images: dict[str, bytes] = field(default_factory=dict)
+    histogram: tuple[list[int], list[float]] | None = None
+
+
+class LiveCharts:
+    """Turns each summary into a :class:`Frame`, keeping the per-layer history the layer x step images need.
+
+    One instance can serve several sinks (the Trainer callback shares one between the trackers it
+    reports to): the images of a step are rendered once, however many trackers show them.
+
+    Args:
+        per_layer_curves: also log ``gradtrace_layer/<NN>/<metric>`` scalar series (5 per layer).
+        heatmaps: render the images (layer x step per metric, layer x kind of the current step); each
+            costs a matplotlib render (see ``benchmarks/live_charts.py``).
+        kind_metrics: the per-kind curves logged.
+        layer_step_metrics: the per-layer metrics drawn as layer x step images.
+    """
+
+    def __init__(self, *, per_layer_curves: bool = False, heatmaps: bool = True,
+                 kind_metrics: Iterable[str] = KIND_METRICS, layer_step_metrics: Iterable[str] = LAYER_STEP_METRICS):
+        from gradtrace.views.live import LayerStepHistory
+
+        self.per_layer_curves = per_layer_curves
+        self.heatmaps = heatmaps
+        self.kind_metrics = tuple(kind_metrics)
+        self.layer_step_metrics = tuple(layer_step_metrics)
+        unknown = sorted(set(self.layer_step_metrics) - set(BREAKDOWN_METRICS))
+        if unknown:
+            raise ValueError(f"layer_step_metrics: unknown metric(s) {unknown}; choose from {BREAKDOWN_METRICS}")
+        self.history = LayerStepHistory()
+        self._last: tuple[int, int, Frame] | None = None  # (id(summary), step, frame): one render per step
+
+    def frame(self, summary: Mapping[str, Any]) -> Frame:
+        """The frame of ``summary`` (rendered once per summary, however many sinks ask)."""
+        step = int(summary["step"])
+        if self._last is not None and self._last[0] == id(summary) and self._last[1] == step:
+            return self._last[2]
+        self.history.add(summary)
+        frame = Frame(step=step, histogram=histogram_of(summary),
+                      scalars=scalar_payload(summary, per_layer_curves=self.per_layer_curves,
+                                             kind_metrics=self.kind_metrics))
+        if self.heatmaps:
+            from gradtrace.views.live import layer_step_pngs
+
+            for metric, png in layer_step_pngs(self.history, self.layer_step_metrics).items():
+                frame.images[f"{LAYER_STEP_SECTION}/{metric}"] = png
+            if summary.get("per_matrix"):
+                from gradtrace.views.report import heatmap_png
+
+                for metric in HEATMAP_METRICS:
+                    frame.images[f"{HEATMAP_SECTION}/{metric}"] = heatmap_png(summary, metric)
+            if summary.get("per_expert"):  # MoE models: layer x expert, one image per metric
+                from gradtrace.views.report import expert_heatmap_png
+
+                for metric in HEATMAP_METRICS:
+                    frame.images[f"{HEATMAP_SECTION}/expert_{metric}"] = expert_heatmap_png(summary, metric)
+        self._last = (id(summary), step, frame)
+        return frame
+
+    @staticmethod
+    def table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+        """The final per-matrix table: ``(columns, rows)``, one row per parameter matrix."""
+        from gradtrace.views.report import matrix_rows
+
+        return matrix_rows(summary["per_matrix"])

@@ -1,0 +1,146 @@
+"""The live layer x step heatmap: every layer of a model in one picture, growing as the run goes.
+
+A dashboard with one chart per layer and metric does not read at real depth (a 64-layer model would get
+320 one-line charts). This view puts all layers side by side instead: rows are transformer layers, columns
+are the logging steps so far, the colour is one per-layer metric. It is the report's "evolution" idea,
+drawn at every logging step so trackers can show it live (W&B, TensorBoard, MLflow and trackio all have an
+image-per-step panel).
+
+:class:`LayerStepHistory` keeps the per-layer values of each logged summary (a few floats per layer and
+step); :meth:`LayerStepHistory.render` draws one metric. The layout is fixed by the number of layers and
+of shown steps, and :class:`LayerStepImage` says where each cell lies in the PNG, so a test (or a user)
+can read a cell's colour back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from gradtrace.views.report import evolution_steps, figure_png
+
+# Metrics that are fractions of all elements and read on a fixed 0..1 scale; the others (cancelled,
+# absorbed, changed without gradient: usually a few %) are scaled to their largest value so far.
+FIXED_SCALE = ("gradient_sparsity", "update_sparsity")
+MAX_COLUMNS = 120  # past this many logging steps, columns are spread evenly over the run (first and last kept)
+DPI = 100
+CMAP = "viridis"
+
+# Layout in inches (laid out by hand: a layout engine more than doubles the render time).
+_LEFT, _RIGHT_BAR, _BOTTOM, _TOP = 0.7, 1.1, 0.6, 0.45
+_PANEL_W = 6.0
+
+
+def _layer_sort_key(layer: str) -> tuple[int, int | str]:
+    return (0, int(layer)) if layer.isdigit() else (1, layer)
+
+
+@dataclass(frozen=True)
+class LayerStepImage:
+    """A rendered layer x step heatmap and where its cells are, in PNG pixels (origin top left)."""
+
+    png: bytes
+    metric: str
+    layers: tuple[str, ...]  # row order, top to bottom
+    steps: tuple[int, ...]  # column order, left to right
+    box: tuple[float, float, float, float]  # heatmap area: left, top, right, bottom
+    vmin: float
+    vmax: float
+
+    def cell_center(self, layer: str, step: int) -> tuple[int, int]:
+        """Pixel (x, y) at the centre of ``layer``'s cell at ``step``."""
+        left, top, right, bottom = self.box
+        row, column = self.layers.index(layer), self.steps.index(step)
+        x = left + (column + 0.5) * (right - left) / len(self.steps)
+        y = top + (row + 0.5) * (bottom - top) / len(self.layers)
+        return int(x), int(y)
+
+
+class LayerStepHistory:
+    """Per-layer values of every logged summary, by metric: what the layer x step heatmaps draw."""
+
+    def __init__(self, max_columns: int = MAX_COLUMNS):
+        if max_columns < 2:
+            raise ValueError(f"max_columns must be at least 2 (first and last step), got {max_columns}")
+        self.max_columns = max_columns
+        self.steps: list[int] = []
+        self._values: list[dict[str, dict[str, float]]] = []  # per step: layer -> metric -> value
+
+    def add(self, summary: Mapping[str, Any]) -> None:
+        """Record ``summary``'s per-layer values at its step (a repeated step replaces the earlier one)."""
+        step = int(summary["step"])
+        values = {str(layer): {m: v for m, v in metrics.items() if isinstance(v, int | float)}
+                  for layer, metrics in summary.get("per_layer", {}).items()}
+        if self.steps and self.steps[-1] == step:
+            self._values[-1] = values
+        else:
+            self.steps.append(step)
+            self._values.append(values)
+
+    def layers(self) -> list[str]:
+        """Every layer seen so far, in model order."""
+        return sorted({layer for values in self._values for layer in values}, key=_layer_sort_key)
+
+    def value(self, layer: str, step: int, metric: str) -> float | None:
+        value = self._values[self.steps.index(step)].get(layer, {}).get(metric)
+        return value if value is not None and math.isfinite(value) else None
+
+    def shown_steps(self) -> list[int]:
+        """The steps drawn as columns: all of them, or ``max_columns`` spread evenly over the run."""
+        return evolution_steps(self.steps, self.max_columns)
+
+    def render(self, metric: str, *, title: str | None = None) -> LayerStepImage:
+        """Draw ``metric`` per layer (rows) over the shown steps (columns)."""
+        import numpy as np
+
+        if not self.steps:
+            raise ValueError("nothing to draw: no summary was added to the history yet")
+        layers, steps = self.layers(), self.shown_steps()
+        if not layers:
+            raise ValueError(f"no per-layer values at steps {self.steps[:3]}...: the model has no numbered layers")
+        data = np.array([[math.nan if (v := self.value(layer, step, metric)) is None else v for step in steps]
+                         for layer in layers], dtype=float)
+        finite = data[np.isfinite(data)]
+        vmin, vmax = 0.0, 1.0
+        if metric not in FIXED_SCALE:
+            vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+        panel_h = min(max(1.6, 0.14 * len(layers)), 9.0)
+        width, height = _LEFT + _PANEL_W + _RIGHT_BAR, _BOTTOM + panel_h + _TOP
+        figure = Figure(figsize=(width, height), dpi=DPI)
+        FigureCanvasAgg(figure)
+        ax = figure.add_axes((_LEFT / width, _BOTTOM / height, _PANEL_W / width, panel_h / height))
+        image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=CMAP, vmin=vmin, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_facecolor("#eeeeee")  # blank: no value for that layer at that step
+        label_every = max(1, math.ceil(len(layers) / 32))  # at most ~32 row labels stay readable
+        ax.set_yticks(range(0, len(layers), label_every), layers[::label_every], fontsize=7)
+        tick_every = max(1, math.ceil(len(steps) / 12))
+        ax.set_xticks(range(0, len(steps), tick_every), [str(s) for s in steps[::tick_every]], fontsize=7)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        name = metric.replace("_", " ")
+        ax.set_title(title or f"{name} per layer, steps {steps[0]}–{steps[-1]}", fontsize=9)
+        bar_ax = figure.add_axes(((_LEFT + _PANEL_W + 0.15) / width, _BOTTOM / height, 0.15 / width,
+                                  panel_h / height))
+        bar = figure.colorbar(image, cax=bar_ax)
+        bar.formatter = PercentFormatter(xmax=1)
+        bar.ax.tick_params(labelsize=7)
+        png = figure_png(figure)
+        # The axes' pixel box, from the same inches (PNG rows count from the top).
+        box = (_LEFT * DPI, _TOP * DPI, (_LEFT + _PANEL_W) * DPI, (_TOP + panel_h) * DPI)
+        return LayerStepImage(png=png, metric=metric, layers=tuple(layers), steps=tuple(steps), box=box,
+                              vmin=vmin, vmax=vmax)
+
+
+def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
+    """PNG per metric of the current layer x step heatmaps (empty when the model has no numbered layers)."""
+    if not history.layers():
+        return {}
+    return {metric: history.render(metric).png for metric in metrics}

@@ -1,0 +1,241 @@
+"""TensorBoard and MLflow beside W&B, read back from each tracker's own store.
+
+A real ``transformers.Trainer`` with ``report_to=["tensorboard", "mlflow"]`` runs its own
+``TensorBoardCallback`` and ``MLflowCallback``; gradtrace follows ``args.report_to`` into the same runs.
+The TensorBoard event files are read with TensorBoard's ``EventAccumulator``, the MLflow run with
+``MlflowClient`` on a SQLite store; every value is compared with the local run log (the record of truth).
+A 64-layer model checks the default chart-key bound in W&B, TensorBoard and MLflow at once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import gradtrace
+from gradtrace import GradTraceWarning, read_run_log
+from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, chart_keys_bound, finite, scalar_payload
+from tests.tracker_checks import assert_layer_step_image
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+
+VOCAB = 64
+LAYER_STEP = ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed", "changed_without_gradient")
+KEY_BOUND = 60  # stated in README: distinct chart keys per run by default, at any depth
+
+
+def tiny_llama(layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, count: int = 24):
+        self.rows = torch.randint(0, 40, (count, 8), generator=torch.Generator().manual_seed(2))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[index], "labels": self.rows[index]}
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A SQLite MLflow store under tmp_path (MLflow 3 refuses the plain file store by default)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "gradtrace-tests")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("gradtrace-tests")  # in this store (mlflow keeps the previous test's experiment id)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def tb_events(log_dir: Path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(
+        str(log_dir), size_guidance={event_accumulator.IMAGES: 0, event_accumulator.SCALARS: 0,
+                                     event_accumulator.HISTOGRAMS: 0, event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp_path, mlflow_store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, logging_steps=2,
+                             report_to=["tensorboard", "mlflow"], use_cpu=True, save_strategy="no",
+                             learning_rate=1e-3, disable_tqdm=True, seed=0)
+    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full")
+    Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+
+    log = read_run_log(out / "gradtrace")
+    records = {int(r["step"]): r for r in log["logs"]}
+    assert sorted(records) == [2, 4, 6]
+    history = [records[s] for s in sorted(records)]
+
+    # --- TensorBoard: gradtrace's event file sits in the Trainer's run directory, beside its own.
+    [run] = [d for d in (out / "runs").iterdir() if d.is_dir()]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # the Trainer's and gradtrace's
+    tb = tb_events(run)
+    tags = tb.Tags()
+    assert "train/loss" in tags["scalars"]  # same run as the Trainer's own curves
+    assert [e.step for e in tb.Scalars("train/loss")] == [2, 4, 6]
+    for step, record in records.items():
+        for key, value in scalar_payload(record).items():
+            [event] = [e for e in tb.Scalars(key) if e.step == step]
+            assert event.value == np.float32(value), (key, step)  # TensorBoard stores float32
+    assert not [t for t in tags["scalars"] if t.startswith("gradtrace_layer/")]  # default: no per-layer series
+    for metric in LAYER_STEP:
+        images = tb.Images(f"gradtrace_layer_step/{metric}")
+        assert [i.step for i in images] == [2, 4, 6]
+        for image in images:
+            assert_layer_step_image(decode(image.encoded_image_string),
+                                    [r for r in history if r["step"] <= image.step], metric)
+    assert [i.step for i in tb.Images("gradtrace_heatmap/update_sparsity")] == [2, 4, 6]
+    for event in tb.Histograms(HISTOGRAM_KEY):
+        counts = records[event.step]["cancellation_histogram"]["counts"]
+        assert event.histogram_value.bucket == counts and event.histogram_value.num == sum(counts) > 0
+    [table] = tb.Tensors(f"{TABLE_KEY}/text_summary")
+    text = table.tensor_proto.string_val[0].decode()
+    assert table.step == 6 and len(text.splitlines()) == 2 + len(records[6]["per_matrix"])
+    assert "| model.layers.1.mlp.down_proj.weight | 1 | down |" in text
+
+    # --- MLflow: the run the Trainer's MLflowCallback opened (its loss), gradtrace's keys inside.
+    client = MlflowClient(mlflow_store)
+    [experiment] = [e for e in client.search_experiments() if e.name == "gradtrace-tests"]
+    [mlrun] = client.search_runs([experiment.experiment_id])
+    run_id = mlrun.info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6]  # the Trainer's own key
+    for key in scalar_payload(records[6]):
+        by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert by_step == {s: float(scalar_payload(r)[key]) for s, r in records.items()
+                           if key in scalar_payload(r)}, key
+    artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
+    for metric in LAYER_STEP:
+        for step in (2, 4, 6):
+            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_layer_step~{metric}+step+{step}+")
+                      and p.endswith(".png") and "compressed" not in p]
+            png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
+            assert_layer_step_image(decode(png), [r for r in history if r["step"] <= step], metric)
+    final = client.get_run(run_id).data.metrics
+    assert final["gradtrace/final/update_sparsity"] == records[6]["global"]["update_sparsity"]
+    masks = Path(client.download_artifacts(run_id, "gradtrace/masks.safetensors", str(tmp_path / "dl")))
+    assert masks.read_bytes() == (out / "gradtrace" / "masks.safetensors").read_bytes()
+    table = Path(client.download_artifacts(run_id, f"{TABLE_KEY}.json", str(tmp_path / "dl"))).read_text()
+    assert "model.layers.1.mlp.down_proj.weight" in table
+
+
+def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlflow_store, monkeypatch):
+    """A 64-layer model by default: a few dozen keys, none per layer, in W&B, TensorBoard and MLflow."""
+    import mlflow
+    import wandb
+    from mlflow.tracking import MlflowClient
+
+    from tests.wandb_file import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    for layers in (64,):
+        root = tmp_path / f"L{layers}"
+        model = tiny_llama(layers, hidden=16)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        wandb.init(mode="offline", dir=root, project="gradtrace-tests")
+        mlflow.start_run(run_name=f"L{layers}")
+        tracer = gradtrace.trace(model, optimizer, root / "run", log_every=1, strict=True,
+                                 report_to=["wandb", "tensorboard", "mlflow"])
+        for tokens in Tokens(4).rows.split(2):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        tracer.finish()
+        run_id = mlflow.active_run().info.run_id
+        mlflow.end_run()
+        wandb.finish()
+
+        wb = read_run(root)
+        wb_keys = {k for row in wb.history for k in row if k.startswith("gradtrace") and k != "gradtrace/step"
+                   and k != TABLE_KEY}
+        tb = tb_events(root / "run" / "tensorboard").Tags()
+        tb_keys = set(tb["scalars"]) | set(tb["images"]) | set(tb["histograms"])
+        client = MlflowClient(mlflow_store)
+        ml_metrics = {k for k in client.get_run(run_id).data.metrics if not k.startswith("gradtrace/final/")}
+        ml_images = {p.path.split("/")[1].split("+")[0].replace("~", "/")
+                     for p in client.list_artifacts(run_id, "images")}
+        record = read_run_log(root / "run")["logs"][-1]
+        assert len(record["per_layer"]) == layers
+        kinds = len(record["per_kind"])
+        expected = chart_keys_bound(len([v for v in record["global"].values() if finite(v)]), kinds)
+        assert len(wb_keys) == len(tb_keys) == expected <= KEY_BOUND, (layers, len(wb_keys), len(tb_keys))
+        # MLflow has no histogram type: the same keys less the cancellation histogram.
+        assert ml_metrics | ml_images == wb_keys - {HISTOGRAM_KEY}
+        # The bound does not grow with depth: the number of kinds and global values is the model's, not its layers'.
+        assert not [k for k in wb_keys if k.startswith("gradtrace_layer/")]
+
+
+def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
+    model = tiny_llama(3, hidden=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "run", log_every=1, strict=True, heatmaps=False,
+                             report_to="tensorboard", per_layer_curves=True)
+    for tokens in Tokens(6).rows.split(2):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    tb = tb_events(tmp_path / "run" / "tensorboard")
+    logs = read_run_log(tmp_path / "run")["logs"]
+    assert not tb.Tags()["images"]  # heatmaps=False: no rendering at all
+    for layer in ("0", "1", "2"):
+        for metric in LAYER_STEP:
+            series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/{layer}/{metric}")}
+            assert series == {r["step"]: np.float32(r["per_layer"][layer][metric]) for r in logs
+                              if math.isfinite(r["per_layer"][layer][metric])}
+
+
+def test_report_to_names_are_checked_and_a_missing_tracker_only_warns(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="no sink for \\['comet'\\]"):
+        gradtrace.trace(model, optimizer, tmp_path / "a", report_to=["tensorboard", "comet"])
+    with pytest.raises(ValueError, match="report_to"):
+        gradtrace.GradTraceCallback(report_to="neptun")
+
+    import gradtrace.sinks.select as select
+
+    real = select.importlib.util.find_spec
+    monkeypatch.setattr(select.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracer = gradtrace.trace(model, optimizer, tmp_path / "b", log_every=1, report_to=["mlflow", "tensorboard"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(messages) == 1 and "mlflow" in messages[0] and "gradtrace[mlflow]" in messages[0]
+    assert [s.name for s in tracer.session.sinks] == ["TensorBoard"]  # the other tracker goes on
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    tracer.finish()
+    assert tb_events(tmp_path / "b" / "tensorboard").Scalars("gradtrace/update_sparsity")[0].step == 1

@@ -1,0 +1,52 @@
+"""Checks shared by the tracker tests: a logged layer x step image shows the run log's values.
+
+The colour of each cell is computed here, independently of the sink: matplotlib's viridis colormap at
+the run log's value, on 0..1 for the two sparsities and 0..max-so-far for the other metrics. Only the
+cell geometry (where a cell lies in the PNG) is taken from :class:`gradtrace.views.live.LayerStepImage`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+
+from gradtrace.views.live import LayerStepHistory
+
+
+def expected_rgb(value: float, vmax: float) -> np.ndarray:
+    return np.round(np.asarray(colormaps["viridis"](value / vmax)[:3]) * 255)
+
+
+def assert_layer_step_image(logged: np.ndarray, records: Sequence[dict[str, Any]], metric: str) -> None:
+    """``logged`` (H x W x 3) is the layer x step image of ``metric`` after the run-log ``records``."""
+    history = LayerStepHistory()
+    for record in records:
+        history.add(record)
+    geometry = history.render(metric)  # only for where the cells are
+    assert logged.shape[:2] == png_shape(geometry.png)
+    layers = sorted({layer for r in records for layer in r["per_layer"]}, key=int)
+    assert list(geometry.layers) == layers and list(geometry.steps) == [int(r["step"]) for r in records]
+    values = [r["per_layer"][layer][metric] for r in records for layer in layers
+              if r["per_layer"][layer].get(metric) is not None]
+    vmax = 1.0 if metric in ("update_sparsity", "gradient_sparsity") else (max(values) if max(values) > 0 else 1.0)
+    for record in records:
+        for layer in layers:
+            value = record["per_layer"][layer].get(metric)
+            if value is None or not math.isfinite(value):
+                continue
+            x, y = geometry.cell_center(layer, int(record["step"]))
+            got = logged[y, x, :3].astype(float)
+            assert np.abs(got - expected_rgb(value, vmax)).max() <= 2, (metric, record["step"], layer, value, got)
+
+
+def png_shape(png: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    width, height = Image.open(io.BytesIO(png)).size
+    return height, width
