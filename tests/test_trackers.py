@@ -29,7 +29,8 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
 VOCAB = 64
-LAYER_STEP = ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed", "changed_without_gradient")
+from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
+
 KEY_BOUND = 60  # stated in README: distinct chart keys per run by default, at any depth
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradtrace.sinks.payload import LiveCharts, scalar_payload
+from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts, scalar_payload
 from gradtrace.views.live import LayerStepHistory
 from tests.tracker_checks import assert_layer_step_image
 
@@ -90,4 +90,4 @@ def test_default_scalars_have_no_per_layer_series_and_one_render_serves_every_si
     charts = LiveCharts()
     first = charts.frame(record)
     assert charts.frame(record) is first  # a second sink gets the same frame, not a second render
-    assert sorted(first.images) == sorted(f"gradtrace_layer_step/{m}" for m in METRICS)  # no per_matrix: no layer x kind
+    assert sorted(first.images) == sorted(f"gradtrace_layer_step/{m}" for m in LAYER_STEP_METRICS)  # no per_matrix: no layer x kind

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import gradtrace
 from gradtrace import GradTraceWarning, TraceSession, TrackerConfig, read_run_log
 from gradtrace.anatomy.naming import kind_of, layer_of
-from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, scalar_payload
+from gradtrace.sinks.payload import HISTOGRAM_KEY, LAYER_STEP_METRICS, TABLE_KEY, scalar_payload
 from gradtrace.sinks.wandb import ARTIFACT_TYPE, WandbSink
 from gradtrace.views.report import heatmap_png
 from tests.tracker_checks import assert_layer_step_image
@@ -125,7 +125,7 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
         assert scalars - {step_key} == set(scalar_payload(record, per_layer_curves=per_layer_curves))
         # The live layer x step images: every layer's cell at every step so far shows the run log's value.
         history = [records[s] for s in expected_steps if s <= step]
-        for metric in ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed", "changed_without_gradient"):
+        for metric in LAYER_STEP_METRICS:
             entry = row[f"gradtrace_layer_step/{metric}"]
             assert entry["_type"] == "image-file" and entry["format"] == "png"
             assert_layer_step_image(pixels(wb.files_dir / entry["path"]), history, metric)

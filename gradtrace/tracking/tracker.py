@@ -602,10 +602,8 @@ class GradTracker:
                 rows.append(torch.zeros(len(COUNT_FIELDS), dtype=torch.int64, device=self._primary))
                 continue
             listed = name in self._sample_index  # sampled elements by index: the torch path
-            if fast is not None and not listed and cpu_measure.supports(local, state["reference"]):
-                row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
             experts = self._expert_slices.get(name)
-            if fast is not None and cpu_measure.supports(local, state["reference"]):
+            if fast is not None and not listed and cpu_measure.supports(local, state["reference"]):
                 if experts is None:
                     row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
                 else:
