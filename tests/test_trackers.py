@@ -61,6 +61,8 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    # Artifacts (the logged images) under tmp_path too: a SQLite store's default is ./mlruns in the cwd.
+    mlflow.MlflowClient(uri).create_experiment("gradtrace-tests", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("gradtrace-tests")  # in this store (mlflow keeps the previous test's experiment id)
     yield uri
     while mlflow.active_run() is not None:

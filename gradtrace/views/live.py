@@ -19,22 +19,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
-
-from gradtrace.views.report import evolution_steps, figure_png
+from gradtrace.views.report import evolution_steps
 
 # Metrics that are fractions of all elements and read on a fixed 0..1 scale; the others (cancelled,
 # absorbed, changed without gradient: usually a few %) are scaled to their largest value so far.
 FIXED_SCALE = ("gradient_sparsity", "update_sparsity")
 MAX_COLUMNS = 120  # past this many logging steps, columns are spread evenly over the run (first and last kept)
-DPI = 100
 CMAP = "viridis"
 
-# Layout in inches (laid out by hand: a layout engine more than doubles the render time).
-_LEFT, _RIGHT_BAR, _BOTTOM, _TOP = 0.7, 1.1, 0.6, 0.45
-_PANEL_W = 6.0
+# Layout in pixels. The image is drawn with NumPy and Pillow, not matplotlib: it is redrawn at every
+# logging step for every shown metric, and a matplotlib figure costs ~0.2 s where this costs a few ms
+# (benchmarks/live_charts.py measures both).
+_LEFT, _RIGHT_BAR, _BOTTOM, _TOP = 70, 110, 60, 45
+_PANEL_W = 600
+_ROW_PX, _MIN_PANEL_H, _MAX_PANEL_H = 14, 160, 900
+_BLANK = (238, 238, 238)  # no value for that layer at that step
+_INK = (40, 40, 40)
+_BAR_W, _BAR_GAP = 15, 15
 
 
 def _layer_sort_key(layer: str) -> tuple[int, int | str]:
@@ -104,39 +105,84 @@ class LayerStepHistory:
         layers, steps = self.layers(), self.shown_steps()
         if not layers:
             raise ValueError(f"no per-layer values at steps {self.steps[:3]}...: the model has no numbered layers")
-        data = np.array([[math.nan if (v := self.value(layer, step, metric)) is None else v for step in steps]
-                         for layer in layers], dtype=float)
+        at = {step: index for index, step in enumerate(self.steps)}
+        data = np.array([[self._values[at[step]].get(layer, {}).get(metric, math.nan) for step in steps]
+                         for layer in layers], dtype=float)  # NaN, inf: drawn blank
         finite = data[np.isfinite(data)]
         vmin, vmax = 0.0, 1.0
         if metric not in FIXED_SCALE:
             vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
 
-        panel_h = min(max(1.6, 0.14 * len(layers)), 9.0)
-        width, height = _LEFT + _PANEL_W + _RIGHT_BAR, _BOTTOM + panel_h + _TOP
-        figure = Figure(figsize=(width, height), dpi=DPI)
-        FigureCanvasAgg(figure)
-        ax = figure.add_axes((_LEFT / width, _BOTTOM / height, _PANEL_W / width, panel_h / height))
-        image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=CMAP, vmin=vmin, vmax=vmax,
-                          interpolation="nearest")
-        ax.set_facecolor("#eeeeee")  # blank: no value for that layer at that step
-        label_every = max(1, math.ceil(len(layers) / 32))  # at most ~32 row labels stay readable
-        ax.set_yticks(range(0, len(layers), label_every), layers[::label_every], fontsize=7)
-        tick_every = max(1, math.ceil(len(steps) / 12))
-        ax.set_xticks(range(0, len(steps), tick_every), [str(s) for s in steps[::tick_every]], fontsize=7)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("layer", fontsize=8)
+        panel_h = min(max(_MIN_PANEL_H, _ROW_PX * len(layers)), _MAX_PANEL_H)
         name = metric.replace("_", " ")
-        ax.set_title(title or f"{name} per layer, steps {steps[0]}–{steps[-1]}", fontsize=9)
-        bar_ax = figure.add_axes(((_LEFT + _PANEL_W + 0.15) / width, _BOTTOM / height, 0.15 / width,
-                                  panel_h / height))
-        bar = figure.colorbar(image, cax=bar_ax)
-        bar.formatter = PercentFormatter(xmax=1)
-        bar.ax.tick_params(labelsize=7)
-        png = figure_png(figure)
-        # The axes' pixel box, from the same inches (PNG rows count from the top).
-        box = (_LEFT * DPI, _TOP * DPI, (_LEFT + _PANEL_W) * DPI, (_TOP + panel_h) * DPI)
+        png = _draw(data, vmin, vmax, panel_h, layers, steps,
+                    title or f"{name} per layer, steps {steps[0]} to {steps[-1]}")
+        box = (float(_LEFT), float(_TOP), float(_LEFT + _PANEL_W), float(_TOP + panel_h))
         return LayerStepImage(png=png, metric=metric, layers=tuple(layers), steps=tuple(steps), box=box,
                               vmin=vmin, vmax=vmax)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (needs FreeType)
+    except (TypeError, OSError, ImportError):  # an old Pillow or one built without FreeType
+        return ImageFont.load_default()
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.3g}%"
+
+
+def _draw(data, vmin: float, vmax: float, panel_h: int, layers: Sequence[str], steps: Sequence[int],
+          title: str) -> bytes:
+    """The PNG: cells coloured by ``data`` (layers x steps, NaN = blank), axis labels, a colour bar."""
+    import io
+
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    cmap = colormaps[CMAP]
+    scaled = np.clip((data - vmin) / (vmax - vmin), 0.0, 1.0)
+    cells = cmap(np.nan_to_num(scaled), bytes=True)[..., :3]  # the colormap's own 256-entry lookup table
+    cells[~np.isfinite(data)] = _BLANK
+    # Pixel x (y) of the panel belongs to column floor(x * columns / width): cells as equal as pixels allow.
+    rows = np.arange(panel_h) * len(layers) // panel_h
+    columns = np.arange(_PANEL_W) * len(steps) // _PANEL_W
+    width, height = _LEFT + _PANEL_W + _RIGHT_BAR, _BOTTOM + panel_h + _TOP
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    canvas[_TOP:_TOP + panel_h, _LEFT:_LEFT + _PANEL_W] = cells[rows][:, columns]
+    bar_left = _LEFT + _PANEL_W + _BAR_GAP
+    bar = cmap(np.linspace(1.0, 0.0, panel_h), bytes=True)[:, :3]  # top = vmax
+    canvas[_TOP:_TOP + panel_h, bar_left:bar_left + _BAR_W] = bar[:, None, :]
+
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    small, label = _font(10), _font(11)
+    draw.rectangle((_LEFT - 1, _TOP - 1, _LEFT + _PANEL_W, _TOP + panel_h), outline=_INK)
+    draw.rectangle((bar_left - 1, _TOP - 1, bar_left + _BAR_W, _TOP + panel_h), outline=_INK)
+    draw.text((_LEFT + _PANEL_W / 2, _TOP / 2), title, fill=_INK, font=_font(12), anchor="mm")
+    label_every = max(1, math.ceil(len(layers) / 32))  # at most ~32 row labels stay readable
+    for row in range(0, len(layers), label_every):
+        y = _TOP + (row + 0.5) * panel_h / len(layers)
+        draw.text((_LEFT - 5, y), layers[row], fill=_INK, font=small, anchor="rm")
+    tick_every = max(1, math.ceil(len(steps) / 12))
+    for column in range(0, len(steps), tick_every):
+        x = _LEFT + (column + 0.5) * _PANEL_W / len(steps)
+        draw.line((x, _TOP + panel_h, x, _TOP + panel_h + 3), fill=_INK)
+        draw.text((x, _TOP + panel_h + 5), str(steps[column]), fill=_INK, font=small, anchor="mt")
+    draw.text((_LEFT + _PANEL_W / 2, height - 12), "step", fill=_INK, font=label, anchor="mb")
+    draw.text((_LEFT - 5, _TOP - 4), "layer", fill=_INK, font=label, anchor="rb")
+    for fraction in np.linspace(0.0, 1.0, 5):
+        y = _TOP + (1.0 - fraction) * (panel_h - 1)
+        draw.line((bar_left + _BAR_W, y, bar_left + _BAR_W + 3, y), fill=_INK)
+        draw.text((bar_left + _BAR_W + 6, y), _percent(vmin + fraction * (vmax - vmin)), fill=_INK, font=small,
+                  anchor="lm")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # fast: these images are re-sent at every logging step
+    return buffer.getvalue()
 
 
 def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
