@@ -82,8 +82,10 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
     import wandb
 
     from gradtrace.sinks.wandb import EXPERT_TABLE_KEY
-    from gradtrace.views.report import expert_heatmap_png
+    from gradtrace.views.live import expert_image
+    from gradtrace.views.report import expert_grid
     from tests.test_wandb_sink import pixels
+    from tests.tracker_checks import assert_grid_image
     from tests.wandb_file import read_run
 
     wandb.init(mode="offline", dir=wandb_env, project="gradtrace-tests")
@@ -100,7 +102,9 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
                     "expert_gradient_density_max"):
             assert row[f"gradtrace/{key}"] == record["global"][key]
         entry = row["gradtrace_heatmap/expert_gradient_sparsity"]
-        assert (pixels(wb.files_dir / entry["path"]) == pixels(expert_heatmap_png(record, "gradient_sparsity"))).all()
+        logged, image = pixels(wb.files_dir / entry["path"]), expert_image(record, "gradient_sparsity")
+        assert (logged == pixels(image.png)).all()
+        assert_grid_image(logged, image, expert_grid(record["per_expert"], "gradient_sparsity").values)
     [table_row] = [row for row in wb.history if EXPERT_TABLE_KEY in row]
     table = json.loads(wb.load_file(table_row[EXPERT_TABLE_KEY]["path"]))
     got = {f"{r[0]}/{r[1]}": dict(zip(table["columns"], r, strict=True)) for r in table["data"]}

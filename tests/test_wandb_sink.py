@@ -28,8 +28,9 @@ from gradtrace import GradTraceWarning, TraceSession, TrackerConfig, read_run_lo
 from gradtrace.anatomy.naming import kind_of, layer_of
 from gradtrace.sinks.payload import HISTOGRAM_KEY, LAYER_STEP_METRICS, TABLE_KEY, scalar_payload
 from gradtrace.sinks.wandb import ARTIFACT_TYPE, WandbSink
-from gradtrace.views.report import heatmap_png
-from tests.tracker_checks import assert_layer_step_image
+from gradtrace.views.live import layer_kind_image
+from gradtrace.views.report import layer_kind_grid
+from tests.tracker_checks import assert_grid_image, assert_layer_step_image
 from tests.wandb_file import read_run
 
 VOCAB = 64
@@ -136,7 +137,9 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
             assert entry["_type"] == "image-file" and entry["format"] == "png"
             logged = pixels(wb.files_dir / entry["path"])
             assert logged.shape[0] > 100 and logged.shape[1] > 200 and logged.std() > 10
-            assert np.array_equal(logged, pixels(heatmap_png(record, metric))), (step, metric)
+            image = layer_kind_image(record, metric)
+            assert np.array_equal(logged, pixels(image.png)), (step, metric)
+            assert_grid_image(logged, image, layer_kind_grid(record["per_matrix"], metric).values)
         # Histogram of the cancellation ratio: the run log's counts and edges.
         histogram = row[HISTOGRAM_KEY]
         assert histogram["_type"] == "histogram"

@@ -50,3 +50,21 @@ def png_shape(png: bytes) -> tuple[int, int]:
 
     width, height = Image.open(io.BytesIO(png)).size
     return height, width
+
+
+def assert_grid_image(logged: np.ndarray, image: Any, values: Sequence[Sequence[float | None]]) -> None:
+    """``logged`` (H x W x 3) shows ``values`` (rows x columns, on 0..1; None blank) in ``image``'s cells.
+
+    ``image`` (a :class:`gradtrace.views.raster.GridImage`) gives only the geometry; the colour is read a
+    few pixels inside each cell's top-left corner, clear of the value written at its centre.
+    """
+    assert logged.shape[:2] == png_shape(image.png)
+    assert len(values) == len(image.rows) and all(len(row) == len(image.columns) for row in values)
+    for r, row in enumerate(values):
+        for c, value in enumerate(row):
+            left, top, right, bottom = image.cell_box(r, c)
+            x, y = int(left) + 2, int(top) + 2
+            assert x < right - 1 and y < bottom - 1, "cells too small to read back"
+            expected = np.array([238, 238, 238]) if value is None else expected_rgb(value, 1.0)
+            got = logged[y, x, :3].astype(float)
+            assert np.abs(got - expected).max() <= 2, (image.rows[r], image.columns[c], value, got)

@@ -114,7 +114,7 @@ class LiveCharts:
     Args:
         per_layer_curves: also log ``gradtrace_layer/<NN>/<metric>`` scalar series (5 per layer).
         heatmaps: render the images (layer x step per metric, layer x kind of the current step); each
-            costs a matplotlib render (see ``benchmarks/live_charts.py``).
+            is redrawn at every logging step (a few tens of ms each: ``benchmarks/live_charts.py``).
         kind_metrics: the per-kind curves logged.
         layer_step_metrics: the per-layer metrics drawn as layer x step images.
     """
@@ -143,20 +143,16 @@ class LiveCharts:
                       scalars=scalar_payload(summary, per_layer_curves=self.per_layer_curves,
                                              kind_metrics=self.kind_metrics))
         if self.heatmaps:
-            from gradtrace.views.live import layer_step_pngs
+            from gradtrace.views.live import expert_image, layer_kind_image, layer_step_pngs
 
             for metric, png in layer_step_pngs(self.history, self.layer_step_metrics).items():
                 frame.images[f"{LAYER_STEP_SECTION}/{metric}"] = png
             if summary.get("per_matrix"):
-                from gradtrace.views.report import heatmap_png
-
                 for metric in HEATMAP_METRICS:
-                    frame.images[f"{HEATMAP_SECTION}/{metric}"] = heatmap_png(summary, metric)
+                    frame.images[f"{HEATMAP_SECTION}/{metric}"] = layer_kind_image(summary, metric).png
             if summary.get("per_expert"):  # MoE models: layer x expert, one image per metric
-                from gradtrace.views.report import expert_heatmap_png
-
                 for metric in HEATMAP_METRICS:
-                    frame.images[f"{HEATMAP_SECTION}/expert_{metric}"] = expert_heatmap_png(summary, metric)
+                    frame.images[f"{HEATMAP_SECTION}/expert_{metric}"] = expert_image(summary, metric).png
         self._last = (id(summary), step, frame)
         return frame
 

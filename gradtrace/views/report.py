@@ -152,15 +152,6 @@ def expert_heatmap_figure(summary: Mapping[str, Any], *, label: str = "") -> Fig
     return figure
 
 
-def expert_heatmap_png(summary: Mapping[str, Any], metric: str = "gradient_sparsity") -> bytes:
-    """PNG of one summary's layer x expert heatmap of ``metric`` (what the W&B sink logs for MoE runs)."""
-    grid = expert_grid(summary["per_expert"], metric)
-    figure = heatmap_figure([grid], [f"{metric.replace('_', ' ')} at step {summary.get('step')}"],
-                            colorbar_label=metric.replace("_", " "))
-    figure.axes[0].set_xlabel("expert")
-    return figure_png(figure)
-
-
 def expert_rows(per_expert: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """``(columns, rows)`` of the per-expert table: layer, expert, numel, then each fraction."""
     fractions = matrix_columns(per_expert)
@@ -340,13 +331,6 @@ def heatmap_figure(grids: Sequence[Grid], titles: Sequence[str], *, suptitle: st
     if suptitle:
         figure.suptitle(suptitle, fontsize=10)
     return figure
-
-
-def heatmap_png(summary: Mapping[str, Any], metric: str = "update_sparsity", *, title: str | None = None) -> bytes:
-    """PNG of one summary's layer x kind heatmap of ``metric`` (what the W&B sink logs each step)."""
-    grid = layer_kind_grid(summary["per_matrix"], metric)
-    label = title or f"{metric.replace('_', ' ')} at step {summary.get('step')}"
-    return figure_png(heatmap_figure([grid], [label], colorbar_label=metric.replace("_", " ")))
 
 
 def _colors(count: int) -> list[Any]:
