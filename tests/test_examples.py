@@ -34,3 +34,25 @@ def test_subnetwork_grpo_example(tmp_path, capsys):
     assert 0 < result["subnetwork_density"] < 1
     assert result["identical_bitwise"] >= 1 - result["subnetwork_density"]  # at least everything outside
     assert "identical_1e-4" in capsys.readouterr().out
+
+
+def test_deep_model_example_keeps_its_charts_bounded_and_draws_the_run_log(tmp_path, capsys):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.tracker_checks import assert_layer_step_image
+
+    result = load("deep_model").main(str(tmp_path), layers=12, steps=4, png=str(tmp_path / "view.png"))
+    records = result["records"]
+    assert [r["step"] for r in records] == [2, 4]
+    default, per_layer = set(result["default_keys"]), set(result["per_layer_keys"])
+    assert not any(k.startswith("gradtrace_layer/") for k in default)
+    assert {f"gradtrace_layer/{i:02d}/{m}" for i in range(12) for m in ("update_sparsity", "absorbed")} <= per_layer
+    assert {"gradtrace_layer_step/update_sparsity", "gradtrace_heatmap/update_sparsity"} <= default
+    assert f"{len(default)} chart keys by default" in capsys.readouterr().out
+    png = (tmp_path / "view.png").read_bytes()
+    assert png == result["image"].png
+    assert_layer_step_image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int), records,
+                            "update_sparsity")
