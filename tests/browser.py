@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -115,3 +116,31 @@ def filter_tensorboard_tags(page: Any, regex: str) -> None:
     box = page.locator('input[placeholder="Filter tags (regex)"]')
     box.fill(regex)
     box.press("Escape")  # close the autocomplete list, which covers the cards
+
+
+def css_rgb(locator: Any) -> tuple[int, int, int]:
+    """An element's computed background colour (a legend dot: the colour its run is drawn in)."""
+    text = locator.evaluate("e => getComputedStyle(e).backgroundColor")
+    red, green, blue = (int(part) for part in re.findall(r"\d+", text)[:3])  # "rgb(66, 80, 102)"
+    return red, green, blue
+
+
+def wait_for_drawn(locator: Any, color: tuple[int, int, int], *, pixels: int = 50, tolerance: int = 24,
+                   timeout: float = PAGE_TIMEOUT_MS / 1000) -> int:
+    """Wait until ``locator`` (a chart's canvas) shows at least ``pixels`` pixels of ``color``: the
+    run's line was drawn. Canvas charts draw after their data arrives, so the DOM alone cannot tell.
+    Returns the count; raises ``TimeoutError`` with the last count."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    deadline = time.monotonic() + timeout
+    while True:
+        shot = np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(int)
+        count = int((np.abs(shot - np.array(color)).max(axis=-1) <= tolerance).sum())
+        if count >= pixels:
+            return count
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} pixels of {color} after {timeout:.0f} s (wanted {pixels})")
+        time.sleep(0.5)
