@@ -1,9 +1,8 @@
 """trackio beside W&B: a real ``transformers.Trainer`` with ``report_to="trackio"``, read back from trackio's
 own SQLite store (``SQLiteStorage``) and media folder, compared with the local run log.
 
-trackio 0.43 (through gradio) requires ``pillow<13`` while gradtrace pins pillow 13.0.0, so trackio is not
-in the ``test`` extra and these tests skip where it is not installed. They were run in a virtualenv that
-overlays trackio 0.43.0 and pillow 12.3.0 on the project's environment (see README, "Watch it").
+trackio 0.43 requires ``pillow<13``: constraints.txt pins pillow 12.3.0 with it, and the ``test`` extra
+installs trackio, so CI runs these tests.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from PIL import Image
 # trackio fixes its store's folder at import: a private one for this test module.
 if "trackio" not in __import__("sys").modules:
     os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradtrace-trackio-")
-trackio = pytest.importorskip("trackio", reason="trackio is not installed (it needs pillow<13; gradtrace pins 13)")
+trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `test` extra installs it)")
 
 import gradtrace  # noqa: E402
 from gradtrace import read_run_log  # noqa: E402
