@@ -69,6 +69,7 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
 COUNTER_REDUCE: dict[str, Reduce] = {
     "zero_gradient_steps": "none",  # optimizer steps whose gradient was exactly zero everywhere
     "nonfinite_gradient_steps": "none",  # optimizer steps with a NaN/inf anywhere in the gradient
+    "skipped_overflow_steps": "none",  # optimizer steps the engine skipped for an overflow (no bit, no sum)
     "discarded_gradient_elements": "sum",  # elements of parameters whose step gradient held NaN/inf (ignored)
     "density_nonzero": "sum",  # elements with a nonzero gradient at the latest detailed step
     "density_step": "none",  # the optimizer step that density_nonzero describes (0: none yet)
