@@ -162,3 +162,32 @@ def test_skip_step_counts_without_touching_masks():
     assert int(counters[COUNTER_INDEX["density_step"]]) == 2 and int(counters[COUNTER_INDEX["density_nonzero"]]) == 0
     tracker.skip_step(observed=True)  # known only after observe_gradients: not a second step
     assert tracker.steps == 2 and int(counters[COUNTER_INDEX["skipped_overflow_steps"]]) == 2
+
+
+def test_the_scale_after_update_is_asked_of_a_copy():
+    """ZeRO's ``step`` updates its loss scaler before unscaling: on a step where a dynamic scale grows, the
+    gradient is divided by the grown scale. gradtrace asks a copy of the scaler; the real one is untouched."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from gradtrace.integrations.deepspeed import _scale_after_update
+
+    class Optimizer:  # the attributes of DeepSpeed's ZeRO optimizers that the probe reads
+        def __init__(self):
+            self.loss_scaler = DynamicLossScaler(init_scale=256.0, scale_window=2, min_scale=1.0, delayed_shift=1,
+                                                 consecutive_hysteresis=False)
+            self.custom_loss_scaler = False
+
+        @property
+        def loss_scale(self):
+            return self.loss_scaler.cur_scale
+
+    optimizer = Optimizer()
+    seen = []
+    for _ in range(4):  # what each step will divide by, then the real update the step makes
+        before = vars(optimizer.loss_scaler).copy()
+        seen.append(_scale_after_update(optimizer))
+        assert vars(optimizer.loss_scaler) == before  # the probe changed nothing
+        optimizer.loss_scaler.update_scale(False)
+        assert optimizer.loss_scale == seen[-1]  # the scale the step divided by
+    assert seen == [256.0, 256.0, 512.0, 512.0]
