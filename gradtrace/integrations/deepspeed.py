@@ -271,7 +271,8 @@ def _stage0_nonfinite(optimizer: Any) -> bool | None:
     groups = getattr(optimizer, "fp16_groups", None)
     if groups is None or not hasattr(optimizer, "overflow_checker"):
         return None
-    return any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for group in groups for p in group)
+    finite = [torch.isfinite(p.grad).all() for group in groups for p in group if p.grad is not None]
+    return bool(finite) and not bool(torch.stack(finite).all())  # one host sync, not one per parameter
 
 
 def _stage0_scale(optimizer: Any) -> float | None:
