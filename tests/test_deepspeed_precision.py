@@ -6,6 +6,8 @@ The reference is recorded in the same engine loop from DeepSpeed's public API, n
 each step's gradient (``safe_get_full_grad``, between ``engine.backward`` and ``engine.step``), whether
 DeepSpeed skipped the step (``engine.skipped_steps``) and the loss scale it divided by. The masks must be
 the OR of ``grad != 0`` over the steps DeepSpeed applied, the sums the sum of ``grad / scale`` over them.
+One more run goes through ``transformers.Trainer`` (ZeRO-2, bf16; ``tests/distributed/trainer_deepspeed.py``)
+to check the count in the run log and ``summary.json``.
 
 fp16: DeepSpeed's CPU accelerator supports fp16 only with mkldnn fp16 kernels; where it has none,
 ``deepspeed.initialize`` raises ``ValueError: Type fp16 is not supported on your device.``. The fp16 runs
@@ -117,6 +119,33 @@ def test_fp16_without_override(tmp_path):
     if not cpu_fp16_supported():
         pytest.skip(FP16_REFUSED)
     check_against_reference(run(tmp_path, 2, "fp16"), 2, "fp16")
+
+
+@pytest.mark.distributed
+def test_trainer_bf16_overflow_is_counted_in_the_run_log(tmp_path):
+    """Through transformers.Trainer (ZeRO-2, bf16, 2 processes): a loss of inf at step 3 makes DeepSpeed skip
+    it; the run log shows the skip at that step and after, that step's density as 0, and no warning."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from gradtrace import read_run_log
+
+    out = tmp_path / "ds"
+    launch("trainer_deepspeed.py", str(out), "2", "4", "1", "bf16-overflow", processes=2, cwd=tmp_path,
+           env_extra=DEEPSPEED_ENV)
+    for rank in (0, 1):
+        record = json.loads((out / f"rank{rank}.json").read_text())
+        assert record["deepspeed_skipped_steps"] == 1 and record["optimizer_steps"] == record["trainer_steps"] == 4
+        assert record["warnings"] == []  # the skip was foreseen, not found out afterwards
+    log = read_run_log(out / "gradtrace")
+    steps = [entry["global"] for entry in log["logs"]]
+    assert [g["optimizer_steps"] for g in steps] == [1, 2, 3, 4]
+    assert [g["skipped_overflow_steps"] for g in steps] == [0, 0, 1, 1]
+    assert [g["nonfinite_gradient_steps"] for g in steps] == [0, 0, 0, 0]  # not read at all: skipped whole
+    density = [g["step_gradient_density"] for g in steps]
+    assert density[2] == 0.0 and all(d > 0 for i, d in enumerate(density) if i != 2)
+    summary = json.loads((out / "gradtrace" / "summary.json").read_text())
+    assert summary["global"]["skipped_overflow_steps"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- no processes
