@@ -65,7 +65,7 @@ partitions (``offload_optimizer``) or the parameter partitions and so the tracke
 (``offload_param``) on the CPU: a gradient is moved to its state's device before it is scanned, and
 every collective runs on the process group's device (CUDA under NCCL); not run on a GPU here. Offload
 to NVMe is refused (the partitions are swapped out of memory between steps). Not tested under ZeRO-3:
-hpZ/MiCS secondary partitions, fp16/bf16.
+hpZ/MiCS secondary partitions (bf16/fp16: see above).
 
 ``deepspeed`` is imported only when a function here is called with a DeepSpeed object.
 """
