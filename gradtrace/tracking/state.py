@@ -69,12 +69,12 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
 COUNTER_REDUCE: dict[str, Reduce] = {
     "zero_gradient_steps": "none",  # optimizer steps whose gradient was exactly zero everywhere
     "nonfinite_gradient_steps": "none",  # optimizer steps with a NaN/inf anywhere in the gradient
-    "skipped_overflow_steps": "none",  # optimizer steps the engine skipped for an overflow (no bit, no sum)
     "discarded_gradient_elements": "sum",  # elements of parameters whose step gradient held NaN/inf (ignored)
     "density_nonzero": "sum",  # elements with a nonzero gradient at the latest detailed step
     "density_step": "none",  # the optimizer step that density_nonzero describes (0: none yet)
     "changed_elements_total": "sum",  # sum over steps of elements changed by that step (ever_changed mode)
     "last_step_changed": "sum",  # elements changed by the latest step (ever_changed mode)
+    "skipped_overflow_steps": "none",  # steps the engine skipped for an overflow (no bit, no sum); appended last
 }
 COUNTERS: tuple[str, ...] = tuple(COUNTER_REDUCE)
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
