@@ -3,6 +3,8 @@
     python benchmarks/overhead.py                 # full run: tiny + ~52M-parameter model, 15-20 min on 2 cores
     python benchmarks/overhead.py --quick         # tiny model only, a few rounds, ~2 min on 2 cores
     python benchmarks/overhead.py --out benchmarks/results/overhead-cpu.json
+    # on a GPU: a ~0.5B-parameter model (Qwen2-0.5B's shapes), a few variants, short
+    python benchmarks/overhead.py --device cuda --model large --variants "gradtrace off,gradtrace sampled" --no-profile
 
 What it does, in one process:
 
@@ -92,12 +94,17 @@ WATCH1 = "wandb.watch freq=1"
 MID_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
                  tie_word_embeddings=False)
+# ~0.5B parameters: Qwen2-0.5B's shapes (494M, tied embeddings), built from the config (nothing downloaded)
+LARGE_MODEL = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
+                   tie_word_embeddings=True)
+MODEL_KINDS = ("tiny", "mid", "large")
 
 
 @dataclass
 class Setting:
     name: str
-    model: str  # "tiny" or "mid"
+    model: str  # "tiny", "mid" or "large"
     trainer: str  # "trainer" or "grpo"
     dtype: str  # "float32" or "bfloat16": the weights' dtype (no autocast)
     ga: int  # gradient accumulation steps; micro-batch = batch // ga
@@ -141,6 +148,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch_threads": threads,
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "loadavg_at_start": os.getloadavg(),
         "gradtrace_file": gradtrace.__file__,  # the package actually imported (PYTHONPATH can swap it)
         "gradtrace_commit": _git("rev-parse", "HEAD"),
@@ -214,14 +222,18 @@ class Workload:
                                     remove_columns=["text"])
             self.collator = CausalLMCollator(tokenizer.pad_token_id)
             self.base_path = save_base(copy.deepcopy(self.model), tokenizer, workdir / f"tiny-{dtype}")
-        elif kind == "mid":
-            from transformers import LlamaConfig, LlamaForCausalLM
+        elif kind in ("mid", "large"):
+            from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                self.model = LlamaForCausalLM(LlamaConfig(**MID_MODEL)).to(dtype)
+                if kind == "mid":
+                    self.model = LlamaForCausalLM(LlamaConfig(**MID_MODEL)).to(dtype)
+                else:
+                    self.model = Qwen2ForCausalLM(Qwen2Config(**LARGE_MODEL)).to(dtype)
+            vocab = (MID_MODEL if kind == "mid" else LARGE_MODEL)["vocab_size"]
             generator = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, MID_MODEL["vocab_size"], (4096, 64), generator=generator)
+            ids = torch.randint(0, vocab, (4096, 64), generator=generator)
             self.dataset = Dataset.from_dict({"input_ids": ids.tolist()})
             self.collator = CausalLMCollator(pad_token_id=0)
             self.base_path = None
@@ -234,13 +246,21 @@ class Workload:
         return copy.deepcopy(self.model)
 
 
+# Where the Trainer runs: None = CUDA when available (the default), else "cpu" or "cuda" (``--device``).
+DEVICE: str | None = None
+
+
+def use_cpu() -> bool:
+    return DEVICE == "cpu" or (DEVICE is None and not torch.cuda.is_available())
+
+
 def training_args(output_dir: str, *, max_steps: int, micro_batch: int, ga: int, logging_steps: int) -> dict:
     """Shared arguments (as ``gradtrace.demo.runs``): constant lr, no mixed precision, no checkpoints."""
     return dict(
         output_dir=output_dir, learning_rate=1e-4, max_steps=max_steps, per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=ga, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, seed=0, data_seed=0, logging_strategy="steps", logging_steps=logging_steps,
-        report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+        report_to="none", save_strategy="no", use_cpu=use_cpu(), bf16=False, fp16=False,
         dataloader_num_workers=0, disable_tqdm=True,
     )
 
@@ -455,14 +475,14 @@ def print_setting(result: dict[str, Any]) -> None:
                 "log step ms", "targets"):
         table.add_column(col, justify="left" if col in ("variant", "targets") else "right")
     v = result["variants"]
-    watch1 = v[WATCH1]["ratio"]
+    watch1 = v[WATCH1]["ratio"] if WATCH1 in v else None  # --variants may leave it out
     for name, row in v.items():
         st = row["step_wall_s"]
         target = ""
         if name in TARGETS:
             ok = row["ratio"] <= TARGETS[name]
             target = f"{'[green]ok' if ok else '[red]MISS'}[/] <={TARGETS[name]:.2f}"
-        if name.startswith("gradtrace"):
+        if name.startswith("gradtrace") and watch1 is not None:
             cheaper = row["ratio"] < watch1
             target += (", " if target else "") + ("[green]<[/] watch1" if cheaper else "[red]>=[/] watch1")
         log = row["logging_step_wall_s"]
@@ -477,6 +497,17 @@ def print_setting(result: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- memory, logging
+def synchronize(model: torch.nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on_model_device(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def measure_memory_and_logging(work: Workload, repeats: int, *, rss: bool = False) -> list[dict[str, Any]]:
     """Per tracker mode: state bytes per param, the logging-step cost and (``rss``) the RSS growth.
 
@@ -487,7 +518,7 @@ def measure_memory_and_logging(work: Workload, repeats: int, *, rss: bool = Fals
     from gradtrace.tracking.summary import summarize
 
     model = work.model
-    batch = work.collator([work.dataset[i] for i in range(8)])
+    batch = on_model_device(model, work.collator([work.dataset[i] for i in range(8)]))
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()  # real gradients in .grad
     rows = []
@@ -507,6 +538,7 @@ def measure_memory_and_logging(work: Workload, repeats: int, *, rss: bool = Fals
             start = time.perf_counter()
             tracker.observe_gradients()
             tracker.observe_update()
+            synchronize(model)
             observe_s.append(time.perf_counter() - start)
             peak = peak_rss_bytes()
             if reset and peak is not None:
@@ -514,7 +546,7 @@ def measure_memory_and_logging(work: Workload, repeats: int, *, rss: bool = Fals
         measure_s, summarize_s = [], []
         for _ in range(0 if rss else repeats):  # the RSS probe's allocator setting would skew timings
             start = time.perf_counter()
-            measurement = tracker.measure()
+            measurement = tracker.measure()  # ends with a device-to-host copy: synchronized
             measure_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             summarize(measurement, step=tracker.steps)
@@ -583,7 +615,7 @@ def profile_observe(work: Workload, calls: int = 2, top: int = 12) -> list[dict[
     from gradtrace import GradTracker, TrackerConfig
 
     model = work.model
-    batch = work.collator([work.dataset[i] for i in range(8)])
+    batch = on_model_device(model, work.collator([work.dataset[i] for i in range(8)]))
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
     step_kwargs = {"detail": False} if "detail" in inspect.signature(GradTracker.observe_gradients).parameters else {}
@@ -636,7 +668,11 @@ def print_profile(rows: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def plan(quick: bool, rounds: int | None, steps_override: int | None) -> list[Setting]:
+def plan(quick: bool, rounds: int | None, steps_override: int | None,
+         models: list[str] | None = None) -> list[Setting]:
+    """The settings to run: ``--quick`` the tiny model's, else the tiny and ~52M models'. ``models`` (from
+    ``--model``) keeps only those model kinds; ``large`` (the ~0.5B model: bf16 and fp32, no accumulation)
+    runs only when asked for."""
     settings = []
     tiny_rounds, tiny_steps = (2, 8) if quick else (4, 12)
     for dtype in ("float32", "bfloat16"):
@@ -645,12 +681,18 @@ def plan(quick: bool, rounds: int | None, steps_override: int | None) -> list[Se
                                     steps=tiny_steps, warmup=2, rounds=tiny_rounds))
     settings.append(Setting("tiny-grpo-bfloat16", "tiny", "grpo", "bfloat16", 1, batch=8, seq=0,
                             steps=5 if quick else 8, warmup=2, rounds=2 if quick else 3))
-    if not quick:
+    if not quick or (models and "mid" in models):
         for dtype in ("float32", "bfloat16"):
             for ga in (1, 4):
                 # ga4 steps cost ~2x (and ~5x under wandb.watch freq=1): fewer of them, to stay near 15 min
                 settings.append(Setting(f"mid-{dtype}-ga{ga}", "mid", "trainer", dtype, ga, batch=4, seq=64,
                                         steps=4 if ga == 1 else 3, warmup=2, rounds=3 if ga == 1 else 2))
+    if models and "large" in models:
+        for dtype in ("bfloat16", "float32"):
+            settings.append(Setting(f"large-{dtype}-ga1", "large", "trainer", dtype, 1, batch=4, seq=64,
+                                    steps=4, warmup=2, rounds=2))
+    if models:
+        settings = [s for s in settings if s.model in models]
     for s in settings:
         if rounds:
             s.rounds = rounds
@@ -663,12 +705,12 @@ def summarize_targets(settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for res in settings:
         v = res["variants"]
-        watch1 = v[WATCH1]["ratio"]
+        watch1 = v[WATCH1]["ratio"] if WATCH1 in v else None
         for name, row in v.items():
             if not name.startswith("gradtrace"):
                 continue
             entry = {"setting": res["setting"]["name"], "variant": name, "ratio": row["ratio"],
-                     "cheaper_than_watch_freq1": row["ratio"] < watch1}
+                     "cheaper_than_watch_freq1": None if watch1 is None else row["ratio"] < watch1}
             if name in TARGETS:
                 entry["target"] = TARGETS[name]
                 entry["met"] = row["ratio"] <= TARGETS[name]
@@ -688,8 +730,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only settings whose name contains one of these (comma-separated)")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="profile observe_gradients on the ~52M model (default: on unless --quick)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where training runs (default: CUDA when available) and, given, where the "
+                             "logging-step and memory measurements put the model")
+    parser.add_argument("--model", default=None,
+                        help="model kinds to run, comma-separated, of " + ", ".join(MODEL_KINDS)
+                             + " (default: tiny and mid; tiny only with --quick; large: ~0.5B, only when named)")
+    parser.add_argument("--variants", default=None,
+                        help="variants to run, comma-separated (default: all; 'none' always runs)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: see memory_probe
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    models = None if args.model is None else args.model.split(",")
+    if models is not None and not set(models) <= set(MODEL_KINDS):
+        parser.error(f"--model: unknown kind in {args.model!r}; choose from {', '.join(MODEL_KINDS)}")
+    if args.variants is not None:
+        wanted_variants = ["none", *(v.strip() for v in args.variants.split(",") if v.strip() != "none")]
+        unknown = [v for v in wanted_variants if v not in VARIANTS]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        for name in [v for v in VARIANTS if v not in wanted_variants]:
+            del VARIANTS[name]
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -722,15 +786,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]warning: load average {info['loadavg_at_start'][0]:.1f} before starting. When other "
                       "processes preempt one of torch's threads, the others spin at OpenMP barriers and step "
                       "times jump by 10x or more; on a shared machine prefer --threads 1.[/yellow]")
-    settings = plan(args.quick, args.rounds, args.steps)
+    settings = plan(args.quick, args.rounds, args.steps, models)
     if args.only:
         wanted = args.only.split(",")
         settings = [s for s in settings if any(w in s.name for w in wanted)]
     profile_on = (not args.quick) if args.profile is None else args.profile
-    out_path = Path(args.out or f"benchmarks/results/overhead-cpu{'-quick' if args.quick else ''}.json")
+    where = "cuda" if not use_cpu() else "cpu"
+    out_path = Path(args.out or f"benchmarks/results/overhead-{where}{'-quick' if args.quick else ''}.json")
 
     results: dict[str, Any] = {"machine": info, "argv": sys.argv[1:], "quick": args.quick,
                                "variants": VARIANTS, "targets": TARGETS, "mid_model": MID_MODEL,
+                               "large_model": LARGE_MODEL, "device": where,
                                "settings": [], "memory_and_logging": [], "profile": []}
     workloads: dict[tuple[str, str], Workload] = {}
     with tempfile.TemporaryDirectory(prefix="gradtrace-overhead-") as tmpdir:
@@ -754,12 +820,15 @@ def main(argv: list[str] | None = None) -> int:
             results["settings"].append(res)
             print_setting(res)
 
-        kinds = sorted({s.model for s in settings}, key=["tiny", "mid"].index)
+        kinds = sorted({s.model for s in settings}, key=MODEL_KINDS.index)
         for kind in kinds:
-            for dtype in ("float32", "bfloat16"):
+            for dtype in [d for d in ("float32", "bfloat16") if any(s.model == kind and s.dtype == d for s in settings)]:
+                work = workload(kind, dtype)
+                if DEVICE is not None:
+                    work.model.to(DEVICE)  # measured on the device asked for (after the runs: copies made)
                 results["memory_and_logging"].extend(
-                    measure_memory_and_logging(workload(kind, dtype), repeats=2 if kind == "mid" else 5))
-        if "mid" in kinds:  # RSS of the ~52M model's tracker, measured in a fresh process
+                    measure_memory_and_logging(work, repeats=5 if kind == "tiny" else 2))
+        if "mid" in kinds and not DEVICE == "cuda":  # RSS of the ~52M model's tracker, in a fresh process
             workloads.clear()
             gc.collect()
             probed = {(r["model"], r["dtype"], r["mode"]): r for r in memory_probe("mid", threads)}

@@ -61,10 +61,17 @@ def test_2d_meshes_and_a_nan_in_one_shard_match_single_process(mixed):
     records = load(mixed, "meshes")
     assert_equal_to_single_process(records)
     single = records[0]["single"]
-    # the step with a NaN in one element of rank 3's shard of w2d (7x9) and of "columns" (5x10): both
-    # parameters are dropped whole for that step, every element counted as discarded
+    # the step with a NaN in one element of rank 3's shard of w2d (7x9) and of "columns" (5x10), and in
+    # an HSDP shard (6x5) that two replicas hold: the parameters are dropped whole for that step, every
+    # element counted as discarded once (not once per replica)
     assert single["counters"]["nonfinite_gradient_steps"] == 1
-    assert single["counters"]["discarded_gradient_elements"] == 7 * 9 + 5 * 10
+    assert single["counters"]["discarded_gradient_elements"] == 7 * 9 + 5 * 10 + 6 * 5
+    # HSDP: each element counted once although two ranks hold each shard (the equality above is exact;
+    # this says what it would have caught)
+    for record in records:
+        hsdp = record["sharded"]["per_param"]["hsdp"]
+        assert hsdp["numel"] == 6 * 5 and hsdp == single["per_param"]["hsdp"]
+        assert 0 < hsdp["gradient"] < hsdp["numel"]
     # the sampled subset: every 3rd element of the full parameter, also where shards are no contiguous run
     assert single["per_param"]["w2d"]["sampled"] == len(range(0, 63, 3))
     assert single["per_param"]["columns"]["sampled"] == len(range(0, 50, 3))

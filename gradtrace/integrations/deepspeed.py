@@ -21,16 +21,25 @@ What the tracker sees, per optimizer step (what the optimizer applies):
   gradient sums (``cancellation`` not ``"off"``) and the optimizer is DeepSpeed's ZeRO-1/2/3 optimizer:
   the factor is computed with DeepSpeed's own norm (``scaled_global_norm``) and formula. The masks
   themselves do not depend on a positive scale factor, so with ``cancellation="off"`` that work is skipped;
-- a step that DeepSpeed then skips (fp16 overflow) is still observed, as in a non-DeepSpeed Trainer
-  with a gradient scaler: its non-finite elements are counted and set no mask bit.
+- a step that DeepSpeed skips for an overflow (fp16 loss scaling; bf16 with its default
+  ``check_grad_overflow``; a NaN/inf under fp32 ZeRO) sets no mask bit and adds no sum, for any
+  parameter: DeepSpeed applies nothing. The skip is foreseen with DeepSpeed's own check before the
+  gradient is read (:class:`_StepPlan`) and counted (``skipped_overflow_steps`` in the summary and the
+  run log; such a step still counts as an optimizer step, as in DeepSpeed's ``global_steps``). After the
+  step DeepSpeed's ``overflow`` flag is compared with the forecast; a skip not foreseen (an optimizer
+  whose checks are not mirrored, e.g. ``BF16_Optimizer``) is counted and warned about once.
 
 Stage 0 (DeepSpeed without ZeRO) goes through the same hook: the gradient is in ``.grad`` during the
 step, and in fp32 the engine clips it before calling ``step``; under stage 0's fp16/bf16 optimizer
-wrappers the sums are of the unclipped gradient (the masks are the same either way).
+wrappers (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``) the sums are unscaled and clipped with their
+own loss scale, norm and formula.
 
 Tested (2 CPU processes, gloo, DeepSpeed 0.19.8, through ``transformers.Trainer``): ZeRO-1 with gradient
 accumulation, ZeRO-2 and stage 0 in fp32 give the masks and per-step counts of a single process without
-DeepSpeed; bf16 ZeRO-1/2 ran (plain engine loop) without a reference. Not tested: CPU/NVMe offload,
+DeepSpeed. bf16 and fp16 with a forced overflow (plain engine loop, ZeRO-0/1/2/3; ``tests/test_deepspeed_precision.py``):
+masks, skipped-step counts and gradient sums equal those recorded from DeepSpeed's own gradients in the
+same loop; fp16 runs there only with the CPU accelerator's fp16 capability check overridden (this CPU has
+no mkldnn fp16, and DeepSpeed refuses: "Type fp16 is not supported on your device."). Not tested: CPU/NVMe offload,
 GPUs/NCCL, pipeline or tensor parallelism, MoE.
 
 Cost: ``safe_get_full_grad`` assembles each parameter's full fp32 gradient from the ranks' partitions
@@ -56,18 +65,22 @@ partitions (``offload_optimizer``) or the parameter partitions and so the tracke
 (``offload_param``) on the CPU: a gradient is moved to its state's device before it is scanned, and
 every collective runs on the process group's device (CUDA under NCCL); not run on a GPU here. Offload
 to NVMe is refused (the partitions are swapped out of memory between steps). Not tested under ZeRO-3:
-hpZ/MiCS secondary partitions, fp16/bf16.
+hpZ/MiCS secondary partitions (bf16/fp16: see above).
 
 ``deepspeed`` is imported only when a function here is called with a DeepSpeed object.
 """
 
 from __future__ import annotations
 
+import copy
+import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from gradtrace.integrations.session import GradTraceWarning
 from gradtrace.tracking import sharding
 from gradtrace.tracking.tracker import GradTracker
 
@@ -195,8 +208,11 @@ class _FullGradients(Mapping):
             return grad if self._inverse is None else grad.mul(self._inverse)
         if self._inverse is None:
             return grad
-        # The same operation DeepSpeed applies to its flat partitions (unscale_and_clip_grads). Never
-        # in place on the parameter's own .grad (stage 0 keeps the gradient there).
+        # The same operation DeepSpeed applies to its flat partitions (unscale_and_clip_grads), in fp32 as
+        # there: unscaling an fp16 gradient in fp16 would round small values, or flush them to 0 (a lost
+        # mask bit). Never in place on the parameter's own .grad (stage 0 keeps the gradient there).
+        if grad.is_floating_point() and grad.element_size() < 4:
+            return grad.float().mul_(self._inverse)
         return grad.mul(self._inverse) if grad is param.grad else grad.mul_(self._inverse)
 
     def get(self, name: str, default: Any = None) -> torch.Tensor | None:
@@ -229,27 +245,107 @@ def _scaled_norm(optimizer: Any) -> Callable[[], torch.Tensor] | None:
     return None
 
 
-def _applied_scale(optimizer: Any) -> torch.Tensor | float | None:
-    """The factor DeepSpeed's ZeRO-1/2/3 ``step`` will divide the gradient by (loss scale × clipping), or
-    ``None`` when it divides by nothing or the optimizer is not one whose formula is known here.
+def _invalid(norm: torch.Tensor | float) -> bool:
+    """DeepSpeed's ``is_invalid_grad_norm``: inf/NaN, or the -1 its norm helpers return for them."""
+    norm = torch.as_tensor(norm)
+    return bool((~torch.isfinite(norm) | norm.lt(0)).any())
 
-    Mirrors ``unscale_and_clip_grads`` of ``DeepSpeedZeroOptimizer`` and ``DeepSpeedZeroOptimizer_Stage3``
-    (the same formula), with the norm computed as their ``step`` is about to compute it.
+
+def _scale_after_update(optimizer: Any) -> float:
+    """The loss scale DeepSpeed's ZeRO ``step`` divides by: it updates its loss scaler (``_update_scale``)
+    *before* ``unscale_and_clip_grads``, so on the step where a dynamic scale grows, the gradient (scaled
+    by the old scale) is divided by the new one. Asked of a copy of the scaler, which is left as it is."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is None or getattr(optimizer, "custom_loss_scaler", False) or not hasattr(scaler, "update_scale"):
+        return optimizer.loss_scale
+    probe = copy.copy(scaler)  # its fields are numbers: the copy's update leaves the scaler untouched
+    probe.update_scale(False)
+    return probe.cur_scale
+
+
+def _stage0_nonfinite(optimizer: Any) -> bool | None:
+    """Stage 0 under fp16/bf16 (DeepSpeed's ``FP16_Optimizer``): whether a gradient of its low-precision
+    parameters holds NaN/inf, which makes the norm its ``step`` checks invalid and the step skipped. The
+    engine has all-reduced these gradients already, so every rank answers the same. ``None`` for other
+    optimizers."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None or not hasattr(optimizer, "overflow_checker"):
+        return None
+    finite = [torch.isfinite(p.grad).all() for group in groups for p in group if p.grad is not None]
+    return bool(finite) and not bool(torch.stack(finite).all())  # one host sync, not one per parameter
+
+
+def _stage0_scale(optimizer: Any) -> float | None:
+    """Stage 0 under fp16/bf16 (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``): the factor its ``step``
+    divides the gradient by, or ``None`` for 1 or another optimizer. Like ZeRO's, their ``step`` updates
+    the loss scale (``_update_scale``) before ``unscale_and_clip_grads``: asked of a copy of the scale's
+    state. The clipping norm is DeepSpeed's own (``get_weight_norm`` of each group's non-expert gradients)."""
+    config = getattr(optimizer, "loss_scale_config", None)
+    if config is None or getattr(optimizer, "fp16_groups", None) is None or not hasattr(optimizer, "_update_scale"):
+        return None
+    probe = types.SimpleNamespace(loss_scale_config=copy.copy(config), verbose=False)
+    type(optimizer)._update_scale(probe, False)
+    loss_scale = float(probe.loss_scale_config.cur_scale)
+    clip_grad = float(getattr(optimizer, "clip_grad", 0.0))
+    if clip_grad > 0.0:
+        from deepspeed.moe.utils import split_params_grads_into_shared_and_expert_params
+        from deepspeed.runtime.utils import get_global_norm, get_weight_norm
+
+        norms = []
+        for group in optimizer.fp16_groups:
+            shared, _ = split_params_grads_into_shared_and_expert_params(group)
+            norms.append(get_weight_norm(shared, mpu=optimizer.mpu) if shared else 0.0)
+        clip = ((get_global_norm(norm_list=norms) / loss_scale) + 1e-6) / clip_grad
+        if clip > 1:
+            return float(clip * loss_scale)
+    return None if loss_scale == 1.0 else loss_scale
+
+
+class _StepPlan:
+    """What DeepSpeed's ``step`` is about to do, known before it runs: whether it will skip the step for an
+    overflow (``skip``: ``None`` when not known here) and the factor it will divide the gradient by
+    (``scale``: ``None`` when nothing, or when the sums are not kept).
+
+    The skip is decided with DeepSpeed's own checks, as its ``step`` makes them. ZeRO-1/2: ``has_overflow``
+    (a read of the gradient partitions and one scalar all-reduce) where its ``step`` checks the gradient
+    (``check_grad_overflow``: fp16, and bf16 unless switched off) or skips on an invalid norm (not bf16);
+    ZeRO-3: an invalid global norm (its fp16 overflow check implies one; ``has_overflow`` itself is not
+    asked, as it resets the tracker of overflows seen while offloading); stage 0 under fp16/bf16: a NaN/inf
+    in its parameters' gradients. The norm is computed once, and only where the skip or the scale needs it.
     """
-    scaled_norm = _scaled_norm(optimizer)
-    if scaled_norm is None or not all(hasattr(optimizer, attr) for attr in ("clip_grad", "loss_scale")):
-        return None
-    clip_grad, loss_scale = float(optimizer.clip_grad), optimizer.loss_scale
-    if clip_grad == 0.0 and loss_scale == 1.0:
-        return None
-    if clip_grad <= 0.0:
-        return loss_scale
-    norm = scaled_norm()
-    clip = torch.clamp(((norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
-    # An invalid norm (inf/NaN, or DeepSpeed's -1 for them) means overflow: DeepSpeed skips the step, and
-    # the gradient is only unscaled here. No host sync: DeepSpeed's own step syncs on the norm anyway.
-    valid = torch.isfinite(norm) & norm.ge(0)
-    return torch.where(valid, clip * loss_scale, torch.full_like(clip, float(loss_scale)))
+
+    def __init__(self, optimizer: Any, stage: int, wants_scale: bool):
+        self.skip: bool | None = None
+        self.scale: torch.Tensor | float | None = None
+        zero = all(hasattr(optimizer, attr) for attr in ("clip_grad", "loss_scale"))
+        scaled_norm = _scaled_norm(optimizer) if zero else None
+        norm: torch.Tensor | None = None
+        if stage >= 3 and scaled_norm is not None:
+            norm = scaled_norm()
+            self.skip = _invalid(norm)
+        elif stage in (1, 2) and hasattr(optimizer, "has_overflow"):
+            bf16 = getattr(optimizer, "dtype", None) == torch.bfloat16
+            checks = bool(getattr(optimizer, "check_grad_overflow", True))
+            norm_checked = bool(getattr(optimizer, "compute_grad_norm", True)) and (checks or not bf16)
+            self.skip = bool(optimizer.has_overflow(optimizer.partition_gradients)) if checks or norm_checked else False
+        elif stage == 0:
+            self.skip = _stage0_nonfinite(optimizer)
+            if wants_scale and not self.skip:
+                self.scale = _stage0_scale(optimizer)
+        if self.skip or not wants_scale or scaled_norm is None:
+            return
+        loss_scale = _scale_after_update(optimizer)
+        clip_grad = float(optimizer.clip_grad)
+        if clip_grad <= 0.0:
+            self.scale = None if loss_scale == 1.0 else loss_scale
+            return
+        norm = scaled_norm() if norm is None else norm
+        # Mirrors ``unscale_and_clip_grads`` of ZeRO-1/2 and ZeRO-3 (the same formula).
+        clip = torch.clamp(((norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
+        # An invalid norm means overflow: DeepSpeed skips the step (ZeRO-1/2 in bf16 without the check
+        # applies it unclipped), and the gradient is only unscaled here. No host sync.
+        valid = torch.isfinite(norm) & norm.ge(0)
+        self.scale = torch.where(valid, clip * loss_scale, torch.full_like(clip, float(loss_scale)))
 
 
 class DeepSpeedHandle:
@@ -265,6 +361,7 @@ class DeepSpeedHandle:
         self._had_own_step = "step" in vars(optimizer)
         self._original_step = optimizer.step
         self._active = True
+        self._warned: set[str] = set()
         # Asked before each step whether to count the step's nonzero gradient elements (the density
         # curve); an integration that knows which steps it will log replaces it, to skip that pass.
         self.wants_detail: Callable[[], bool] = lambda: True
@@ -294,19 +391,46 @@ class DeepSpeedHandle:
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._active:
             return self._original_step(*args, **kwargs)
+        plan = None
         try:
-            scale = _applied_scale(self.optimizer) if self.tracker.config.tracks_sums else None
-            self.tracker.observe_gradients(_FullGradients(self._params, scale, local=self.stage >= 3),
-                                           detail=self.wants_detail())
+            plan = _StepPlan(self.optimizer, self.stage, self.tracker.config.tracks_sums)
+            if plan.skip:
+                self.tracker.skip_step(detail=self.wants_detail())
+            else:
+                self.tracker.observe_gradients(_FullGradients(self._params, plan.scale, local=self.stage >= 3),
+                                               detail=self.wants_detail())
         except Exception as err:
             self._fail(err)
         result = self._original_step(*args, **kwargs)
         if self._active:
             try:
+                self._check_plan(plan)
                 self.tracker.observe_update()
             except Exception as err:
                 self._fail(err)
         return result
+
+    def _check_plan(self, plan: _StepPlan | None) -> None:
+        """After the real step: DeepSpeed's ``overflow`` says whether it skipped the step. A skip that was
+        not foreseen (an optimizer whose checks are not mirrored here, e.g. ``BF16_Optimizer``) is counted,
+        but the step's gradient is in the masks already: warned once."""
+        skipped = getattr(self.optimizer, "overflow", None)
+        if plan is None or not isinstance(skipped, bool) or plan.skip is None and not skipped:
+            return
+        if skipped and not plan.skip:
+            self.tracker.skip_step(observed=True)
+            self._warn_once("unforeseen", f"DeepSpeed skipped optimizer step {self.tracker.steps} for an overflow "
+                            f"that gradtrace did not foresee ({type(self.optimizer).__name__}): it is counted in "
+                            "skipped_overflow_steps, but its finite gradient elements set mask bits")
+        elif plan.skip and not skipped:
+            self._warn_once("missed", f"gradtrace foresaw an overflow at optimizer step {self.tracker.steps} that "
+                            f"DeepSpeed ({type(self.optimizer).__name__}) did not skip: that step's gradient is "
+                            "missing from the masks")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"gradtrace: {message}", GradTraceWarning, stacklevel=3)
 
 
 def _refuse_nvme_offload(optimizer: Any) -> None:

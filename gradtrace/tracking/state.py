@@ -74,6 +74,7 @@ COUNTER_REDUCE: dict[str, Reduce] = {
     "density_step": "none",  # the optimizer step that density_nonzero describes (0: none yet)
     "changed_elements_total": "sum",  # sum over steps of elements changed by that step (ever_changed mode)
     "last_step_changed": "sum",  # elements changed by the latest step (ever_changed mode)
+    "skipped_overflow_steps": "none",  # steps the engine skipped for an overflow (no bit, no sum); appended last
 }
 COUNTERS: tuple[str, ...] = tuple(COUNTER_REDUCE)
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}

@@ -494,6 +494,26 @@ class GradTracker:
             counters[COUNTER_INDEX["density_nonzero"]] = totals[3]
             counters[COUNTER_INDEX["density_step"]] = self.steps
 
+    @torch.no_grad()
+    def skip_step(self, *, observed: bool = False, detail: bool = True) -> None:
+        """Count one optimizer step that the optimizer skipped for an overflow (DeepSpeed's fp16 loss
+        scaler, or its bf16 overflow check): it applied nothing, so it sets no mask bit and adds no sum.
+
+        Call it instead of :meth:`observe_gradients` when the skip is known before the gradient is read.
+        ``observed=True`` counts a step whose gradient :meth:`observe_gradients` has already folded in
+        (the skip became known only afterwards): it is counted as skipped but not as a second step. With
+        ``detail`` the step's gradient density is recorded as 0 (nothing was applied). Every rank calls
+        it for the same steps (the counter is replicated, not summed).
+        """
+        counters = self.counters
+        counters[COUNTER_INDEX["skipped_overflow_steps"]] += 1
+        if observed:
+            return
+        self.steps += 1
+        if detail:
+            counters[COUNTER_INDEX["density_nonzero"]] = 0
+            counters[COUNTER_INDEX["density_step"]] = self.steps
+
     def _local_gradient(self, name: str, param: nn.Parameter,
                         grads: Mapping[str, torch.Tensor | None] | None) -> torch.Tensor | None:
         """The gradient of ``param``'s local data, dense, where its state lives and in a dtype that can

@@ -483,7 +483,8 @@ def _global_table_html(runs: Sequence[RunData]) -> str:
     head = "<th>metric</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs)
     rows = [f'<tr><td class="text">{html.escape(m)}</td>'
             + "".join(_cell(r.final["global"].get(m), fraction=True) for r in runs) + "</tr>" for m in metrics]
-    counts = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "tracked_elements",
+    counts = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "skipped_overflow_steps",
+              "tracked_elements",
               *(k for k in ("experts", "experts_without_gradient") if any(k in r.final["global"] for r in runs)))
     for key in counts:
         rows.append(f'<tr><td class="text">{key}</td>'

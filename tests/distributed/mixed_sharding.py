@@ -12,7 +12,8 @@ measurements, and rank 0 writes both mask sets (``OUT/{case}-sharded.safetensors
   rest;
 - ``meshes``: hand-made DTensors: ``[Shard(0), Shard(1)]`` and HSDP ``[Replicate(), Shard(0)]`` on a 2x2
   mesh, ``Shard(1)`` on a 1-D mesh of 4, a replicated one and a plain one, with uneven shards, a sampled
-  stride that divides nothing, and at step 2 a NaN in one element of one rank's shard of two parameters;
+  stride that divides nothing, and at step 2 a NaN in one element of one rank's shard of two parameters
+  and in one element of an HSDP shard (held by two replicas);
 - ``strided``: FSDP + TP's ``[_StridedShard(0), Shard(0)]`` on the 2x2 mesh, with a NaN in one shard.
 """
 
@@ -123,8 +124,9 @@ def meshes_case(out: str) -> None:
         "replicated": ((4,), mesh2d, [Replicate(), Replicate()]),
         "plain": ((3,), None, None),
     }
-    # step 2: a NaN in the last element of w2d (rank 3's shard) and in column 9 of "columns" (rank 3's)
-    tensors_case(out, "meshes", layouts, {"w2d": (6, 8), "columns": (2, 9)}, CONFIG)
+    # step 2: a NaN in the last element of w2d (rank 3's shard), in column 9 of "columns" (rank 3's), and
+    # in row 4 of "hsdp" (its second row-shard, which ranks 1 and 3 both hold: two replicas of one NaN)
+    tensors_case(out, "meshes", layouts, {"w2d": (6, 8), "columns": (2, 9), "hsdp": (4, 2)}, CONFIG)
     # FSDP + TP's layout (rows split by TP, then each TP shard's rows by FSDP; even: distribute_tensor
     # needs it): counts without sums
     strided = {"fsdp_tp": ((8, 3), mesh2d, [_StridedShard(0, split_factor=2), Shard(0)])}

@@ -3,13 +3,15 @@
 Run under torchrun (DeepSpeed's CPU accelerator, gloo), or as one plain process without DeepSpeed (the
 reference, on the same global batches):
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/distributed/trainer_deepspeed.py OUT STAGE PER_DEVICE_BATCH GA [lenient] [offload]
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/distributed/trainer_deepspeed.py OUT STAGE PER_DEVICE_BATCH GA [lenient] [offload] [bf16-overflow]
     python tests/distributed/trainer_deepspeed.py OUT none GLOBAL_BATCH 1
 
 STAGE is the ZeRO stage, or ``none`` for no DeepSpeed at all (the reference). Every optimizer step is
 logged, so per-step counts (e.g. the step's gradient density) can be compared as well as the final masks.
 ``lenient`` runs the callback with ``strict=False`` (its warnings are recorded); ``offload`` (ZeRO-3)
 offloads optimizer state and parameters to the CPU (``offload_optimizer`` / ``offload_param``).
+``bf16-overflow`` trains in bf16 and multiplies the loss by inf at optimizer step ``OVERFLOW_STEP``, so
+that DeepSpeed skips that step.
 Each rank writes ``OUT/rank{r}.json``: what was attached, the tracker's state bytes and whether it
 tracked partitions (ZeRO-3), and a digest of its gradient mask bits (replicated state under ZeRO-0/1/2).
 """
@@ -34,7 +36,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 from gradtrace import GradTraceCallback, GradTraceWarning  # noqa: E402
 
-VOCAB, SEQ, USED, STEPS = 95, 12, 48, 4
+VOCAB, SEQ, USED, STEPS, OVERFLOW_STEP = 95, 12, 48, 4, 3
+
+
+class OverflowingTrainer(Trainer):
+    """A loss of inf at optimizer step ``OVERFLOW_STEP``: every gradient non-finite, the step skipped."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * float("inf") if self.state.global_step + 1 == OVERFLOW_STEP else loss
 
 
 class Recorder(TrainerCallback):
@@ -59,7 +69,7 @@ def dataset(n: int) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def deepspeed_config(stage: int, offload: bool = False) -> dict:
+def deepspeed_config(stage: int, offload: bool = False, bf16: bool = False) -> dict:
     zero = {"stage": stage}
     if offload:
         zero |= {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
@@ -73,11 +83,12 @@ def deepspeed_config(stage: int, offload: bool = False) -> dict:
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW as DeepSpeed's client optimizer
         "steps_per_print": 10_000,
+        **({"bf16": {"enabled": True}} if bf16 else {}),
     }
 
 
 def main(out: str, stage: int | None, batch: int, accumulation: int, strict: bool = True,
-         offload: bool = False) -> None:
+         offload: bool = False, overflow: bool = False) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # odd sizes (hidden 33, vocab 95): ZeRO-3 partitions are uneven and the last one padded, as in real models
@@ -88,13 +99,14 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
                              gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1,
                              report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
                              disable_tqdm=True, seed=0, data_seed=0, lr_scheduler_type="constant",
-                             deepspeed=None if stage is None else deepspeed_config(stage, offload),
+                             deepspeed=None if stage is None else deepspeed_config(stage, offload, overflow),
+                             bf16=overflow,
                              ddp_backend="gloo" if distributed else None)
     # a sampled subset with a stride that does not divide the partitions: under ZeRO-3 it must still be
     # chosen by global element index, as in the single process
     callback = GradTraceCallback(strict=strict, wandb=False, cancellation="sampled", sample_stride=3)
     recorder = Recorder(callback)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(64), callbacks=[callback, recorder])
+    trainer = (OverflowingTrainer if overflow else Trainer)(model=model, args=args, train_dataset=dataset(64), callbacks=[callback, recorder])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GradTraceWarning)
         trainer.train()
@@ -106,6 +118,7 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
         digest.update(tracker.state[name]["gradient_bits"].cpu().numpy().tobytes())
     handle = recorder.handle
     record = {
+        "deepspeed_skipped_steps": getattr(getattr(trainer, "deepspeed", None), "skipped_steps", None),
         "world_size": world,
         "optimizer_steps": tracker.steps if tracker else None,
         "trainer_steps": trainer.state.global_step,
@@ -127,4 +140,5 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
 
 if __name__ == "__main__":
     main(sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
-         strict="lenient" not in sys.argv[5:], offload="offload" in sys.argv[5:])
+         strict="lenient" not in sys.argv[5:], offload="offload" in sys.argv[5:],
+         overflow="bf16-overflow" in sys.argv[5:])
