@@ -1,0 +1,64 @@
+"""Replicated parameters (DDP, DeepSpeed ZeRO-0/1/2): divide the tracking among the ranks.
+
+Under data parallelism every rank holds the same parameters and, at the optimizer step, the same reduced
+gradient; tracking all of them on every rank keeps N copies of the state and does the per-step work N
+times. Instead each rank tracks a *span* of each parameter, a contiguous run ``[start, start + length)``
+of the flattened parameter (maybe empty, maybe the whole of it), the spans of one parameter being disjoint
+across ranks. The tracker then handles a span exactly as a shard of a sharded parameter whose local data
+is that run: counts are summed across ranks at measuring time and masks assembled at export.
+
+:func:`assign` gives whole parameters to ranks, greedily by size over sorted names, so every rank computes
+the same assignment without communicating, and a parameter added mid-run (which every rank adds alike)
+goes to the least loaded rank. DeepSpeed ZeRO-1/2 supplies its own spans, the fragment of each parameter
+in the rank's optimizer partition (:mod:`gradtrace.integrations.deepspeed`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+Span = tuple[int, int]  # (start in the flattened parameter, length)
+
+
+def assign(sizes: Iterable[tuple[str, int]], world: int, rank: int,
+           loads: list[int] | None = None) -> dict[str, Span]:
+    """This rank's span of each parameter when whole parameters go to ranks, largest first (ties by
+    name), each to the least loaded rank (ties: the lowest). ``loads`` (elements per rank so far) is
+    updated in place, so later calls continue the same balance."""
+    loads = loads if loads is not None else [0] * world
+    spans = {}
+    for name, numel in sorted(sizes, key=lambda item: (-item[1], item[0])):
+        owner = min(range(world), key=lambda r: (loads[r], r))
+        loads[owner] += numel
+        spans[name] = (0, numel) if owner == rank else (0, 0)
+    return spans
+
+
+def replicated_everywhere(named: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup) -> bool:
+    """Whether every rank of ``group`` holds the same parameters (names, shapes, dtypes) with the same
+    values, as DDP makes them at wrapping: then their tracking can be divided. One small all-gather; a
+    few hundred values of each parameter stand for it (a checksum, not a proof, but ranks that train
+    different models differ in them)."""
+    fingerprint = []
+    for name, param in named:
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)].double()
+        fingerprint.append((name, tuple(param.shape), str(param.dtype), sample.sum().item(), sample.abs().sum().item()))
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, fingerprint, group=group)
+    return all(other == gathered[0] for other in gathered)
+
+
+def gather(local_mask: torch.Tensor, span: Span, shape: tuple[int, ...], group: dist.ProcessGroup,
+           device: torch.device) -> torch.Tensor:
+    """The full boolean mask of a parameter from each rank's mask of its span (a collective: every rank
+    calls it for the same parameters in the same order). The spans are disjoint, so a sum assembles them."""
+    full = torch.zeros(math.prod(shape), dtype=torch.uint8, device=device)  # gloo cannot reduce bool
+    start, length = span
+    full[start:start + length] = local_mask.reshape(-1).to(device)
+    dist.all_reduce(full, group=group)
+    return full.reshape(shape).bool()
