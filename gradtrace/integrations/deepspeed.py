@@ -167,17 +167,20 @@ class _FullGradients(Mapping):
 
     ZeRO-0/1/2: the full gradient. ``safe_get_full_grad`` is a collective there (an all-reduce per
     parameter): every rank asks for the same parameters in the same order, which the tracker's fixed
-    parameter order guarantees. ZeRO-3 (``local=True``): the rank's partition of the gradient, from
-    ``safe_get_local_grad`` (no communication), narrowed to the valid part so that it is laid out like
-    :func:`gradtrace.tracking.sharding.local` of the parameter.
+    parameter order guarantees. ZeRO-1/2 with ``fragments=True`` (the tracker tracks each rank's
+    optimizer partition: :func:`partition_spans`): the fragment of the gradient in this rank's partition,
+    read where DeepSpeed keeps it (no communication). ZeRO-3 (``local=True``): the rank's partition of the
+    gradient, from ``safe_get_local_grad`` (no communication), narrowed to the valid part so that it is
+    laid out like :func:`gradtrace.tracking.sharding.local` of the parameter.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], scale: torch.Tensor | float | None, *,
-                 local: bool = False):
+                 local: bool = False, fragments: bool = False):
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-        self._get = safe_get_local_grad if local else safe_get_full_grad
+        self._get = safe_get_local_grad if local else _fragment_grad if fragments else safe_get_full_grad
         self._local = local
+        self._fragments = fragments
         self._params = params
         self._inverse = None if scale is None else 1.0 / scale
 
@@ -196,8 +199,10 @@ class _FullGradients(Mapping):
         if self._inverse is None:
             return grad
         # The same operation DeepSpeed applies to its flat partitions (unscale_and_clip_grads). Never
-        # in place on the parameter's own .grad (stage 0 keeps the gradient there).
-        return grad.mul(self._inverse) if grad is param.grad else grad.mul_(self._inverse)
+        # in place on the parameter's own .grad (stage 0 keeps the gradient there) nor on a fragment
+        # (a view of the partition DeepSpeed is about to apply).
+        in_place = grad is not param.grad and not self._fragments
+        return grad.mul_(self._inverse) if in_place else grad.mul(self._inverse)
 
     def get(self, name: str, default: Any = None) -> torch.Tensor | None:
         # Mapping.get would swallow a KeyError raised inside DeepSpeed; only unknown names default.
@@ -208,6 +213,35 @@ class _FullGradients(Mapping):
 
     def __len__(self) -> int:
         return len(self._params)
+
+
+def _fragment_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """ZeRO-1/2: the reduced gradient of ``param``'s fragment in this rank's optimizer partition, flat (the
+    part of the parameter :func:`partition_spans` names), or ``None`` when the partition holds none of it.
+    What ``safe_get_full_grad`` contributes from this rank to its all-reduce, without the all-reduce."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+    address = mapping.lp_fragment_address
+    if fragment.numel() == param.numel() != address.numel:  # a full accumulation buffer (bf16): its part
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return fragment
+
+
+def partition_spans(params: Mapping[str, torch.nn.Parameter]) -> dict[str, tuple[int, int]] | None:
+    """ZeRO-1/2: ``{name: (start, length)}``, the run of each flattened parameter in this rank's optimizer
+    partition (``(0, 0)`` when none), as DeepSpeed maps it (``param._hp_mapping``); ``None`` if some
+    parameter carries no such mapping (not stepped by the ZeRO optimizer, another DeepSpeed version)."""
+    if not all(hasattr(p, "_hp_mapping") and (p._hp_mapping is None or hasattr(p, "_index_in_param_group"))
+               for p in params.values()):
+        return None
+    spans = {}
+    for name, param in params.items():
+        mapping = param._hp_mapping
+        address = mapping.lp_fragment_address if mapping is not None else None
+        spans[name] = (int(address.start), int(address.numel)) if address is not None else (0, 0)
+    return spans
 
 
 def _scaled_norm(optimizer: Any) -> Callable[[], torch.Tensor] | None:
@@ -262,6 +296,13 @@ class DeepSpeedHandle:
         self.stage = stage
         self.on_error = on_error
         self._params = dict(tracker.named_parameters())
+        # ZeRO-1/2 with tracking split among the ranks: each tracks the fragments of its own partition
+        self._fragments = False
+        if 1 <= stage <= 2 and tracker.spans:
+            spans = partition_spans(self._params)
+            if spans is not None:
+                tracker.use_spans(spans)
+                self._fragments = True
         self._had_own_step = "step" in vars(optimizer)
         self._original_step = optimizer.step
         self._active = True
@@ -296,7 +337,8 @@ class DeepSpeedHandle:
             return self._original_step(*args, **kwargs)
         try:
             scale = _applied_scale(self.optimizer) if self.tracker.config.tracks_sums else None
-            self.tracker.observe_gradients(_FullGradients(self._params, scale, local=self.stage >= 3),
+            self.tracker.observe_gradients(_FullGradients(self._params, scale, local=self.stage >= 3,
+                                                          fragments=self._fragments),
                                            detail=self.wants_detail())
         except Exception as err:
             self._fail(err)

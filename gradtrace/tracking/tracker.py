@@ -24,7 +24,7 @@ from gradtrace.anatomy.experts import ExpertLayout, expert_layout
 from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import cpu_measure, cpu_scan, sharding, slices
+from gradtrace.tracking import cpu_measure, cpu_scan, reshard, sharding, slices
 from gradtrace.tracking import split as splitting
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.state import (
@@ -879,6 +879,57 @@ class GradTracker:
         self._full_bitmaps.clear()
         self.counters.copy_(tensors["counters"])
         self.steps = int(tensors["steps"][0])
+
+    def layout(self) -> dict[str, tuple[int, int]] | None:
+        """``{name: (start, length)}``: the run of each flattened parameter whose state this rank keeps, or
+        ``None`` if some local shard is no contiguous run (``Shard(1)``, 2-D meshes): its state can then
+        be loaded only by the same layout (see :meth:`load_resharded`)."""
+        if self._sample_index or not all(self._slices_measurable(name) for name in self._named):
+            return None
+        return {name: (self._offset(name, p), self._held(name, p).numel()) for name, p in self._params}
+
+    @property
+    def counts_summed(self) -> bool:
+        """Whether this rank's counters are its share of sums across ranks (sharded or split tracking)."""
+        return self._group is not None
+
+    @torch.no_grad()
+    def load_resharded(self, parts: list[reshard.SavedPart]) -> None:
+        """Restore state saved by ranks of another layout (another number of processes, or split tracking
+        switched on or off): each parameter's state for this rank's run is cut out of the saved runs
+        (:mod:`gradtrace.tracking.reshard`). Everything is checked before anything is overwritten."""
+        layout = self.layout()
+        if layout is None:
+            raise ValueError("this rank's shards are not contiguous runs of the parameters (Shard(1), 2-D "
+                             "meshes): tracker state saved with another layout cannot be re-cut for them")
+        steps = {int(p.tensors["steps"][0]) for p in parts}
+        if len(steps) != 1:
+            raise ValueError(f"the saved ranks' tracker states are of different steps {sorted(steps)}")
+        names = set().union(*(p.layout for p in parts))
+        if names != set(self.state):
+            extra, missing = sorted(names - set(self.state)), sorted(set(self.state) - names)
+            raise ValueError(f"saved tracker state is for other parameters (not tracked here: {extra[:3]}; "
+                             f"not saved: {missing[:3]})")
+        new = {}
+        for name in self._named:
+            start, length = layout[name]
+            numel = math.prod(self._tracked_shapes[name])
+            new[name] = {}
+            for key, value in self.state[name].items():
+                got = reshard.cut(parts, name, key, numel, start, length, self.config.stride)
+                if got.numel() != value.numel() or got.dtype != value.dtype:
+                    raise ValueError(f"saved {key!r} of {name!r} does not fit this tracker: {got.numel()} "
+                                     f"{got.dtype}, expected {value.numel()} {value.dtype} (another TrackerConfig "
+                                     "or dtype?)")
+                new[name][key] = got.reshape(value.shape)
+        keep_here = self._group is None or dist.get_rank(self._group) == 0
+        counters = reshard.counters(parts, keep_here=keep_here)
+        for name, state in self.state.items():
+            for key, value in state.items():
+                value.copy_(new[name][key])
+        self._full_bitmaps.clear()
+        self.counters.copy_(counters)
+        self.steps = steps.pop()
 
     def state_bytes(self) -> dict[str, int]:
         """Measured bytes of tracker state, split by where it lives (parameter device vs reference)."""

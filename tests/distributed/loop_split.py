@@ -67,8 +67,6 @@ def main() -> None:
         saved = torch.load(os.path.join(args.resume, "training.pt"), weights_only=True)
         model.load_state_dict(saved["model"])
         start = saved["step"]
-    late = [p for n, p in model.named_parameters() if n == LATE] if args.add_group else []
-    params = [p for n, p in model.named_parameters() if not (args.add_group and n == LATE)]
     engine = None
     if distributed and args.backend == "ddp":
         # gradient_as_bucket_view=False: .grad is the parameter's own tensor, as in a single process
@@ -81,6 +79,9 @@ def main() -> None:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    # after fully_shard, which replaces the parameters by DTensors
+    late = [p for n, p in _named(model) if n == LATE] if args.add_group else []
+    params = [p for n, p in _named(model) if not (args.add_group and n == LATE)]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     if distributed and args.backend == "zero3":
         import deepspeed
@@ -188,9 +189,10 @@ def full_optimizer_state(model, optimizer, backend: str) -> dict:
     if backend == "zero3":
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        step = torch.tensor(float(_zero3_step(optimizer)))
         for name, param in model.named_parameters():
             out[name] = {key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}
-        out["__step__"] = torch.tensor(_zero3_step(optimizer))
+            out[name]["step"] = step
         return out
     from torch.distributed.tensor import DTensor
 
@@ -216,13 +218,18 @@ def load_optimizer(model, optimizer, saved: dict, backend: str) -> None:
     if backend == "zero3":
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        # the moments exist only after a first step: create them with a zero-learning-rate step first? No:
-        # DeepSpeed's partitioned fp32 state is created by initialize for its own optimizer; set them.
+        # ZeRO-3 keeps the moments of flat fp32 partitions, created by the first step: create them as
+        # torch's AdamW would, then set each parameter's part of them and the partitions' step count
+        inner = optimizer.optimizer
+        for flat in optimizer.fp32_partitioned_groups_flat:
+            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
         for name, param in model.named_parameters():
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, saved[name][key], key)
+        step = next(iter(saved.values()))["step"]
         for state in optimizer.optimizer.state.values():
-            state["step"] = torch.tensor(float(saved["__step__"]))
+            state["step"] = step.clone()
         return
     from torch.distributed.tensor import DTensor, distribute_tensor
 
