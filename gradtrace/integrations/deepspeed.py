@@ -7,12 +7,16 @@ TRL), ``accelerator.backward`` runs ``engine.backward`` and, at the accumulation
 exists in ``.grad`` at all: each rank holds only its partition, in the optimizer's flat buffers.
 
 :func:`attach_to_deepspeed` wraps the ZeRO optimizer's ``step`` (the engine calls
-``self.optimizer.step()``). Inside it, before the real step, each tracked parameter's full reduced
-gradient is read with DeepSpeed's public ``deepspeed.utils.safe_get_full_grad`` and folded into the
-tracker; after the real step, :meth:`GradTracker.observe_update` runs. Under ZeRO-1/2 the module's
-parameters are replicated on every rank and hold the updated values after the step (the engine
+``self.optimizer.step()``). Inside it, before the real step, the reduced gradient is read and folded
+into the tracker; after the real step, :meth:`GradTracker.observe_update` runs. Under ZeRO-1/2 the
+module's parameters are replicated on every rank and hold the updated values after the step (the engine
 all-gathers the updated partitions inside ``step``), so the tracker's reference copies and update masks
-work unchanged, and every rank ends with the same masks, as under DDP.
+work unchanged. With the tracking split among the ranks (the default, :mod:`gradtrace.tracking.split`),
+each rank tracks the fragments of the parameters in its own optimizer partition (``param._hp_mapping``,
+which may cut a parameter between two ranks) and reads their gradient where the partition keeps it,
+without communication; stage 0 splits whole parameters and reads ``.grad``. With ``split=False`` every
+rank tracks every parameter and reads its full gradient with DeepSpeed's public
+``deepspeed.utils.safe_get_full_grad``.
 
 What the tracker sees, per optimizer step (what the optimizer applies):
 
@@ -33,10 +37,12 @@ accumulation, ZeRO-2 and stage 0 in fp32 give the masks and per-step counts of a
 DeepSpeed; bf16 ZeRO-1/2 ran (plain engine loop) without a reference. Not tested: CPU/NVMe offload,
 GPUs/NCCL, pipeline or tensor parallelism, MoE.
 
-Cost: ``safe_get_full_grad`` assembles each parameter's full fp32 gradient from the ranks' partitions
-with one all-reduce per parameter, i.e. about one extra full-gradient all-reduce (in fp32) per
-optimizer step, plus one transient fp32 buffer of the largest parameter's size (the gradients are
-fetched one parameter at a time, as the tracker asks for them, never all at once).
+Cost: split (ZeRO-1/2), two small all-reduces per step (the step's zero/NaN flags, and whether each
+parameter cut between partitions had a finite gradient on every rank), and the tracker's state of about
+1/N of the parameters per rank. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
+fp32 gradient from the ranks' partitions with one all-reduce per parameter, i.e. about one extra
+full-gradient all-reduce (in fp32) per optimizer step, plus one transient fp32 buffer of the largest
+parameter's size (the gradients are fetched one parameter at a time, never all at once).
 
 ZeRO-3 (partitioned parameters): the module's parameters are empty placeholders, and each rank holds
 only its partition of every parameter (``param.ds_tensor``) and of its reduced gradient. As under FSDP2,

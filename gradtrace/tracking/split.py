@@ -15,11 +15,12 @@ in the rank's optimizer partition (:mod:`gradtrace.integrations.deepspeed`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+
+from gradtrace.formats.bitpack import pack_bits
 
 Span = tuple[int, int]  # (start in the flattened parameter, length)
 
@@ -53,12 +54,16 @@ def replicated_everywhere(named: list[tuple[str, torch.Tensor]], group: dist.Pro
     return all(other == gathered[0] for other in gathered)
 
 
-def gather(local_mask: torch.Tensor, span: Span, shape: tuple[int, ...], group: dist.ProcessGroup,
+def gather(local_mask: torch.Tensor, span: Span, numel: int, group: dist.ProcessGroup,
            device: torch.device) -> torch.Tensor:
-    """The full boolean mask of a parameter from each rank's mask of its span (a collective: every rank
-    calls it for the same parameters in the same order). The spans are disjoint, so a sum assembles them."""
-    full = torch.zeros(math.prod(shape), dtype=torch.uint8, device=device)  # gloo cannot reduce bool
+    """The full bit-packed mask of a parameter of ``numel`` elements from each rank's boolean mask of its
+    span (a collective: every rank calls it for the same parameters in the same order).
+
+    The spans are disjoint, so the ranks' packed masks have no bit in common and their bytewise sum is
+    their OR: one all-reduce of ``numel / 8`` bytes."""
+    full = torch.zeros(numel, dtype=torch.bool, device=local_mask.device)
     start, length = span
-    full[start:start + length] = local_mask.reshape(-1).to(device)
-    dist.all_reduce(full, group=group)
-    return full.reshape(shape).bool()
+    full[start:start + length] = local_mask.reshape(-1)
+    packed = pack_bits(full).to(device)
+    dist.all_reduce(packed, group=group)
+    return packed

@@ -310,7 +310,7 @@ class GradTracker:
             bits = self.state[name]["gradient_bits"]
             if name in self._spans:  # a collective: every rank restarts the same parameters, in the same order
                 length = self._spans[name][1]
-                bits = pack_bits(self._gather_span(name, unpack_bits(bits, length), self._tracked_shapes[name]))
+                bits = self._gather_span(name, unpack_bits(bits, length), math.prod(self._tracked_shapes[name]))
             before[name] = PackedMask(bits.to("cpu", copy=True), self._tracked_shapes[name])
             self._params[index[name]] = (name, param)
             if name in self._spans:  # the same owner tracks it on, whole
@@ -398,15 +398,17 @@ class GradTracker:
 
     def _first_sample(self, name: str, param: torch.Tensor) -> int:
         """First local index whose global flat index is a multiple of the stride (see sharding.sample_start)."""
-        return (-self._offset(name, param)) % self.config.stride
+        span = self._spans.get(name)
+        return (-span[0]) % self.config.stride if span is not None else sharding.sample_start(param, self.config.stride)
 
     def _keeps(self, name: str) -> bool:
         """Whether this rank keeps any state for ``name`` (not so for another rank's split parameters)."""
         span = self._spans.get(name)
         return span is None or span[1] > 0
 
-    def _gather_span(self, name: str, mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return splitting.gather(mask, self._spans[name], shape, self._group, self._collective_device)
+    def _gather_span(self, name: str, mask: torch.Tensor, numel: int) -> torch.Tensor:
+        """The full parameter's bit-packed mask from the ranks' masks of their spans (a collective)."""
+        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device)
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
@@ -821,9 +823,10 @@ class GradTracker:
                 masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(name, param, state)]
                 if cfg.ever_changed:
                     masks.append(unpack_bits(state["ever_changed_bits"], numel))
-                gather = (functools.partial(self._gather_span, name, shape=tuple(param.shape)) if name in self._spans
-                          else functools.partial(sharding.gather_full, param=param))
-                packed = [pack_bits(gather(m)) for m in masks]
+                if name in self._spans:
+                    packed = [self._gather_span(name, m, param.numel()) for m in masks]
+                else:
+                    packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
             else:
                 local = _local(param).detach()
                 if fast is not None and cpu_measure.supports(local, state["reference"]):
