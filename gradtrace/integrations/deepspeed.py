@@ -385,7 +385,9 @@ def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
     the tracker's fixed order; under ZeRO-3 the norm and the tracker's own reductions are), so a failure
     on one rank only would leave the others waiting in it until the process group's timeout. Returns a
     handle whose ``remove()`` detaches. Under ZeRO-3 the tracker must have been built on the partitioned
-    module (it then keeps state for the local partitions only: ``tracker.sharded``).
+    module (it then keeps state for the local partitions only: ``tracker.sharded``). Under ZeRO-1/2 with
+    split tracking, attaching hands each rank the fragments of its optimizer partition (the tracker's
+    state restarts for them): attach before restoring a checkpoint's tracker state.
     """
     stage = check_supported(engine_or_optimizer, [p for _, p in tracker.named_parameters()])
     if stage >= 3 and not all(sharding.is_zero3(p) for _, p in tracker.named_parameters()):

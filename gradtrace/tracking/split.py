@@ -44,11 +44,13 @@ def replicated_everywhere(named: list[tuple[str, torch.Tensor]], group: dist.Pro
     values, as DDP makes them at wrapping: then their tracking can be divided. One small all-gather; a
     few hundred values of each parameter stand for it (a checksum, not a proof, but ranks that train
     different models differ in them)."""
-    fingerprint = []
-    for name, param in named:
+    sums = []
+    for _, param in named:
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)].double()
-        fingerprint.append((name, tuple(param.shape), str(param.dtype), sample.sum().item(), sample.abs().sum().item()))
+        sums.append(torch.stack([sample.sum(), sample.abs().sum()]).cpu())  # once, at construction
+    values = torch.stack(sums).tolist() if sums else []
+    fingerprint = [(name, tuple(p.shape), str(p.dtype), *v) for (name, p), v in zip(named, values, strict=True)]
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, fingerprint, group=group)
     return all(other == gathered[0] for other in gathered)
