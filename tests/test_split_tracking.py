@@ -65,12 +65,9 @@ def test_split_off_tracks_everything_on_every_rank(tmp_path):
 
 def test_assignment_is_greedy_by_size_and_continues_the_balance():
     sizes = [("b", 10), ("a", 10), ("c", 30), ("d", 5)]
-    spans = [split.assign(sizes, 2, rank) for rank in (0, 1)]
-    # largest first (c to rank 0), then a and b (ties by name) to rank 1, then d to the lighter rank 1
-    assert {n for n, s in spans[0].items() if s[1]} == {"c"}
-    assert {n for n, s in spans[1].items() if s[1]} == {"a", "b", "d"}
-    assert spans[0]["c"] == (0, 30) and spans[0]["a"] == (0, 0)
     loads = [0, 0]
-    split.assign(sizes, 2, 0, loads)
+    # largest first (c to rank 0), then a and b (ties by name) to rank 1, then d to the lighter rank 1
+    assert split.assign(sizes, 2, loads) == {"c": 0, "a": 1, "b": 1, "d": 1}
     assert loads == [30, 25]
-    assert split.assign([("e", 7)], 2, 1, loads) == {"e": (0, 7)} and loads == [30, 32]
+    assert split.assign([("e", 7)], 2, loads) == {"e": 1} and loads == [30, 32]
+    assert split.assign(reversed(sizes), 2) == {"c": 0, "a": 1, "b": 1, "d": 1}  # whatever the order given

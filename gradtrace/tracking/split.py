@@ -9,7 +9,7 @@ is that run: counts are summed across ranks at measuring time and masks assemble
 
 :func:`assign` gives whole parameters to ranks, greedily by size over sorted names, so every rank computes
 the same assignment without communicating, and a parameter added mid-run (which every rank adds alike)
-goes to the least loaded rank. DeepSpeed ZeRO-1/2 supplies its own spans, the fragment of each parameter
+goes to the least loaded rank. Masks of a parameter one rank holds whole are broadcast from it at export. DeepSpeed ZeRO-1/2 supplies its own spans, the fragment of each parameter
 in the rank's optimizer partition (:mod:`gradtrace.integrations.deepspeed`).
 """
 
@@ -20,23 +20,22 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from gradtrace.formats.bitpack import pack_bits
+from gradtrace.formats.bitpack import pack_bits, packed_length
 
 Span = tuple[int, int]  # (start in the flattened parameter, length)
 
 
-def assign(sizes: Iterable[tuple[str, int]], world: int, rank: int,
-           loads: list[int] | None = None) -> dict[str, Span]:
-    """This rank's span of each parameter when whole parameters go to ranks, largest first (ties by
-    name), each to the least loaded rank (ties: the lowest). ``loads`` (elements per rank so far) is
-    updated in place, so later calls continue the same balance."""
+def assign(sizes: Iterable[tuple[str, int]], world: int, loads: list[int] | None = None) -> dict[str, int]:
+    """The rank that tracks each parameter (whole), largest first (ties by name), each to the least loaded
+    rank (ties: the lowest). ``loads`` (elements per rank so far) is updated in place, so later calls
+    continue the same balance."""
     loads = loads if loads is not None else [0] * world
-    spans = {}
+    owners = {}
     for name, numel in sorted(sizes, key=lambda item: (-item[1], item[0])):
         owner = min(range(world), key=lambda r: (loads[r], r))
         loads[owner] += numel
-        spans[name] = (0, numel) if owner == rank else (0, 0)
-    return spans
+        owners[name] = owner
+    return owners
 
 
 def replicated_everywhere(named: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup) -> bool:
@@ -57,12 +56,18 @@ def replicated_everywhere(named: list[tuple[str, torch.Tensor]], group: dist.Pro
 
 
 def gather(local_mask: torch.Tensor, span: Span, numel: int, group: dist.ProcessGroup,
-           device: torch.device) -> torch.Tensor:
+           device: torch.device, owner: int | None = None) -> torch.Tensor:
     """The full bit-packed mask of a parameter of ``numel`` elements from each rank's boolean mask of its
     span (a collective: every rank calls it for the same parameters in the same order).
 
-    The spans are disjoint, so the ranks' packed masks have no bit in common and their bytewise sum is
-    their OR: one all-reduce of ``numel / 8`` bytes."""
+    Held whole by one rank (its global rank ``owner``): a broadcast of its packed mask. Else the spans
+    are disjoint, so the ranks' packed masks have no bit in common and their bytewise sum is their OR:
+    one all-reduce of ``numel / 8`` bytes."""
+    if owner is not None:
+        packed = (pack_bits(local_mask.reshape(-1)).to(device) if dist.get_rank() == owner
+                  else torch.empty(packed_length(numel), dtype=torch.uint8, device=device))
+        dist.broadcast(packed, src=owner, group=group)
+        return packed
     full = torch.zeros(numel, dtype=torch.bool, device=local_mask.device)
     start, length = span
     full[start:start + length] = local_mask.reshape(-1)

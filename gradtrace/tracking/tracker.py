@@ -224,11 +224,11 @@ class GradTracker:
         self._spans: dict[str, splitting.Span] = {}
         self._straddling: set[str] = set()
         self._split_loads: list[int] = []
+        self._owners: dict[str, int] = {}  # the rank holding a split parameter whole, where one does
         if self._group is None and self._should_split(split):
             self._group = dist.group.WORLD
             self._split_loads = [0] * dist.get_world_size()
-            self._spans = splitting.assign([(name, p.numel()) for name, p in self._params], dist.get_world_size(),
-                                       dist.get_rank(), self._split_loads)
+            self._assign(self._params)
         # Where collectives run (NCCL needs CUDA tensors even when the state is offloaded to the CPU).
         self._collective_device = (sharding.collective_device(self._group, self._primary)
                                    if self._group is not None else self._primary)
@@ -318,8 +318,7 @@ class GradTracker:
         for name, param in changes.added:
             self._params.append((name, param))
         if self._split_loads:  # every rank adds the same parameters: the same assignment everywhere
-            self._spans.update(splitting.assign([(name, p.numel()) for name, p in changes.added], len(self._split_loads),
-                                            dist.get_rank(), self._split_loads))
+            self._assign(changes.added)
         self._named = dict(self._params)
         self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
         self._check_trackable()
@@ -351,6 +350,14 @@ class GradTracker:
                              "values), so no rank can track another's")
         return replicated
 
+    def _assign(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Give each of ``named`` whole to one rank (gradtrace.tracking.split.assign), the same on every rank."""
+        owners = splitting.assign([(name, p.numel()) for name, p in named], len(self._split_loads), self._split_loads)
+        rank = dist.get_rank()
+        for name, param in named:
+            self._owners[name] = owners[name]
+            self._spans[name] = (0, param.numel()) if owners[name] == rank else (0, 0)
+
     def use_spans(self, spans: Mapping[str, splitting.Span]) -> None:
         """Track, on this rank, only ``spans`` (``{name: (start, length)}`` in each flattened parameter) of
         split-tracked parameters: DeepSpeed ZeRO-1/2 hands each rank the fragments of its own optimizer
@@ -366,6 +373,9 @@ class GradTracker:
         self._split_loads = []  # the engine assigns parameters added later: none are expected
         self._straddling = {name for part in everyone for name, length in part.items()
                             if length < self._named[name].numel()}
+        ranks = dist.get_process_group_ranks(self._group)
+        self._owners = {name: ranks[r] for r, part in enumerate(everyone) for name, length in part.items()
+                        if length == self._named[name].numel()}
         for name, param in self._params:
             self._sample_start[name] = self._first_sample(name, param)
             self.state[name] = self._allocate(name, param, self._sample_start[name])
@@ -408,7 +418,8 @@ class GradTracker:
 
     def _gather_span(self, name: str, mask: torch.Tensor, numel: int) -> torch.Tensor:
         """The full parameter's bit-packed mask from the ranks' masks of their spans (a collective)."""
-        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device)
+        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device,
+                                owner=self._owners.get(name))
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
