@@ -60,18 +60,26 @@ def test_zero_trainer_matches_single_process(tmp_path, reference, stage, per_dev
         assert record["grad_was_none_at_pre_step"] == [True] * 4
         assert record["hook_removed"]
     assert want["grad_was_none_at_pre_step"] == [False] * 4 and not want["sharded"]
-    if stage == 3:
-        # each rank keeps state for its own partition only: about half of the single process's state
-        assert all(record["sharded"] for record in got)
-        assert sum(r["tracked_numel"] for r in got) == want["tracked_numel"]
-        for where in ("device", "reference"):
-            per_rank = [r["state_bytes"][where] for r in got]
-            assert abs(sum(per_rank) - want["state_bytes"][where]) <= 0.01 * want["state_bytes"][where] + 256
-            assert max(per_rank) <= 0.55 * want["state_bytes"][where]
-    else:
-        # every rank holds the same (reduced) gradient masks, and they are the single process's
-        assert not any(record["sharded"] for record in got)
-        assert got[0]["gradient_digest"] == got[1]["gradient_digest"] == want["gradient_digest"]
+    # each rank keeps state for its own partition (ZeRO-3), or its share of the replicated parameters
+    # (ZeRO-0/1/2: split tracking): about half of the single process's state
+    assert all(record["sharded"] for record in got)
+    assert sum(r["tracked_numel"] for r in got) == want["tracked_numel"]
+    for where in ("device", "reference"):
+        per_rank = [r["state_bytes"][where] for r in got]
+        assert abs(sum(per_rank) - want["state_bytes"][where]) <= 0.01 * want["state_bytes"][where] + 256
+        assert max(per_rank) <= 0.55 * want["state_bytes"][where]
+    if stage in (1, 2):
+        # each rank tracks the fragments of its own optimizer partition, and reads its gradient there:
+        # no all-reduce per parameter (safe_get_full_grad), only the step flags and the finite check of
+        # the parameters cut between partitions
+        straddling = 0
+        for name in got[0]["spans"]:
+            held = sorted(tuple(r["spans"][name]) for r in got if r["spans"][name][1])
+            assert held[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(held, held[1:], strict=False)), (name, held)
+            straddling += len(held) > 1
+        assert straddling >= 1  # a parameter cut between the two partitions
+        for record in got:
+            assert record["collectives_per_step"] == [2] * 4 and record["tracked_parameters"] > 10
     assert_same_masks(out / "gradtrace" / "masks.safetensors", reference / "gradtrace" / "masks.safetensors")
 
     ds_log, single_log = read_run_log(out / "gradtrace"), read_run_log(reference / "gradtrace")
@@ -89,6 +97,21 @@ def test_zero_trainer_matches_single_process(tmp_path, reference, stage, per_dev
     assert ds_log["info"]["world_size"] == 2
     lines = (out / "gradtrace" / "log.jsonl").read_text().splitlines()
     assert sum('"event": "start"' in line for line in lines) == 1  # only rank 0 writes
+
+
+@pytest.mark.distributed
+def test_zero2_without_split_reads_full_gradients_with_an_all_reduce_each(tmp_path, reference):
+    """The contrast to the ZeRO-2 case above: with ``split=False`` every rank tracks everything and reads
+    each parameter's full gradient through ``safe_get_full_grad``, one all-reduce per parameter per step."""
+    out = tmp_path / "ds"
+    launch("trainer_deepspeed.py", str(out), "2", "4", "1", "nosplit", processes=2, cwd=tmp_path,
+           env_extra=DEEPSPEED_ENV)
+    got, (want,) = ranks(out), ranks(reference, world=1)
+    for record in got:
+        assert not record["sharded"] and record["spans"] == {}
+        assert record["collectives_per_step"] == [record["tracked_parameters"]] * 4
+    assert got[0]["gradient_digest"] == got[1]["gradient_digest"] == want["gradient_digest"]
+    assert_same_masks(out / "gradtrace" / "masks.safetensors", reference / "gradtrace" / "masks.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------- no processes

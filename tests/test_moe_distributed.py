@@ -17,7 +17,7 @@ def test_fsdp2_per_expert_counts_match_single_process(tmp_path):
     launch("moe_fsdp2.py", str(tmp_path / "fsdp"), processes=2, cwd=tmp_path)
     launch("moe_fsdp2.py", str(tmp_path / "single"), processes=1, cwd=tmp_path)
     ranks = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks == [{"sharded": True, "local_experts": 4}, {"sharded": True, "local_experts": 3}]
+    assert ranks == [{"sharded": True, "local_experts": 4, "spans": {}}, {"sharded": True, "local_experts": 3, "spans": {}}]
     assert_same_masks(tmp_path / "fsdp" / "masks.safetensors", tmp_path / "single" / "masks.safetensors")
     sharded, single = read_run_log(tmp_path / "fsdp")["logs"], read_run_log(tmp_path / "single")["logs"]
     assert [r["step"] for r in sharded] == [1, 2, 3]
@@ -35,6 +35,21 @@ def test_fsdp2_per_expert_counts_match_single_process(tmp_path):
             assert final[f"{layer}/{e}"]["gradient_sparsity"] == pytest.approx(1 - received / numel, abs=1e-12)
     without = sum(1 for v in final.values() if v["gradient_sparsity"] == 1)
     assert 0 < without < 14  # top-1 of 7 on 3 tokens a step: some experts got no token
+
+
+def test_ddp_split_tracking_per_expert_counts_match_single_process(tmp_path):
+    """Under DDP each fused expert tensor is tracked whole by one rank; the per-expert rows of the others
+    are zeros of the same layout, so the one all-reduce sums them to the single process's."""
+    launch("moe_fsdp2.py", str(tmp_path / "ddp"), "ddp", processes=2, cwd=tmp_path)
+    launch("moe_fsdp2.py", str(tmp_path / "single"), processes=1, cwd=tmp_path)
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    assert all(r["sharded"] for r in ranks) and sorted(r["spans"][fused][1] for r in ranks)[0] == 0
+    assert_same_masks(tmp_path / "ddp" / "masks.safetensors", tmp_path / "single" / "masks.safetensors")
+    split, single = read_run_log(tmp_path / "ddp")["logs"], read_run_log(tmp_path / "single")["logs"]
+    for got, want in zip(split, single, strict=True):
+        assert got["per_expert"] == want["per_expert"]
+        assert got["global"] == want["global"]
 
 
 def test_zero3_per_expert_counts_match_single_process(tmp_path):

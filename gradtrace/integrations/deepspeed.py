@@ -7,12 +7,16 @@ TRL), ``accelerator.backward`` runs ``engine.backward`` and, at the accumulation
 exists in ``.grad`` at all: each rank holds only its partition, in the optimizer's flat buffers.
 
 :func:`attach_to_deepspeed` wraps the ZeRO optimizer's ``step`` (the engine calls
-``self.optimizer.step()``). Inside it, before the real step, each tracked parameter's full reduced
-gradient is read with DeepSpeed's public ``deepspeed.utils.safe_get_full_grad`` and folded into the
-tracker; after the real step, :meth:`GradTracker.observe_update` runs. Under ZeRO-1/2 the module's
-parameters are replicated on every rank and hold the updated values after the step (the engine
+``self.optimizer.step()``). Inside it, before the real step, the reduced gradient is read and folded
+into the tracker; after the real step, :meth:`GradTracker.observe_update` runs. Under ZeRO-1/2 the
+module's parameters are replicated on every rank and hold the updated values after the step (the engine
 all-gathers the updated partitions inside ``step``), so the tracker's reference copies and update masks
-work unchanged, and every rank ends with the same masks, as under DDP.
+work unchanged. With the tracking split among the ranks (the default, :mod:`gradtrace.tracking.split`),
+each rank tracks the fragments of the parameters in its own optimizer partition (``param._hp_mapping``,
+which may cut a parameter between two ranks) and reads their gradient where the partition keeps it,
+without communication; stage 0 splits whole parameters and reads ``.grad``. With ``split=False`` every
+rank tracks every parameter and reads its full gradient with DeepSpeed's public
+``deepspeed.utils.safe_get_full_grad``.
 
 What the tracker sees, per optimizer step (what the optimizer applies):
 
@@ -42,10 +46,12 @@ same loop; fp16 runs there only with the CPU accelerator's fp16 capability check
 no mkldnn fp16, and DeepSpeed refuses: "Type fp16 is not supported on your device."). Not tested: CPU/NVMe offload,
 GPUs/NCCL, pipeline or tensor parallelism, MoE.
 
-Cost: ``safe_get_full_grad`` assembles each parameter's full fp32 gradient from the ranks' partitions
-with one all-reduce per parameter, i.e. about one extra full-gradient all-reduce (in fp32) per
-optimizer step, plus one transient fp32 buffer of the largest parameter's size (the gradients are
-fetched one parameter at a time, as the tracker asks for them, never all at once).
+Cost: split (ZeRO-1/2), two small all-reduces per step (the step's zero/NaN flags, and whether each
+parameter cut between partitions had a finite gradient on every rank), and the tracker's state of about
+1/N of the parameters per rank. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
+fp32 gradient from the ranks' partitions with one all-reduce per parameter, i.e. about one extra
+full-gradient all-reduce (in fp32) per optimizer step, plus one transient fp32 buffer of the largest
+parameter's size (the gradients are fetched one parameter at a time, never all at once).
 
 ZeRO-3 (partitioned parameters): the module's parameters are empty placeholders, and each rank holds
 only its partition of every parameter (``param.ds_tensor``) and of its reduced gradient. As under FSDP2,
@@ -180,17 +186,20 @@ class _FullGradients(Mapping):
 
     ZeRO-0/1/2: the full gradient. ``safe_get_full_grad`` is a collective there (an all-reduce per
     parameter): every rank asks for the same parameters in the same order, which the tracker's fixed
-    parameter order guarantees. ZeRO-3 (``local=True``): the rank's partition of the gradient, from
-    ``safe_get_local_grad`` (no communication), narrowed to the valid part so that it is laid out like
-    :func:`gradtrace.tracking.sharding.local` of the parameter.
+    parameter order guarantees. ZeRO-1/2 with ``fragments=True`` (the tracker tracks each rank's
+    optimizer partition: :func:`partition_spans`): the fragment of the gradient in this rank's partition,
+    read where DeepSpeed keeps it (no communication). ZeRO-3 (``local=True``): the rank's partition of the
+    gradient, from ``safe_get_local_grad`` (no communication), narrowed to the valid part so that it is
+    laid out like :func:`gradtrace.tracking.sharding.local` of the parameter.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], scale: torch.Tensor | float | None, *,
-                 local: bool = False):
+                 local: bool = False, fragments: bool = False):
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-        self._get = safe_get_local_grad if local else safe_get_full_grad
+        self._get = safe_get_local_grad if local else _fragment_grad if fragments else safe_get_full_grad
         self._local = local
+        self._fragments = fragments
         self._params = params
         self._inverse = None if scale is None else 1.0 / scale
 
@@ -210,10 +219,12 @@ class _FullGradients(Mapping):
             return grad
         # The same operation DeepSpeed applies to its flat partitions (unscale_and_clip_grads), in fp32 as
         # there: unscaling an fp16 gradient in fp16 would round small values, or flush them to 0 (a lost
-        # mask bit). Never in place on the parameter's own .grad (stage 0 keeps the gradient there).
+        # mask bit). Never in place on the parameter's own .grad (stage 0 keeps the gradient there) nor on
+        # a fragment (a view of the partition DeepSpeed is about to apply).
         if grad.is_floating_point() and grad.element_size() < 4:
             return grad.float().mul_(self._inverse)
-        return grad.mul(self._inverse) if grad is param.grad else grad.mul_(self._inverse)
+        in_place = grad is not param.grad and not self._fragments
+        return grad.mul_(self._inverse) if in_place else grad.mul(self._inverse)
 
     def get(self, name: str, default: Any = None) -> torch.Tensor | None:
         # Mapping.get would swallow a KeyError raised inside DeepSpeed; only unknown names default.
@@ -224,6 +235,35 @@ class _FullGradients(Mapping):
 
     def __len__(self) -> int:
         return len(self._params)
+
+
+def _fragment_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """ZeRO-1/2: the reduced gradient of ``param``'s fragment in this rank's optimizer partition, flat (the
+    part of the parameter :func:`partition_spans` names), or ``None`` when the partition holds none of it.
+    What ``safe_get_full_grad`` contributes from this rank to its all-reduce, without the all-reduce."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+    address = mapping.lp_fragment_address
+    if fragment.numel() == param.numel() != address.numel:  # a full accumulation buffer (bf16): its part
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return fragment
+
+
+def partition_spans(params: Mapping[str, torch.nn.Parameter]) -> dict[str, tuple[int, int]] | None:
+    """ZeRO-1/2: ``{name: (start, length)}``, the run of each flattened parameter in this rank's optimizer
+    partition (``(0, 0)`` when none), as DeepSpeed maps it (``param._hp_mapping``); ``None`` if some
+    parameter carries no such mapping (not stepped by the ZeRO optimizer, another DeepSpeed version)."""
+    if not all(hasattr(p, "_hp_mapping") and (p._hp_mapping is None or hasattr(p, "_index_in_param_group"))
+               for p in params.values()):
+        return None
+    spans = {}
+    for name, param in params.items():
+        mapping = param._hp_mapping
+        address = mapping.lp_fragment_address if mapping is not None else None
+        spans[name] = (int(address.start), int(address.numel)) if address is not None else (0, 0)
+    return spans
 
 
 def _scaled_norm(optimizer: Any) -> Callable[[], torch.Tensor] | None:
@@ -358,6 +398,13 @@ class DeepSpeedHandle:
         self.stage = stage
         self.on_error = on_error
         self._params = dict(tracker.named_parameters())
+        # ZeRO-1/2 with tracking split among the ranks: each tracks the fragments of its own partition
+        self._fragments = False
+        if 1 <= stage <= 2 and tracker.spans:
+            spans = partition_spans(self._params)
+            if spans is not None:
+                tracker.use_spans(spans)
+                self._fragments = True
         self._had_own_step = "step" in vars(optimizer)
         self._original_step = optimizer.step
         self._active = True
@@ -397,7 +444,8 @@ class DeepSpeedHandle:
             if plan.skip:
                 self.tracker.skip_step(detail=self.wants_detail())
             else:
-                self.tracker.observe_gradients(_FullGradients(self._params, plan.scale, local=self.stage >= 3),
+                self.tracker.observe_gradients(_FullGradients(self._params, plan.scale, local=self.stage >= 3,
+                                                              fragments=self._fragments),
                                                detail=self.wants_detail())
         except Exception as err:
             self._fail(err)
@@ -461,7 +509,9 @@ def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
     the tracker's fixed order; under ZeRO-3 the norm and the tracker's own reductions are), so a failure
     on one rank only would leave the others waiting in it until the process group's timeout. Returns a
     handle whose ``remove()`` detaches. Under ZeRO-3 the tracker must have been built on the partitioned
-    module (it then keeps state for the local partitions only: ``tracker.sharded``).
+    module (it then keeps state for the local partitions only: ``tracker.sharded``). Under ZeRO-1/2 with
+    split tracking, attaching hands each rank the fragments of its optimizer partition (the tracker's
+    state restarts for them): attach before restoring a checkpoint's tracker state.
     """
     stage = check_supported(engine_or_optimizer, [p for _, p in tracker.named_parameters()])
     if stage >= 3 and not all(sharding.is_zero3(p) for _, p in tracker.named_parameters()):

@@ -99,7 +99,7 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
           config: TrackerConfig | None = None, log_every: int | None = 10,
           report_to: str | list[str] | None = None, wandb: bool = True, heatmaps: bool = True,
           per_layer_curves: bool = False, strict: bool = False, is_main_process: bool = True,
-          **info: Any) -> Tracer:
+          split: bool | None = None, **info: Any) -> Tracer:
     """Start tracking ``model``'s trainable parameters that ``optimizer`` steps, through its steps.
 
     ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer`` after ``accelerator.prepare``): the
@@ -109,14 +109,15 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     ``report_to`` (``"wandb"``, ``"mlflow"``, ``"trackio"``: the run active at the first log;
     ``"tensorboard"``: ``$TENSORBOARD_LOGGING_DIR`` or ``output_dir/tensorboard``). Default: W&B,
     MLflow and trackio, each only while you have a run of it open. ``wandb=False`` leaves W&B out;
-    ``heatmaps`` / ``per_layer_curves`` as for :class:`~gradtrace.GradTraceCallback`. Extra keyword
+    ``heatmaps`` / ``per_layer_curves`` as for :class:`~gradtrace.GradTraceCallback`. Under DDP every rank
+    calls ``trace`` and the ranks divide the tracking among them (``split``, see :class:`GradTracker`). Extra keyword
     arguments (e.g. ``max_grad_norm=1.0``) are recorded in the run's info.
     """
     names = (["wandb", "mlflow", "trackio"] if report_to is None
              else normalize_report_to(report_to, strict=True))
     names = [n for n in names if wandb or n != "wandb"]
     named, not_stepped = stepped_parameters(model, optimizer)
-    tracker = GradTracker(named, config, layout_model=model)
+    tracker = GradTracker(named, config, layout_model=model, split=split)
     sinks, problems = build_sinks(
         names, step_key="gradtrace/step", charts=LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves),
         tensorboard_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "tensorboard"))

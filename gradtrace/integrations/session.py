@@ -26,6 +26,7 @@ from gradtrace.formats.masks_file import save_masks
 from gradtrace.formats.run_dir import EARLIER_RUNS_DIR, MASKS_NAME, STATE_NAME, SUMMARY_NAME
 from gradtrace.formats.run_log import RunLog
 from gradtrace.sinks.base import Sink
+from gradtrace.tracking.reshard import SavedPart
 from gradtrace.tracking.summary import summarize
 from gradtrace.tracking.tracker import GradTracker
 
@@ -219,22 +220,43 @@ class TraceSession:
 
         def write() -> None:
             tensors = self.tracker.state_tensors()
-            write_atomic(path, lambda tmp: save_file(tensors, str(tmp),
-                                                     metadata={"step": str(step), "run_id": self.run_id,
-                                                               "zero_lr_steps": str(self.zero_lr_steps)}))
+            # what part of each parameter this rank kept, so that another number of ranks can resume
+            layout = self.tracker.layout()
+            metadata = {"step": str(step), "run_id": self.run_id, "zero_lr_steps": str(self.zero_lr_steps),
+                        "counts_summed": str(int(self.tracker.counts_summed))}
+            if layout is not None:
+                metadata["layout"] = json.dumps(layout)
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
         self._attempt("save-state", f"saving tracker state to {path}", write)
         self.export(directory, step=step)
 
     def restore_state(self, directory: str | os.PathLike) -> None:
-        """Load the state :meth:`save_state` wrote. Raises if it is missing or belongs to another model."""
+        """Load the state :meth:`save_state` wrote. Raises if it is missing or belongs to another model.
+
+        Elastic: state saved by another number of processes (or with tracking split differently) is
+        re-cut for this rank from all the saved ranks' files (:meth:`GradTracker.load_resharded`)."""
         path = self.state_path(directory)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no gradtrace tracker state in this checkpoint, so the masks "
-                                    "cannot continue from it")
-        self.tracker.load_state_tensors(load_file(str(path)), source=str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = _metadata(path) if path.is_file() else None
+        layout = self.tracker.layout()
+        if metadata is not None and (layout is None or "layout" not in metadata
+                                     or _as_layout(metadata["layout"]) == layout):
+            self.tracker.load_state_tensors(load_file(str(path)), source=str(path))
+        else:
+            files = _saved_state_files(Path(directory))
+            if not files:
+                raise FileNotFoundError(f"{path}: no gradtrace tracker state in this checkpoint, so the masks "
+                                        "cannot continue from it")
+            parts = []
+            for file in files:
+                saved = _metadata(file)
+                if "layout" not in saved:
+                    raise ValueError(f"{file}: saved without its layout (by an older gradtrace, or from shards "
+                                     "that are no contiguous runs): it can be resumed only by the same ranks")
+                parts.append(SavedPart(load_file(str(file)), _as_layout(saved["layout"]),
+                                       saved.get("counts_summed") == "1", str(file)))
+            self.tracker.load_resharded(parts)
+            metadata = _metadata(files[0])
         saved_id = metadata.get("run_id")
         self.zero_lr_steps = int(metadata.get("zero_lr_steps") or 0)
         if saved_id:
@@ -251,3 +273,34 @@ class TraceSession:
         for sink in list(self.sinks):
             self._attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
         return masks_path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _as_layout(text: str) -> dict[str, tuple[int, int]]:
+    return {name: (int(start), int(length)) for name, (start, length) in json.loads(text).items()}
+
+
+def _saved_state_files(directory: Path) -> list[Path]:
+    """Every rank's tracker-state file of the one run saved in ``directory``, rank 0 first."""
+    single = directory / STATE_NAME
+    stem = STATE_NAME.removesuffix(".safetensors")
+    ranked = sorted(directory.glob(f"{stem}-rank*-of-*.safetensors"))
+    worlds = {file.stem.rsplit("-of-", 1)[1] for file in ranked}
+    if (single.is_file() and ranked) or len(worlds) > 1:
+        raise ValueError(f"{directory} holds tracker states saved by different numbers of processes "
+                         f"({sorted(worlds | ({'1'} if single.is_file() else set()))}): which one to resume?")
+    if single.is_file():
+        return [single]
+    if not ranked:
+        return []
+    world = int(worlds.pop())
+    files = [directory / f"{stem}-rank{rank}-of-{world}.safetensors" for rank in range(world)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: the tracker state of {len(missing)} of {world} ranks is missing "
+                                f"({missing[:3]})")
+    return files

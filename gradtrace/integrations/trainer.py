@@ -73,13 +73,16 @@ class GradTraceCallback(TrainerCallback):
         per_layer_curves: also log one scalar series per layer and metric (``gradtrace_layer/<NN>/...``).
         resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
             default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
+        split: under DDP and DeepSpeed ZeRO-0/1/2 the ranks divide the tracking among them (each keeps the
+            state of a share of the parameters; ZeRO-1/2: of its optimizer partition); ``False``: every rank
+            tracks everything. See :class:`GradTracker`.
         strict: raise instead of warning when gradtrace itself fails (for tests).
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, config: TrackerConfig | None = None, *,
                  log_every: int | None = None, report_to: str | list[str] | None = None, wandb: bool = True,
                  heatmaps: bool = True, per_layer_curves: bool = False,
-                 resume_from: str | os.PathLike | None = None,
+                 resume_from: str | os.PathLike | None = None, split: bool | None = None,
                  strict: bool = False, **config_kwargs: Any):
         if config is not None and config_kwargs:
             raise TypeError("pass either config=TrackerConfig(...) or its fields as keywords, not both")
@@ -90,6 +93,7 @@ class GradTraceCallback(TrainerCallback):
         self.use_wandb = wandb
         self.charts = LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves)
         self.resume_from = resume_from
+        self.split = split
         self.strict = strict
         self.session: TraceSession | None = None
         self._disabled = False
@@ -130,7 +134,7 @@ class GradTraceCallback(TrainerCallback):
             named, not_stepped = [(n, p) for n, p in model.named_parameters() if p.requires_grad], []
         else:
             named, not_stepped = stepped_parameters(model, optimizer)
-        tracker = GradTracker(named, self.config, layout_model=model)
+        tracker = GradTracker(named, self.config, layout_model=model, split=self.split)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
         info = run_info(
             tracker, optimizer,
@@ -150,11 +154,6 @@ class GradTraceCallback(TrainerCallback):
                                     is_main_process=state.is_world_process_zero)
         if not deepspeed:
             self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
-        resumed_from = None
-        if state.global_step > 0:
-            checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            resumed_from = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
-            self.session.restore_state(resumed_from)
         if deepspeed:
             # DeepSpeed applies and frees the gradient inside accelerator.backward, before the Trainer's
             # optimizer-step events (where .grad is None): read it inside the engine's optimizer step.
@@ -162,6 +161,11 @@ class GradTraceCallback(TrainerCallback):
             self._deepspeed = deepspeed_support.attach_to_deepspeed(tracker, optimizer, on_error=on_error)
             # Inside the engine's step global_step is still the previous one; `state` is the Trainer's own.
             self._deepspeed.wants_detail = lambda: self._logs_at(args, state.global_step + 1)
+        resumed_from = None
+        if state.global_step > 0:  # after attaching: under ZeRO-1/2 that decides which part each rank keeps
+            checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            resumed_from = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
+            self.session.restore_state(resumed_from)
         self.session.start(step=state.global_step, resumed_from=resumed_from)
 
     def _sinks(self, args) -> list:

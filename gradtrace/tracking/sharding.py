@@ -9,7 +9,9 @@ stored value is ``param.ds_tensor``: a flat run of ``ceil(ds_numel / world)`` el
 parameter starting at ``rank × partition size``, padded at the end (on the last rank(s)). The "local
 shard" here is the partition's valid (unpadded) part; the gradient partition has the same layout.
 
-Under DDP and ZeRO-0/1/2 parameters are plain tensors, replicated, and nothing here applies.
+Under DDP and ZeRO-0/1/2 parameters are plain tensors, replicated, and nothing here applies; the
+tracker may still divide their tracking among the ranks (:mod:`gradtrace.tracking.split`), summing the
+counts over the same kind of :func:`reduction_group` (the whole world).
 
 A sharded run may also hold parameters that every rank holds whole (plain tensors: FSDP2's
 ``ignored_params``, ``replicate()``'d submodules; ``Replicate`` DTensors), and 2-D meshes (HSDP

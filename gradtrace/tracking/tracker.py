@@ -24,7 +24,8 @@ from gradtrace.anatomy.experts import ExpertLayout, expert_layout
 from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import cpu_measure, cpu_scan, sharding, slices
+from gradtrace.tracking import cpu_measure, cpu_scan, reshard, sharding, slices
+from gradtrace.tracking import split as splitting
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.state import (
     COUNTER_INDEX,
@@ -192,12 +193,20 @@ class GradTracker:
         layout_model: the whole model, when ``model`` is a selection of its parameters: the expert layout
             of MoE layers is read from all of its parameters (a frozen router still says how many experts).
 
-    Under FSDP2 (parameters sharded as DTensors) each rank keeps state for its local shard only; then
-    :meth:`measure` and :meth:`packed_masks` are collectives that every rank must call together.
+        split: under torch.distributed with replicated parameters (DDP, DeepSpeed ZeRO-0/1/2), divide the
+            tracking among the ranks (:mod:`gradtrace.tracking.split`): each keeps state for, and does the
+            per-step work of, a share of the parameters only. ``None`` (default): when the world has more
+            than one rank, no parameter is sharded and every rank holds the same parameters (checked with
+            one small all-gather, so every rank must build the tracker). ``False``: every rank tracks
+            everything, alone (no collectives).
+
+    Under FSDP2 (parameters sharded as DTensors) each rank keeps state for its local shard only; then, as
+    when tracking is split, :meth:`observe_gradients`, :meth:`measure` and :meth:`packed_masks` are
+    collectives that every rank must call together.
     """
 
     def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None,
-                 *, layout_model: nn.Module | None = None):
+                 *, layout_model: nn.Module | None = None, split: bool | None = None):
         self.config = config or TrackerConfig()
         named = model.named_parameters() if isinstance(model, nn.Module) else model
         self._params: list[tuple[str, nn.Parameter]] = _named_for_tracking(named)
@@ -210,14 +219,23 @@ class GradTracker:
         self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
         self._group = (sharding.reduction_group([p for _, p in self._params if sharding.is_sharded(p)])
                        if self._sharded_names else None)
+        # Split tracking: this rank's span of each replicated parameter (gradtrace.tracking.split); empty
+        # when every rank tracks everything. _straddling: parameters whose spans cut them across ranks.
+        self._spans: dict[str, splitting.Span] = {}
+        self._straddling: set[str] = set()
+        self._split_loads: list[int] = []
+        self._owners: dict[str, int] = {}  # the rank holding a split parameter whole, where one does
+        if self._group is None and self._should_split(split):
+            self._group = dist.group.WORLD
+            self._split_loads = [0] * dist.get_world_size()
+            self._assign(self._params)
         # Where collectives run (NCCL needs CUDA tensors even when the state is offloaded to the CPU).
         self._collective_device = (sharding.collective_device(self._group, self._primary)
                                    if self._group is not None else self._primary)
         # 1 where this rank's local counts of a parameter enter the sums across ranks, 0 where another rank
         # holds the same local part (a plain or replicated parameter in a sharded run, HSDP replicas).
-        self._weight = {name: 1 if self._group is None or sharding.counts_here(p, self._group) else 0
-                        for name, p in self._params}
-        self._sample_start = {name: sharding.sample_start(p, self.config.stride) for name, p in self._params}
+        self._weight = {name: self._counts_here(name, p) for name, p in self._params}
+        self._sample_start = {name: self._first_sample(name, p) for name, p in self._params}
         # Shards that are no contiguous run of the full parameter (Shard(1), 2-D meshes) have their sampled
         # elements listed; they take the torch path, which can gather them.
         self._sample_index: dict[str, torch.Tensor] = {}
@@ -237,7 +255,8 @@ class GradTracker:
         self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
         self.state: dict[str, dict[str, torch.Tensor]] = {
-            name: self._allocate(p, self._sample_start[name], self._sample_index.get(name)) for name, p in self._params
+            name: self._allocate(name, p, self._sample_start[name], self._sample_index.get(name))
+            for name, p in self._params
         }
         # Shapes at allocation: a parameter resized in place is recognised by them (compare_parameters).
         self._tracked_shapes = {name: sharding.full_shape(p) for name, p in self._params}
@@ -266,8 +285,10 @@ class GradTracker:
                 changes.added.append((name, param))
                 continue
             reference = self.state[name]["reference"]
+            held = _local(param) if name not in self._spans else param  # a span of the same shape is the same
             same_layout = (sharding.full_shape(param) == self._tracked_shapes[name]
-                           and _local(param).dtype == reference.dtype and _local(param).numel() == reference.numel())
+                           and held.dtype == reference.dtype
+                           and (name in self._spans or held.numel() == reference.numel()))
             if not same_layout:
                 changes.restarted.append((name, param))
             elif param is not old:
@@ -286,26 +307,119 @@ class GradTracker:
         for name, param in changes.restarted:
             if sharding.is_sharded(param) or sharding.is_sharded(self._params[index[name]][1]):
                 raise ValueError(f"parameter {name!r} changed shape or dtype while sharded: not supported")
-            before[name] = PackedMask(self.state[name]["gradient_bits"].to("cpu", copy=True), self._tracked_shapes[name])
+            bits = self.state[name]["gradient_bits"]
+            if name in self._spans:  # a collective: every rank restarts the same parameters, in the same order
+                length = self._spans[name][1]
+                bits = self._gather_span(name, unpack_bits(bits, length), math.prod(self._tracked_shapes[name]))
+            before[name] = PackedMask(bits.to("cpu", copy=True), self._tracked_shapes[name])
             self._params[index[name]] = (name, param)
+            if name in self._spans:  # the same owner tracks it on, whole
+                self._spans[name] = (0, param.numel()) if self._spans[name][1] else (0, 0)
         for name, param in changes.added:
             self._params.append((name, param))
+        if self._split_loads:  # every rank adds the same parameters: the same assignment everywhere
+            self._assign(changes.added)
         self._named = dict(self._params)
         self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
         self._check_trackable()
         for name, param in [*changes.restarted, *changes.added]:
-            self._weight[name] = 1 if self._group is None or sharding.counts_here(param, self._group) else 0
-            self._sample_start[name] = sharding.sample_start(param, self.config.stride)
+            self._weight[name] = self._counts_here(name, param)
+            self._sample_start[name] = self._first_sample(name, param)
             index = sharding.sample_index(param, self.config.stride) if self.config.tracks_sums else None
             self._sample_index.pop(name, None)
             if index is not None:
                 self._sample_index[name] = index
             self._tracked_shapes[name] = sharding.full_shape(param)
-            self.state[name] = self._allocate(param, self._sample_start[name], index)
+            self.state[name] = self._allocate(name, param, self._sample_start[name], index)
             self._full_bitmaps.discard(name)
             if (name, param) in changes.restarted:
                 self._expert_slices.pop(name, None)  # its expert layout is no longer known
         return before
+
+    # ------------------------------------------------------------------ split tracking
+    def _should_split(self, requested: bool | None) -> bool:
+        if requested is False or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            if requested:
+                raise ValueError("split=True needs an initialised torch.distributed world of more than one rank")
+            return False
+        if any(getattr(p, "placements", None) is not None for _, p in self._params):
+            return False  # Replicate-only DTensors: each rank's tensor is already its own part
+        replicated = splitting.replicated_everywhere(self._params, dist.group.WORLD)
+        if requested and not replicated:
+            raise ValueError("split=True: the ranks do not hold the same parameters (names, shapes, dtypes, "
+                             "values), so no rank can track another's")
+        return replicated
+
+    def _assign(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Give each of ``named`` whole to one rank (gradtrace.tracking.split.assign), the same on every rank."""
+        owners = splitting.assign([(name, p.numel()) for name, p in named], len(self._split_loads), self._split_loads)
+        rank = dist.get_rank()
+        for name, param in named:
+            self._owners[name] = owners[name]
+            self._spans[name] = (0, param.numel()) if owners[name] == rank else (0, 0)
+
+    def use_spans(self, spans: Mapping[str, splitting.Span]) -> None:
+        """Track, on this rank, only ``spans`` (``{name: (start, length)}`` in each flattened parameter) of
+        split-tracked parameters: DeepSpeed ZeRO-1/2 hands each rank the fragments of its own optimizer
+        partition. Every rank calls it (one all-gather), before the first step; state restarts empty."""
+        if not self._spans or set(spans) != set(self._spans):
+            raise ValueError("use_spans needs split tracking and a span for every tracked parameter")
+        if self.steps:
+            raise ValueError("use_spans must be called before the first observed step")
+        held = {name: length for name, (_, length) in spans.items() if length}
+        everyone: list = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(everyone, held, group=self._group)
+        self._spans = dict(spans)
+        self._split_loads = []  # the engine assigns parameters added later: none are expected
+        self._straddling = {name for part in everyone for name, length in part.items()
+                            if length < self._named[name].numel()}
+        ranks = dist.get_process_group_ranks(self._group)
+        self._owners = {name: ranks[r] for r, part in enumerate(everyone) for name, length in part.items()
+                        if length == self._named[name].numel()}
+        for name, param in self._params:
+            self._sample_start[name] = self._first_sample(name, param)
+            self.state[name] = self._allocate(name, param, self._sample_start[name])
+        self._full_bitmaps.clear()
+
+    @property
+    def spans(self) -> dict[str, splitting.Span]:
+        """This rank's span of each parameter when tracking is split (empty otherwise)."""
+        return dict(self._spans)
+
+    def _held(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The part of ``param`` (or of a tensor laid out like it) whose state this rank keeps: its span
+        when tracking is split, else its local shard (:func:`gradtrace.tracking.sharding.local`)."""
+        span = self._spans.get(name)
+        if span is None:
+            return _local(param)
+        flat = param.reshape(-1)
+        return flat.narrow(0, *span) if flat.numel() != span[1] else flat
+
+    def _offset(self, name: str, param: torch.Tensor) -> int:
+        """Index, in the flattened full parameter, of the first element this rank keeps."""
+        span = self._spans.get(name)
+        return span[0] if span is not None else sharding.flat_offset(param)
+
+    def _counts_here(self, name: str, param: torch.Tensor) -> int:
+        """1 where this rank's counts of ``param`` enter the sums across ranks (see sharding.counts_here)."""
+        if self._group is None or name in self._spans:  # spans are disjoint: each counts its own
+            return 1
+        return 1 if sharding.counts_here(param, self._group) else 0
+
+    def _first_sample(self, name: str, param: torch.Tensor) -> int:
+        """First local index whose global flat index is a multiple of the stride (see sharding.sample_start)."""
+        span = self._spans.get(name)
+        return (-span[0]) % self.config.stride if span is not None else sharding.sample_start(param, self.config.stride)
+
+    def _keeps(self, name: str) -> bool:
+        """Whether this rank keeps any state for ``name`` (not so for another rank's split parameters)."""
+        span = self._spans.get(name)
+        return span is None or span[1] > 0
+
+    def _gather_span(self, name: str, mask: torch.Tensor, numel: int) -> torch.Tensor:
+        """The full parameter's bit-packed mask from the ranks' masks of their spans (a collective)."""
+        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device,
+                                owner=self._owners.get(name))
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
@@ -336,13 +450,14 @@ class GradTracker:
 
     @property
     def sharded(self) -> bool:
-        """Whether parameters are sharded across ranks (FSDP2), so counts are reduced and masks gathered."""
+        """Whether parameters are sharded across ranks (FSDP2, ZeRO-3) or their tracking is split among the
+        ranks (DDP, ZeRO-0/1/2), so counts are reduced and masks gathered."""
         return self._group is not None
 
     # ------------------------------------------------------------------ set-up
-    def _allocate(self, param: nn.Parameter, sample_start: int,
+    def _allocate(self, name: str, param: nn.Parameter, sample_start: int,
                   sample_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        local = _local(param).detach()
+        local = self._held(name, param).detach()
         numel = local.numel()
         state: dict[str, torch.Tensor] = {}
         for acc in self._accumulators:
@@ -421,8 +536,8 @@ class GradTracker:
         shard_finite = self._shard_finite(grads)
         host_shard_finite: list[int] | None = None
         for name, param in self._params:
-            grad = self._local_gradient(name, param, grads)
-            if grad is None:
+            grad = self._local_gradient(name, param, grads)  # asked for every parameter, in order (DeepSpeed)
+            if grad is None or not self._keeps(name):
                 continue
             weight = self._weight[name]
             state = self.state[name]
@@ -521,9 +636,9 @@ class GradTracker:
         grad = param.grad if grads is None else grads.get(name)
         if grad is None:
             return None
-        grad = _local(grad)
         if grad.is_sparse:
             grad = grad.to_dense()
+        grad = self._held(name, grad)
         bits = self.state[name]["gradient_bits"]
         if grad.device != bits.device:  # ZeRO-3 offload_optimizer: gradient partitions on the CPU, state not
             grad = _to(grad, bits.device)
@@ -549,10 +664,11 @@ class GradTracker:
         parameter, at the price of reading each sharded gradient once more. Replicas (HSDP) hold the same
         gradient, so the minimum over the whole reduction group is the minimum over the shards.
         """
-        if self._group is None:
+        agreeing = [*self._sharded_names, *sorted(self._straddling)]
+        if not agreeing:
             return {}
         flags = []
-        for name in self._sharded_names:
+        for name in agreeing:
             grad = self._local_gradient(name, self._named[name], grads)
             if grad is None or grad.numel() == 0:
                 flags.append(torch.ones((), dtype=torch.bool, device=self._collective_device))
@@ -560,7 +676,7 @@ class GradTracker:
                 flags.append(_to(_scan_gradient(grad)[2], self._collective_device))
         reduced = torch.stack(flags).to(torch.int32)
         dist.all_reduce(reduced, op=dist.ReduceOp.MIN, group=self._group)
-        return {"*": reduced, **{name: i for i, name in enumerate(self._sharded_names)}}
+        return {"*": reduced, **{name: i for i, name in enumerate(agreeing)}}
 
     @torch.no_grad()
     def observe_update(self) -> None:
@@ -573,8 +689,10 @@ class GradTracker:
         step_changed = torch.zeros((), dtype=torch.int64, device=self._primary)
         changed_on_host = 0
         for name, param in self._params:
+            if not self._keeps(name):
+                continue
             state = self.state[name]
-            values = _local(param).detach()
+            values = self._held(name, param).detach()
             self._check_dtype(name, values)
             weight = self._weight[name]  # counted on one rank only where several hold the same part
             if self._cpu_scanner is not None and cpu_scan.supports(values):
@@ -593,8 +711,8 @@ class GradTracker:
 
     # ------------------------------------------------------------------ measuring
     @torch.no_grad()
-    def _update_masks(self, param: nn.Parameter, state: Mapping[str, torch.Tensor]):
-        current = _local(param).detach().reshape(-1)
+    def _update_masks(self, name: str, param: nn.Parameter, state: Mapping[str, torch.Tensor]):
+        current = self._held(name, param).detach().reshape(-1)
         reference = _to(state["reference"], current.device).reshape(-1)
         updated = _raw_bits(current).ne(_raw_bits(reference))
         delta = current - reference  # in the storage dtype, like the paper's script
@@ -616,10 +734,13 @@ class GradTracker:
         fast = cpu_measure.CpuMeasurer(bins) if self._cpu_measure else None
         for name, param in self._params:
             state = self.state[name]
-            local = _local(param).detach()
+            local = self._held(name, param).detach()
             self._check_dtype(name, local)
-            if not self._weight[name]:  # another rank counts this part (replicated here): nothing to add
+            if not self._weight[name] or not self._keeps(name):  # another rank counts this part: nothing to add
                 rows.append(torch.zeros(len(COUNT_FIELDS), dtype=torch.int64, device=self._primary))
+                if name in self._expert_slices:  # the same layout of the summed vector on every rank
+                    slice_blocks.append(torch.zeros(self._expert_slices[name], len(COUNT_FIELDS),
+                                                    dtype=torch.int64, device=self._primary))
                 continue
             listed = name in self._sample_index  # sampled elements by index: the torch path
             experts = self._expert_slices.get(name)
@@ -634,7 +755,7 @@ class GradTracker:
                 continue
             numel = local.numel()
             gradient = unpack_bits(state["gradient_bits"], numel)
-            updated, updated_abs, updated_rel = self._update_masks(param, state)
+            updated, updated_abs, updated_rel = self._update_masks(name, param, state)
             zero = torch.zeros((), dtype=torch.int64, device=gradient.device)
             ever = popcount(state["ever_changed_bits"]) if cfg.ever_changed else zero
             if cfg.tracks_sums:
@@ -708,7 +829,7 @@ class GradTracker:
         sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
         full = math.prod(sharding.full_shape(param))
         return slices.slice_rows(masks, sums, config=self.config, slices=experts, slice_numel=full // experts,
-                                 offset=sharding.flat_offset(param), local_numel=_local(param).numel(),
+                                 offset=self._offset(name, param), local_numel=self._held(name, param).numel(),
                                  sample_start=self._sample_start[name]).to(self._primary)
 
     @torch.no_grad()
@@ -726,19 +847,23 @@ class GradTracker:
         fast = cpu_measure.CpuMeasurer(cfg.histogram_bins) if self._cpu_measure else None
         for name, param in self._params:
             state = self.state[name]
-            numel = _local(param).numel()
-            self._check_dtype(name, _local(param))
-            if sharding.is_sharded(param):
-                masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(param, state)]
+            held = self._held(name, param)
+            numel = held.numel()
+            self._check_dtype(name, held)
+            if sharding.is_sharded(param) or name in self._spans:
+                masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(name, param, state)]
                 if cfg.ever_changed:
                     masks.append(unpack_bits(state["ever_changed_bits"], numel))
-                packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
+                if name in self._spans:
+                    packed = [self._gather_span(name, m, param.numel()) for m in masks]
+                else:
+                    packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
             else:
                 local = _local(param).detach()
                 if fast is not None and cpu_measure.supports(local, state["reference"]):
                     update = fast.update_masks(local, state["reference"], state, cfg)  # packed as it goes
                 else:
-                    update = [pack_bits(m) for m in self._update_masks(param, state)]
+                    update = [pack_bits(m) for m in self._update_masks(name, param, state)]
                 packed = [state["gradient_bits"], *update]
                 if cfg.ever_changed:
                     packed.append(state["ever_changed_bits"])
@@ -789,6 +914,57 @@ class GradTracker:
         self.counters.copy_(tensors["counters"])
         self.steps = int(tensors["steps"][0])
 
+    def layout(self) -> dict[str, tuple[int, int]] | None:
+        """``{name: (start, length)}``: the run of each flattened parameter whose state this rank keeps, or
+        ``None`` if some local shard is no contiguous run (``Shard(1)``, 2-D meshes): its state can then
+        be loaded only by the same layout (see :meth:`load_resharded`)."""
+        if self._sample_index or not all(self._slices_measurable(name) for name in self._named):
+            return None
+        return {name: (self._offset(name, p), self._held(name, p).numel()) for name, p in self._params}
+
+    @property
+    def counts_summed(self) -> bool:
+        """Whether this rank's counters are its share of sums across ranks (sharded or split tracking)."""
+        return self._group is not None
+
+    @torch.no_grad()
+    def load_resharded(self, parts: list[reshard.SavedPart]) -> None:
+        """Restore state saved by ranks of another layout (another number of processes, or split tracking
+        switched on or off): each parameter's state for this rank's run is cut out of the saved runs
+        (:mod:`gradtrace.tracking.reshard`). Everything is checked before anything is overwritten."""
+        layout = self.layout()
+        if layout is None:
+            raise ValueError("this rank's shards are not contiguous runs of the parameters (Shard(1), 2-D "
+                             "meshes): tracker state saved with another layout cannot be re-cut for them")
+        steps = {int(p.tensors["steps"][0]) for p in parts}
+        if len(steps) != 1:
+            raise ValueError(f"the saved ranks' tracker states are of different steps {sorted(steps)}")
+        names = set().union(*(p.layout for p in parts))
+        if names != set(self.state):
+            extra, missing = sorted(names - set(self.state)), sorted(set(self.state) - names)
+            raise ValueError(f"saved tracker state is for other parameters (not tracked here: {extra[:3]}; "
+                             f"not saved: {missing[:3]})")
+        new = {}
+        for name in self._named:
+            start, length = layout[name]
+            numel = math.prod(self._tracked_shapes[name])
+            new[name] = {}
+            for key, value in self.state[name].items():
+                got = reshard.cut(parts, name, key, numel, start, length, self.config.stride)
+                if got.numel() != value.numel() or got.dtype != value.dtype:
+                    raise ValueError(f"saved {key!r} of {name!r} does not fit this tracker: {got.numel()} "
+                                     f"{got.dtype}, expected {value.numel()} {value.dtype} (another TrackerConfig "
+                                     "or dtype?)")
+                new[name][key] = got.reshape(value.shape)
+        keep_here = self._group is None or dist.get_rank(self._group) == 0
+        counters = reshard.counters(parts, keep_here=keep_here)
+        for name, state in self.state.items():
+            for key, value in state.items():
+                value.copy_(new[name][key])
+        self._full_bitmaps.clear()
+        self.counters.copy_(counters)
+        self.steps = steps.pop()
+
     def state_bytes(self) -> dict[str, int]:
         """Measured bytes of tracker state, split by where it lives (parameter device vs reference)."""
         out = {"device": self.counters.numel() * self.counters.element_size(), "reference": 0}
@@ -801,4 +977,4 @@ class GradTracker:
 
     @property
     def numel(self) -> int:
-        return sum(math.prod(_local(p).shape) for _, p in self._params)
+        return sum(self._held(name, p).numel() for name, p in self._params)

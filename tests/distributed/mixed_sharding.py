@@ -103,7 +103,7 @@ def model_case(out: str, case: str) -> None:
 
         replicate(model.block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    single = GradTracker(reference, CONFIG)
+    single = GradTracker(reference, CONFIG, split=False)  # on its own: no collectives
     single_kinds = train(reference, single, 0, 1, sync=[])
     tracker = GradTracker(model, CONFIG)
     kinds = train(model, tracker, rank, world, sync=sync)
@@ -148,7 +148,7 @@ def tensors_case(out: str, case: str, layouts: dict, nan_at: dict, config: Track
     sharded = {name: nn.Parameter(place(name, values[name])) for name in layouts}
     plain = {name: nn.Parameter(values[name].clone()) for name in layouts}
     tracker = GradTracker(list(sharded.items()), config)
-    single = GradTracker(list(plain.items()), config)
+    single = GradTracker(list(plain.items()), config, split=False)  # on its own: no collectives
     for step in range(STEPS):
         for name, (shape, _, _) in layouts.items():
             keep = torch.rand(shape, generator=generator) < 0.6

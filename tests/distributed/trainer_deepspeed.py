@@ -9,9 +9,10 @@ reference, on the same global batches):
 STAGE is the ZeRO stage, or ``none`` for no DeepSpeed at all (the reference). Every optimizer step is
 logged, so per-step counts (e.g. the step's gradient density) can be compared as well as the final masks.
 ``lenient`` runs the callback with ``strict=False`` (its warnings are recorded); ``offload`` (ZeRO-3)
-offloads optimizer state and parameters to the CPU (``offload_optimizer`` / ``offload_param``).
-``bf16-overflow`` trains in bf16 and multiplies the loss by inf at optimizer step ``OVERFLOW_STEP``, so
-that DeepSpeed skips that step.
+offloads optimizer state and parameters to the CPU (``offload_optimizer`` / ``offload_param``); ``nosplit``
+makes every rank track every parameter (``GradTraceCallback(split=False)``); ``bf16-overflow`` trains in
+bf16 and multiplies the loss by inf at optimizer step ``OVERFLOW_STEP``, so that DeepSpeed skips that step.
+The collectives the tracker's gradient reading issues are counted per step.
 Each rank writes ``OUT/rank{r}.json``: what was attached, the tracker's state bytes and whether it
 tracked partitions (ZeRO-3), and a digest of its gradient mask bits (replicated state under ZeRO-0/1/2).
 """
@@ -58,6 +59,27 @@ class Recorder(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.handle = self.traced._deepspeed
         self.model = model
+        self.collectives_per_step: list[int] = []
+        if self.handle is None:
+            return
+        # every all-reduce / all-gather issued while the tracker reads and folds a step's gradient
+        tracker = self.traced.tracker
+        observe, calls = tracker.observe_gradients, []
+        for op in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
+            real = getattr(dist, op)
+
+            def counted(*a, _real=real, **k):
+                calls.append(1)
+                return _real(*a, **k)
+
+            setattr(dist, op, counted)
+
+        def counting(*a, **k):
+            calls.clear()
+            observe(*a, **k)
+            self.collectives_per_step.append(len(calls))
+
+        tracker.observe_gradients = counting
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.grad_was_none_at_pre_step.append(all(p.grad is None for p in self.model.parameters()))
@@ -88,7 +110,7 @@ def deepspeed_config(stage: int, offload: bool = False, bf16: bool = False) -> d
 
 
 def main(out: str, stage: int | None, batch: int, accumulation: int, strict: bool = True,
-         offload: bool = False, overflow: bool = False) -> None:
+         offload: bool = False, overflow: bool = False, extra: tuple[str, ...] = ()) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # odd sizes (hidden 33, vocab 95): ZeRO-3 partitions are uneven and the last one padded, as in real models
@@ -104,7 +126,8 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
                              ddp_backend="gloo" if distributed else None)
     # a sampled subset with a stride that does not divide the partitions: under ZeRO-3 it must still be
     # chosen by global element index, as in the single process
-    callback = GradTraceCallback(strict=strict, wandb=False, cancellation="sampled", sample_stride=3)
+    callback = GradTraceCallback(strict=strict, wandb=False, cancellation="sampled", sample_stride=3,
+                                 split=False if "nosplit" in extra else None)
     recorder = Recorder(callback)
     trainer = (OverflowingTrainer if overflow else Trainer)(model=model, args=args, train_dataset=dataset(64), callbacks=[callback, recorder])
     with warnings.catch_warnings(record=True) as caught:
@@ -127,6 +150,9 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
         "hook_removed": handle is not None and not handle.active and "step" not in vars(handle.optimizer),
         "grad_was_none_at_pre_step": recorder.grad_was_none_at_pre_step,
         "gradient_digest": digest.hexdigest(),
+        "collectives_per_step": getattr(recorder, "collectives_per_step", []),
+        "tracked_parameters": len(tracker.parameter_names) if tracker else None,
+        "spans": tracker.spans if tracker else None,
         "sharded": tracker.sharded if tracker else None,
         "state_bytes": tracker.state_bytes() if tracker else None,
         "tracked_numel": tracker.numel if tracker else None,
@@ -141,4 +167,4 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
 if __name__ == "__main__":
     main(sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
          strict="lenient" not in sys.argv[5:], offload="offload" in sys.argv[5:],
-         overflow="bf16-overflow" in sys.argv[5:])
+         overflow="bf16-overflow" in sys.argv[5:], extra=tuple(sys.argv[5:]))

@@ -1,0 +1,73 @@
+"""Split tracking (gradtrace.tracking.split) under real DDP, 2 CPU processes (gloo), against one process.
+
+Run alone with ``python -m pytest -m distributed tests/test_split_tracking.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradtrace import read_run_log
+from gradtrace.tracking import split
+from tests.test_distributed import assert_same_masks, launch
+
+pytestmark = pytest.mark.distributed
+
+
+def ranks(out, world=2):
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_same_logs(got_dir, want_dir) -> None:
+    got, want = read_run_log(got_dir), read_run_log(want_dir)
+    assert [r["step"] for r in got["logs"]] == [r["step"] for r in want["logs"]] == [2, 4]
+    for got_step, want_step in zip(got["logs"], want["logs"], strict=True):
+        for key in ("global", "per_matrix", "per_layer", "per_kind", "cancellation_histogram"):
+            assert got_step[key] == want_step[key], key
+    got_summary = json.loads((got_dir / "summary.json").read_text())
+    want_summary = json.loads((want_dir / "summary.json").read_text())
+    for key in ("global", "per_matrix", "per_layer", "per_kind"):
+        assert got_summary[key] == want_summary[key], key
+
+
+def test_ddp_ranks_split_the_tracking_and_match_one_process(tmp_path):
+    """Each DDP rank tracks a disjoint share of the parameters (about half the state), one matrix joins
+    the optimizer at step 3 on both ranks alike, and masks, per-step counts and summaries equal one process's."""
+    launch("loop_split.py", str(tmp_path / "ddp"), "ddp", "--add-group", processes=2, cwd=tmp_path)
+    launch("loop_split.py", str(tmp_path / "single"), "ddp", "--add-group", processes=1, cwd=tmp_path)
+    got, (want,) = ranks(tmp_path / "ddp"), ranks(tmp_path / "single", world=1)
+    assert all(r["sharded"] for r in got) and not want["sharded"] and want["spans"] == {}
+    # every parameter, the late one included, is tracked whole by exactly one rank
+    spans = [r["spans"] for r in got]
+    assert set(spans[0]) == set(spans[1]) and "model.layers.1.mlp.down_proj.weight" in spans[0]
+    for name in spans[0]:
+        lengths = sorted(s[name][1] for s in spans)
+        assert lengths[0] == 0 and lengths[1] > 0, name
+    assert sum(r["tracked_numel"] for r in got) == want["tracked_numel"]
+    for where in ("device", "reference"):
+        per_rank = [r["state_bytes"][where] for r in got]
+        assert abs(sum(per_rank) - want["state_bytes"][where]) <= 0.01 * want["state_bytes"][where] + 64
+        assert max(per_rank) <= 0.6 * want["state_bytes"][where]
+    assert_same_masks(tmp_path / "ddp" / "masks.safetensors", tmp_path / "single" / "masks.safetensors")
+    assert_same_logs(tmp_path / "ddp", tmp_path / "single")
+
+
+def test_split_off_tracks_everything_on_every_rank(tmp_path):
+    launch("loop_split.py", str(tmp_path / "ddp"), "ddp", "--no-split", processes=2, cwd=tmp_path)
+    launch("loop_split.py", str(tmp_path / "single"), "ddp", processes=1, cwd=tmp_path)
+    got, (want,) = ranks(tmp_path / "ddp"), ranks(tmp_path / "single", world=1)
+    assert not any(r["sharded"] for r in got)
+    assert [r["state_bytes"] for r in got] == [want["state_bytes"]] * 2
+    assert_same_masks(tmp_path / "ddp" / "masks.safetensors", tmp_path / "single" / "masks.safetensors")
+
+
+def test_assignment_is_greedy_by_size_and_continues_the_balance():
+    sizes = [("b", 10), ("a", 10), ("c", 30), ("d", 5)]
+    loads = [0, 0]
+    # largest first (c to rank 0), then a and b (ties by name) to rank 1, then d to the lighter rank 1
+    assert split.assign(sizes, 2, loads) == {"c": 0, "a": 1, "b": 1, "d": 1}
+    assert loads == [30, 25]
+    assert split.assign([("e", 7)], 2, loads) == {"e": 1} and loads == [30, 32]
+    assert split.assign(reversed(sizes), 2) == {"c": 0, "a": 1, "b": 1, "d": 1}  # whatever the order given
