@@ -62,6 +62,20 @@ def test_state_tensors_are_a_snapshot_that_later_steps_leave_alone():
     assert int(snapshot["counters"][COUNTER_INDEX["density_step"]]) == 1
 
 
+def test_a_state_saved_before_the_overflow_counter_existed_resumes_with_it_at_zero():
+    saved_model, model = linear(0), linear(0)
+    saved, tracker = GradTracker(saved_model), GradTracker(model)
+    for seed in (1, 2):
+        step(saved_model, saved, seed)
+    tensors = saved.state_tensors()
+    skipped = COUNTER_INDEX["skipped_overflow_steps"]
+    assert skipped == len(tensors["counters"]) - 1  # the newest counter, appended last
+    tensors["counters"] = tensors["counters"][:skipped]  # what gradtrace saved before it
+    tracker.load_state_tensors(tensors)
+    assert torch.equal(tracker.counters[:skipped], saved.counters[:skipped]) and tracker.counters[skipped] == 0
+    assert tracker.steps == saved.steps
+
+
 @pytest.mark.parametrize(("break_it", "named"), [
     (lambda t: t.pop("counters"), "counters"),
     (lambda t: t.__setitem__("counters", t["counters"][:3]), "counters"),

@@ -78,6 +78,9 @@ COUNTER_REDUCE: dict[str, Reduce] = {
 }
 COUNTERS: tuple[str, ...] = tuple(COUNTER_REDUCE)
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+# How many counters earlier gradtrace versions saved (each list a prefix of COUNTERS): their states still
+# load, the newer counters starting at 0.
+EARLIER_COUNTER_COUNTS = (COUNTER_INDEX["skipped_overflow_steps"],)
 
 
 def enabled_accumulators(config: TrackerConfig) -> list[Accumulator]:

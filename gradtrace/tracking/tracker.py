@@ -31,6 +31,7 @@ from gradtrace.tracking.state import (
     COUNTER_INDEX,
     COUNTER_REDUCE,
     COUNTERS,
+    EARLIER_COUNTER_COUNTS,
     enabled_accumulators,
     lowbits_dtype,
 )
@@ -886,6 +887,14 @@ class GradTracker:
 
         Everything is checked before anything is overwritten: a refused state leaves the tracker as it was.
         """
+        tensors = dict(tensors)
+        saved_counters = tensors.get("counters")
+        if (isinstance(saved_counters, torch.Tensor) and saved_counters.dtype == torch.int64
+                and saved_counters.dim() == 1 and saved_counters.numel() in EARLIER_COUNTER_COUNTS):
+            # Saved by an older gradtrace: counters are only ever appended (state.COUNTERS), and those that
+            # did not exist then have counted nothing yet.
+            tensors["counters"] = torch.cat([saved_counters, saved_counters.new_zeros(
+                len(COUNTERS) - saved_counters.numel())])
         for key, like in (("counters", self.counters), ("steps", torch.zeros(1, dtype=torch.int64))):
             saved = tensors.get(key)
             if not isinstance(saved, torch.Tensor) or saved.shape != like.shape or saved.dtype != like.dtype:
