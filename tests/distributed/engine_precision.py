@@ -101,9 +101,12 @@ def main(out: str, stage: int, dtype: str, force_fp16: bool) -> None:
                           "scale": float(getattr(engine.optimizer, "loss_scale", 1.0))})
     masks = tracker.packed_masks()  # all-gathers partitions under ZeRO-3: every rank
     summary = summarize(tracker.measure())
-    sums = {name: tracker.state[name]["signed_sum"].cpu().clone() for name in tracker.parameter_names}
+    # Each rank's signed sums, with the run of each flattened parameter they cover (ZeRO-3 partitions,
+    # ZeRO-1/2 partition fragments, whole parameters at stage 0: the tracking is split across ranks).
+    layout = tracker.layout()
+    sums = {name: tracker.state[name]["signed_sum"].cpu().clone() for name in layout if name in tracker.state}
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sums)
+    dist.all_gather_object(gathered, {"layout": layout, "sums": sums})
     if rank == 0:
         torch.save({
             "stage": handle.stage, "optimizer": type(handle.optimizer).__name__, "names": names,
