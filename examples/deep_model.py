@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from gradtrace import GradTraceCallback, read_run_log
 from gradtrace.demo.runs import CausalLMCollator
 from gradtrace.demo.tiny import build_tokenizer, text_dataset
-from gradtrace.sinks.payload import LiveCharts
+from gradtrace.sinks.payload import HISTOGRAM_KEY, LiveCharts
 
 
 def chart_keys(records: list[dict], charts: LiveCharts) -> set[str]:
@@ -29,7 +29,7 @@ def chart_keys(records: list[dict], charts: LiveCharts) -> set[str]:
     keys: set[str] = set()
     for record in records:
         frame = charts.frame(record)
-        keys |= set(frame.scalars) | set(frame.images) | ({"gradtrace_cancellation/ratio"} if frame.histogram else set())
+        keys |= set(frame.scalars) | set(frame.images) | ({HISTOGRAM_KEY} if frame.histogram else set())
     return keys
 
 
@@ -47,7 +47,7 @@ def main(output_dir: str = "runs/deep-model", *, layers: int = 32, steps: int = 
     Trainer(model=model, args=args, train_dataset=data, data_collator=CausalLMCollator(tokenizer.pad_token_id),
             callbacks=[GradTraceCallback(wandb=False)]).train()
     records = read_run_log(Path(output_dir) / "gradtrace")["logs"]
-    default = chart_keys(records, LiveCharts(heatmaps=True))
+    default = chart_keys(records, LiveCharts())
     per_layer = chart_keys(records, LiveCharts(per_layer_curves=True, heatmaps=False))
     print(f"{layers} layers, {len(records)} logging steps: {len(default)} chart keys by default "
           f"(with per_layer_curves=True: {len(per_layer | default)})")

@@ -46,9 +46,10 @@ same loop; fp16 runs there only with the CPU accelerator's fp16 capability check
 no mkldnn fp16, and DeepSpeed refuses: "Type fp16 is not supported on your device."). Not tested: CPU/NVMe offload,
 GPUs/NCCL, pipeline or tensor parallelism, MoE.
 
-Cost: split (ZeRO-1/2), two small all-reduces per step (the step's zero/NaN flags, and whether each
-parameter cut between partitions had a finite gradient on every rank), and the tracker's state of about
-1/N of the parameters per rank. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
+Cost: split (ZeRO-1/2), two small all-reduces per step in the gradient read (the step's zero/NaN flags,
+and whether each parameter cut between partitions had a finite gradient on every rank), DeepSpeed's own
+``has_overflow`` before the step (:class:`_StepPlan`: a read of the partitions and one scalar all-reduce),
+and the tracker's state of about 1/N of the parameters per rank. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
 fp32 gradient from the ranks' partitions with one all-reduce per parameter, i.e. about one extra
 full-gradient all-reduce (in fp32) per optimizer step, plus one transient fp32 buffer of the largest
 parameter's size (the gradients are fetched one parameter at a time, never all at once).
