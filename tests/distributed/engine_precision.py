@@ -29,6 +29,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gradtrace import GradTracker, TrackerConfig  # noqa: E402
@@ -117,7 +118,7 @@ def main(out: str, stage: int, dtype: str, force_fp16: bool) -> None:
             "signed_sums": gathered, "reference": reference, "skipped_steps": engine.skipped_steps,
         }, os.path.join(out, "result.pt"))
     handle.remove()
-    dist.barrier()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from gradtrace import GradTraceCallback  # noqa: E402
@@ -51,6 +52,7 @@ def main(out: str, stage: int | None, batch: int) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
         json.dump({"sharded": callback.tracker.sharded, "fused": sorted(callback.tracker.experts.fused)}, stream)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from gradtrace import GradTraceCallback  # noqa: E402
@@ -48,6 +49,7 @@ def main(out: str, batch: int) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"world_size": world, "optimizer_steps": callback.tracker.steps}, handle)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gradtrace import GradTraceCallback, GradTraceWarning  # noqa: E402
@@ -162,6 +163,7 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
         json.dump(record, stream)
+    end_process_group()
 
 
 if __name__ == "__main__":
