@@ -85,6 +85,14 @@ def test_per_expert_counts_in_a_trainer_run(arch, tmp_path, reference):
     g = summary["global"]
     assert g["experts"] == len(expected) and g["experts_without_gradient"] == without
     assert (g["expert_gradient_density_min"], g["expert_gradient_density_max"]) == (densities[0], densities[-1])
+    # the named extremes: least touched lowest first, most touched highest first, ties in expert order
+    order = list(expected)
+    ranked = [(key, c["gradient"] / c["numel"]) for key, c in expected.items()]
+    least = sorted(ranked, key=lambda kv: (kv[1], order.index(kv[0])))[:3]
+    most = sorted(ranked, key=lambda kv: (-kv[1], order.index(kv[0])))[:3]
+    assert summary["expert_extremes"] == {
+        "least_touched": [{"expert": k, "gradient_density": d} for k, d in least],
+        "most_touched": [{"expert": k, "gradient_density": d} for k, d in most]}
     assert "router" in summary["per_kind"] and "gate" not in summary["per_kind"] or arch == "deepseek_v3"
     # the run log carries the same at every logging step
     logs = read_run_log(run_dir)["logs"]

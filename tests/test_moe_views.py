@@ -57,6 +57,9 @@ def test_watch_prints_one_expert_line_per_moe_layer(moe_run):
     out = console.file.getvalue()
     g = summary["global"]
     assert f"{g['experts']} routed · {g['experts_without_gradient']} never received a gradient" in out
+    for side, label in (("least_touched", "least touched"), ("most_touched", "most touched")):
+        named = re.search(rf"{label}: (.*)", out).group(1).split(", ")
+        assert [n.split(" ")[0] for n in named] == [e["expert"] for e in summary["expert_extremes"][side]]
     for layer in ("0", "1"):
         line = re.search(rf"layer {layer}  (\S+)", out).group(1)
         without = [summary["per_expert"][f"{layer}/{e}"]["gradient_sparsity"] == 1 for e in range(8)]
@@ -81,6 +84,7 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
     the Trainer opens no run of its own (report_to="none"), so the sink logs to ours, against the Trainer's step."""
     import wandb
 
+    from gradtrace.sinks.payload import TABLE_KEY, chart_keys_bound, finite
     from gradtrace.sinks.wandb import EXPERT_TABLE_KEY
     from gradtrace.views.live import expert_image
     from gradtrace.views.report import expert_grid
@@ -101,10 +105,21 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
         for key in ("experts_without_gradient", "expert_gradient_density_min", "expert_gradient_density_median",
                     "expert_gradient_density_max"):
             assert row[f"gradtrace/{key}"] == record["global"][key]
+        # the ranked experts: 2 x 3 order statistics, equal to the run log's named extremes
+        ranked = {k: v for k, v in row.items() if k.startswith("gradtrace_expert/")}
+        assert ranked == {f"gradtrace_expert/{side}_{i}": e["gradient_density"]
+                          for side, entries in record["expert_extremes"].items() for i, e in enumerate(entries, 1)}
+        assert len(ranked) == 6
         entry = row["gradtrace_heatmap/expert_gradient_sparsity"]
         logged, image = pixels(wb.files_dir / entry["path"]), expert_image(record, "gradient_sparsity")
         assert (logged == pixels(image.png)).all()
         assert_grid_image(logged, image, expert_grid(record["per_expert"], "gradient_sparsity").values)
+    # the whole key set stays the stated bound: the dense model's plus the expert images and six ranked series
+    keys = {k for row in wb.history for k in row if k.startswith("gradtrace")} - {"gradtrace/step", TABLE_KEY,
+                                                                                  EXPERT_TABLE_KEY}
+    last = records[2]
+    assert len(keys) == chart_keys_bound(len([v for v in last["global"].values() if finite(v)]), len(last["per_kind"]),
+                                         ranked_experts=6)
     [table_row] = [row for row in wb.history if EXPERT_TABLE_KEY in row]
     table = json.loads(wb.load_file(table_row[EXPERT_TABLE_KEY]["path"]))
     got = {f"{r[0]}/{r[1]}": dict(zip(table["columns"], r, strict=True)) for r in table["data"]}

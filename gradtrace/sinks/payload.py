@@ -9,7 +9,12 @@ calls, so a user who switches tracker finds the same panels under the same keys:
   does not grow with depth).
 - ``gradtrace_layer_step/<metric>``: an image per logging step, all layers (rows) x the steps so far
   (columns), for :data:`LAYER_STEP_METRICS`: the per-layer picture at any depth, live.
-- ``gradtrace_heatmap/<metric>``: the layer x kind image of the current step (update / gradient sparsity).
+- ``gradtrace_heatmap/<metric>``: the layer x kind image of the current step (update / gradient sparsity);
+  MoE models also the layer x expert image (``gradtrace_heatmap/expert_<metric>``).
+- ``gradtrace_expert/least_touched_<i>`` and ``most_touched_<i>`` (MoE models): the gradient density of
+  the i-th least / most touched routed expert, i = 1..3. Order statistics, like the min / median / max
+  under ``gradtrace/``: the number of keys does not grow with the number of experts. Which expert holds
+  each rank is named in the run log (``expert_extremes``) and in ``gradtrace watch``.
 - ``gradtrace_cancellation/ratio``: the histogram of |Σg|/Σ|g|.
 - ``gradtrace_layer/<NN>/<metric>``: one scalar series per layer and metric, only with
   ``per_layer_curves=True`` (5 charts per layer: 320 for a 64-layer model, which nobody reads).
@@ -37,9 +42,10 @@ KIND_SECTION = "gradtrace_kind"
 LAYER_SECTION = "gradtrace_layer"
 LAYER_STEP_SECTION = "gradtrace_layer_step"
 HEATMAP_SECTION = "gradtrace_heatmap"
+EXPERT_SECTION = "gradtrace_expert"
 HISTOGRAM_KEY = "gradtrace_cancellation/ratio"
 TABLE_KEY = "gradtrace_final/per_matrix"
-SECTIONS = (GLOBAL_SECTION, KIND_SECTION, LAYER_SECTION, LAYER_STEP_SECTION, HEATMAP_SECTION,
+SECTIONS = (GLOBAL_SECTION, KIND_SECTION, LAYER_SECTION, LAYER_STEP_SECTION, HEATMAP_SECTION, EXPERT_SECTION,
             "gradtrace_cancellation", "gradtrace_final")
 
 
@@ -55,10 +61,14 @@ def layer_key(layer: str, width: int) -> str:
 
 def scalar_payload(summary: Mapping[str, Any], *, per_layer_curves: bool = False,
                    kind_metrics: Sequence[str] = KIND_METRICS) -> dict[str, float]:
-    """The scalar charts of one summary: global curves, per-kind curves, and per-layer ones if asked."""
+    """The scalar charts of one summary: global curves, per-kind curves, the ranked experts of a MoE
+    model, and per-layer curves if asked."""
     payload = {f"{GLOBAL_SECTION}/{key}": value for key, value in summary["global"].items() if finite(value)}
     for kind, values in summary["per_kind"].items():
         payload.update({f"{KIND_SECTION}/{kind}/{m}": values[m] for m in kind_metrics if finite(values.get(m))})
+    for side, entries in (summary.get("expert_extremes") or {}).items():
+        payload.update({f"{EXPERT_SECTION}/{side}_{rank}": entry["gradient_density"]
+                        for rank, entry in enumerate(entries, 1)})
     if per_layer_curves:
         width = max((len(layer) for layer in summary["per_layer"]), default=1)
         for layer, values in summary["per_layer"].items():
@@ -86,13 +96,16 @@ def final_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
 
 def chart_keys_bound(global_keys: int, kinds: int, *, kind_metrics: int = len(KIND_METRICS),
                      layer_step_metrics: int = len(LAYER_STEP_METRICS),
-                     heatmap_metrics: int = len(HEATMAP_METRICS)) -> int:
-    """Distinct per-step chart keys by default: independent of the model's depth.
+                     heatmap_metrics: int = len(HEATMAP_METRICS), ranked_experts: int = 0) -> int:
+    """Distinct per-step chart keys by default: independent of the model's depth and number of experts.
 
     ``global_keys`` (about 16) + ``kinds`` x ``kind_metrics`` + one image key per layer x step and layer x
-    kind metric + the histogram. For a Llama-style model (10 kinds): 16 + 20 + 5 + 2 + 1 = 44.
+    kind metric + the histogram. For a Llama-style model (10 kinds): 16 + 20 + 2 + 2 + 1 = 41. A MoE
+    model adds the layer x expert images (``heatmap_metrics`` more) and ``ranked_experts`` series (the
+    least and most touched: 2 x 3).
     """
-    return global_keys + kinds * kind_metrics + layer_step_metrics + heatmap_metrics + 1
+    experts = heatmap_metrics + ranked_experts if ranked_experts else 0
+    return global_keys + kinds * kind_metrics + layer_step_metrics + heatmap_metrics + 1 + experts
 
 
 @dataclass

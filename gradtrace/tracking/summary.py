@@ -17,7 +17,9 @@ MoE models also get ``per_expert["<layer>/<expert>"]`` (``numel`` and the ``per_
 every routed expert of every MoE layer: fused expert tensors are counted per slice along their expert
 dimension, per-expert module lists per module) and, in ``global``, the headline numbers: ``experts``,
 ``experts_without_gradient`` (routed experts none of whose elements ever received a gradient) and the
-min / median / max over experts of the gradient density (``expert_gradient_density_*``).
+min / median / max over experts of the gradient density (``expert_gradient_density_*``); and
+``expert_extremes``, the :data:`EXTREME_EXPERTS` least and most touched experts by name, so the experts
+behind those numbers can be found without one chart per expert.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, total
 from gradtrace.tracking.tracker import Measurement
 
 CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed")
+EXTREME_EXPERTS = 3  # least / most touched experts named per summary: a few, as top/bottom-K in NeMo Automodel
 
 
 def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_tolerance: float = 1e-3) -> dict:
@@ -104,7 +107,9 @@ def summarize(measurement: Measurement, *, step: int | None = None) -> dict[str,
             "counts": list(measurement.cancellation_histogram),
         },
     }
-    if not per_expert:
+    if per_expert:
+        summary["expert_extremes"] = expert_extremes(per_expert)
+    else:
         del summary["per_expert"]  # dense models: no such view
     return summary
 
@@ -123,3 +128,14 @@ def expert_headline(per_expert: Mapping[str, Mapping[str, float]]) -> dict[str, 
         "expert_gradient_density_median": statistics.median(densities),
         "expert_gradient_density_max": max(densities),
     }
+
+
+def expert_extremes(per_expert: Mapping[str, Mapping[str, float]], k: int = EXTREME_EXPERTS) -> dict[str, list]:
+    """The ``k`` routed experts with the lowest gradient density (``least_touched``, lowest first) and the
+    ``k`` with the highest (``most_touched``, highest first), each ``{"expert": "<layer>/<expert>",
+    "gradient_density": d}``; ties keep the experts' order (layer, then index)."""
+    ranked = [(key, c["gradient"] / c["numel"]) for key, c in per_expert.items() if c["numel"]]
+    least = sorted(ranked, key=lambda item: item[1])[:k]  # stable: ties in layer / expert order
+    most = sorted(ranked, key=lambda item: -item[1])[:k]
+    return {side: [{"expert": key, "gradient_density": density} for key, density in entries]
+            for side, entries in (("least_touched", least), ("most_touched", most))}

@@ -184,13 +184,15 @@ def render(follower: LogFollower, *, width: int = 100) -> Group:
                                  "layer", width))
     per_expert = latest.get("per_expert") or {}
     if per_expert:  # right after the global table: one short line per MoE layer, above the long tables
-        parts.insert(2, expert_lines(current, per_expert))
+        parts.insert(2, expert_lines(current, per_expert, latest.get("expert_extremes")))
     return Group(*parts)
 
 
-def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[str, Any]]) -> Text:
-    """The compact expert view: the headline numbers, then one line per MoE layer with one character per
-    routed expert, its gradient density (1 − gradient sparsity) as a block height; ``·`` for none at all."""
+def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[str, Any]],
+                 extremes: Mapping[str, list] | None = None) -> Text:
+    """The compact expert view: the headline numbers, the least and most touched experts by name, then one
+    line per MoE layer with one character per routed expert, its gradient density (1 − gradient sparsity)
+    as a block height; ``·`` for none at all."""
     text = Text()
     text.append("experts ", style="bold")
     text.append(f"{current.get('experts', len(per_expert))} routed · "
@@ -198,6 +200,11 @@ def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[st
                 f"min {percent(current.get('expert_gradient_density_min'))} / median "
                 f"{percent(current.get('expert_gradient_density_median'))} / max "
                 f"{percent(current.get('expert_gradient_density_max'))}")
+    for side, label in (("least_touched", "least touched"), ("most_touched", "most touched")):
+        entries = (extremes or {}).get(side)
+        if entries:
+            named = ", ".join(f"{e['expert']} {percent(e['gradient_density'])}" for e in entries)
+            text.append(f"\n  {label}: {named}")
     layers: dict[str, list[float | None]] = {}
     for key, values in per_expert.items():
         layer, _, _ = key.rpartition("/")
