@@ -9,8 +9,9 @@ is that run: counts are summed across ranks at measuring time and masks assemble
 
 :func:`assign` gives whole parameters to ranks, greedily by size over sorted names, so every rank computes
 the same assignment without communicating, and a parameter added mid-run (which every rank adds alike)
-goes to the least loaded rank. Masks of a parameter one rank holds whole are broadcast from it at export. DeepSpeed ZeRO-1/2 supplies its own spans, the fragment of each parameter
-in the rank's optimizer partition (:mod:`gradtrace.integrations.deepspeed`).
+goes to the least loaded rank. Masks of a parameter one rank holds whole are computed there as without
+splitting and broadcast from it at export. DeepSpeed ZeRO-1/2 supplies its own spans, the fragment of each
+parameter in the rank's optimizer partition (:mod:`gradtrace.integrations.deepspeed`).
 """
 
 from __future__ import annotations
@@ -55,19 +56,23 @@ def replicated_everywhere(named: list[tuple[str, torch.Tensor]], group: dist.Pro
     return all(other == gathered[0] for other in gathered)
 
 
-def gather(local_mask: torch.Tensor, span: Span, numel: int, group: dist.ProcessGroup,
-           device: torch.device, owner: int | None = None) -> torch.Tensor:
-    """The full bit-packed mask of a parameter of ``numel`` elements from each rank's boolean mask of its
-    span (a collective: every rank calls it for the same parameters in the same order).
+def broadcast_packed(bits: torch.Tensor | None, numel: int, owner: int, group: dist.ProcessGroup,
+                     device: torch.device) -> torch.Tensor:
+    """The bit-packed mask of a parameter of ``numel`` elements that one rank (global rank ``owner``)
+    holds whole: ``bits`` there (``None`` elsewhere), broadcast to every rank of ``group`` (a collective)."""
+    packed = (bits.to(device) if dist.get_rank() == owner
+              else torch.empty(packed_length(numel), dtype=torch.uint8, device=device))
+    dist.broadcast(packed, src=owner, group=group)
+    return packed
 
-    Held whole by one rank (its global rank ``owner``): a broadcast of its packed mask. Else the spans
-    are disjoint, so the ranks' packed masks have no bit in common and their bytewise sum is their OR:
-    one all-reduce of ``numel / 8`` bytes."""
-    if owner is not None:
-        packed = (pack_bits(local_mask.reshape(-1)).to(device) if dist.get_rank() == owner
-                  else torch.empty(packed_length(numel), dtype=torch.uint8, device=device))
-        dist.broadcast(packed, src=owner, group=group)
-        return packed
+
+def gather(local_mask: torch.Tensor, span: Span, numel: int, group: dist.ProcessGroup,
+           device: torch.device) -> torch.Tensor:
+    """The full bit-packed mask of a parameter of ``numel`` elements cut between ranks, from each rank's
+    boolean mask of its span (a collective: every rank calls it for the same parameters in the same order).
+
+    The spans are disjoint, so the ranks' packed masks have no bit in common and their bytewise sum is
+    their OR: one all-reduce of ``numel / 8`` bytes."""
     full = torch.zeros(numel, dtype=torch.bool, device=local_mask.device)
     start, length = span
     full[start:start + length] = local_mask.reshape(-1)

@@ -419,8 +419,11 @@ class GradTracker:
 
     def _gather_span(self, name: str, mask: torch.Tensor, numel: int) -> torch.Tensor:
         """The full parameter's bit-packed mask from the ranks' masks of their spans (a collective)."""
-        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device,
-                                owner=self._owners.get(name))
+        owner = self._owners.get(name)
+        if owner is not None:
+            bits = pack_bits(mask.reshape(-1)) if dist.get_rank() == owner else None
+            return splitting.broadcast_packed(bits, numel, owner, self._group, self._collective_device)
+        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device)
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
@@ -851,7 +854,12 @@ class GradTracker:
             held = self._held(name, param)
             numel = held.numel()
             self._check_dtype(name, held)
-            if sharding.is_sharded(param) or name in self._spans:
+            owner = self._owners.get(name) if name in self._spans else None
+            if owner is not None:  # split, one rank holds it whole: its masks as if unsplit, broadcast
+                mine = self._packed_whole(name, param, held, fast) if dist.get_rank() == owner else [None] * len(kinds)
+                packed = [splitting.broadcast_packed(bits, param.numel(), owner, self._group, self._collective_device)
+                          for bits in mine]
+            elif sharding.is_sharded(param) or name in self._spans:
                 masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(name, param, state)]
                 if cfg.ever_changed:
                     masks.append(unpack_bits(state["ever_changed_bits"], numel))
@@ -860,17 +868,26 @@ class GradTracker:
                 else:
                     packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
             else:
-                local = _local(param).detach()
-                if fast is not None and cpu_measure.supports(local, state["reference"]):
-                    update = fast.update_masks(local, state["reference"], state, cfg)  # packed as it goes
-                else:
-                    update = [pack_bits(m) for m in self._update_masks(name, param, state)]
-                packed = [state["gradient_bits"], *update]
-                if cfg.ever_changed:
-                    packed.append(state["ever_changed_bits"])
+                packed = self._packed_whole(name, param, _local(param), fast)
             for kind, bits in zip(kinds, packed, strict=True):
                 out[kind][name] = PackedMask(bits.to("cpu", copy=True), sharding.full_shape(param))
         return out
+
+    def _packed_whole(self, name: str, param: nn.Parameter, held: torch.Tensor,
+                      fast: cpu_measure.CpuMeasurer | None) -> list[torch.Tensor]:
+        """The packed masks of a parameter whose state this rank keeps whole (``held``: its data): the
+        gradient bits as kept, the update masks from the CPU scan where it applies (packed as it goes, no
+        boolean masks), and the ever-changed bits."""
+        state = self.state[name]
+        local = held.detach()
+        if fast is not None and cpu_measure.supports(local, state["reference"]):
+            update = fast.update_masks(local, state["reference"], state, self.config)
+        else:
+            update = [pack_bits(m) for m in self._update_masks(name, param, state)]
+        packed = [state["gradient_bits"], *update]
+        if self.config.ever_changed:
+            packed.append(state["ever_changed_bits"])
+        return packed
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
