@@ -20,10 +20,19 @@ DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"}
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """One process, all four steps: what every resumed run must reproduce."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    launch("loop_split.py", str(out / "run"), "ddp", processes=1, cwd=out)
-    return out / "run"
+    """One process, all four steps, on a backend's model: what every resumed run must reproduce. The DDP
+    runs train a model with a wide embedding (cut between the ranks), FSDP2 and ZeRO-3 the plain one."""
+    runs = {}
+
+    def run(backend: str):
+        model = "ddp" if backend == "ddp" else "plain"
+        if model not in runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{model}")
+            launch("loop_split.py", str(out / "run"), backend, processes=1, cwd=out)
+            runs[model] = out / "run"
+        return runs[model]
+
+    return run
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
@@ -32,6 +41,7 @@ def test_resume_with_another_number_of_processes(tmp_path, uninterrupted, backen
     if backend == "zero3":
         pytest.importorskip("deepspeed")
     first, second = tmp_path / "first", tmp_path / "second"
+    uninterrupted = uninterrupted(backend)
     launch("loop_split.py", str(first), backend, "--save-at", "2", processes=before, cwd=tmp_path,
            env_extra=DEEPSPEED_ENV)
     saved = sorted(p.name for p in (first / "ckpt").glob("tracker_state*.safetensors"))

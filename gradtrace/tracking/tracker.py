@@ -305,16 +305,21 @@ class GradTracker:
         index = {name: i for i, (name, _) in enumerate(self._params)}
         for name, param in changes.rebound:
             self._params[index[name]] = (name, param)
-        for name, param in changes.restarted:
+        for name, param in changes.restarted:  # refused up front, before any state changes
             if sharding.is_sharded(param) or sharding.is_sharded(self._params[index[name]][1]):
                 raise ValueError(f"parameter {name!r} changed shape or dtype while sharded: not supported")
+            if name in self._straddling and not self._split_loads:
+                raise ValueError(f"parameter {name!r} changed shape or dtype while its tracking is cut along "
+                                 "the engine's partitions (DeepSpeed ZeRO-1/2): not supported")
+        for name, param in changes.restarted:
             bits = self.state[name]["gradient_bits"]
             if name in self._spans:  # a collective: every rank restarts the same parameters, in the same order
-                length = self._spans[name][1]
-                bits = self._gather_span(name, unpack_bits(bits, length), math.prod(self._tracked_shapes[name]))
+                bits = self._gather_held(name, bits, math.prod(self._tracked_shapes[name]))
             before[name] = PackedMask(bits.to("cpu", copy=True), self._tracked_shapes[name])
             self._params[index[name]] = (name, param)
-            if name in self._spans:  # the same owner tracks it on, whole
+            if name in self._straddling:  # cut anew, the same way on every rank
+                self._spans[name] = splitting.cut(param.numel(), len(self._split_loads))[dist.get_rank()]
+            elif name in self._spans:  # the same owner tracks it on, whole
                 self._spans[name] = (0, param.numel()) if self._spans[name][1] else (0, 0)
         for name, param in changes.added:
             self._params.append((name, param))
@@ -352,12 +357,18 @@ class GradTracker:
         return replicated
 
     def _assign(self, named: list[tuple[str, nn.Parameter]]) -> None:
-        """Give each of ``named`` whole to one rank (gradtrace.tracking.split.assign), the same on every rank."""
-        owners = splitting.assign([(name, p.numel()) for name, p in named], len(self._split_loads), self._split_loads)
+        """Divide ``named`` among the ranks (gradtrace.tracking.split.divide), the same on every rank: each
+        whole to one rank, or, larger than a rank's share, cut into one span per rank."""
+        owners, cuts = splitting.divide([(name, p.numel()) for name, p in named], len(self._split_loads),
+                                        self._split_loads)
         rank = dist.get_rank()
         for name, param in named:
-            self._owners[name] = owners[name]
-            self._spans[name] = (0, param.numel()) if owners[name] == rank else (0, 0)
+            if name in cuts:
+                self._spans[name] = cuts[name][rank]
+                self._straddling.add(name)
+            else:
+                self._owners[name] = owners[name]
+                self._spans[name] = (0, param.numel()) if owners[name] == rank else (0, 0)
 
     def use_spans(self, spans: Mapping[str, splitting.Span]) -> None:
         """Track, on this rank, only ``spans`` (``{name: (start, length)}`` in each flattened parameter) of
@@ -417,13 +428,20 @@ class GradTracker:
         span = self._spans.get(name)
         return span is None or span[1] > 0
 
-    def _gather_span(self, name: str, mask: torch.Tensor, numel: int) -> torch.Tensor:
-        """The full parameter's bit-packed mask from the ranks' masks of their spans (a collective)."""
+    def _gather_held(self, name: str, bits: torch.Tensor | None, numel: int) -> torch.Tensor:
+        """The full bit-packed mask of a split parameter of ``numel`` elements from this rank's packed mask of
+        its span (a collective; spans on byte boundaries, see :meth:`_packs_its_span`)."""
         owner = self._owners.get(name)
         if owner is not None:
-            bits = pack_bits(mask.reshape(-1)) if dist.get_rank() == owner else None
             return splitting.broadcast_packed(bits, numel, owner, self._group, self._collective_device)
-        return splitting.gather(mask, self._spans[name], numel, self._group, self._collective_device)
+        return splitting.gather_packed(bits, self._spans[name], numel, self._group, self._collective_device)
+
+    def _packs_its_span(self, name: str) -> bool:
+        """Whether this rank's masks of a split parameter can be packed on their own and placed: held whole
+        by one rank, or cut on byte boundaries (:func:`gradtrace.tracking.split.cut`), not DeepSpeed's
+        partition fragments, which start anywhere."""
+        start, length = self._spans[name]
+        return name in self._owners or start % 8 == 0 or length == 0
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
@@ -854,30 +872,29 @@ class GradTracker:
             held = self._held(name, param)
             numel = held.numel()
             self._check_dtype(name, held)
-            owner = self._owners.get(name) if name in self._spans else None
-            if owner is not None:  # split, one rank holds it whole: its masks as if unsplit, broadcast
-                mine = self._packed_whole(name, param, held, fast) if dist.get_rank() == owner else [None] * len(kinds)
-                packed = [splitting.broadcast_packed(bits, param.numel(), owner, self._group, self._collective_device)
-                          for bits in mine]
+            if name in self._spans and self._packs_its_span(name):  # split: packed here as if unsplit, then
+                mine = self._packed_held(name, param, held, fast) if self._keeps(name) else [None] * len(kinds)
+                packed = [self._gather_held(name, bits, param.numel()) for bits in mine]  # assembled
             elif sharding.is_sharded(param) or name in self._spans:
                 masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(name, param, state)]
                 if cfg.ever_changed:
                     masks.append(unpack_bits(state["ever_changed_bits"], numel))
                 if name in self._spans:
-                    packed = [self._gather_span(name, m, param.numel()) for m in masks]
+                    packed = [splitting.gather(m, self._spans[name], param.numel(), self._group,
+                                               self._collective_device) for m in masks]
                 else:
                     packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
             else:
-                packed = self._packed_whole(name, param, _local(param), fast)
+                packed = self._packed_held(name, param, _local(param), fast)
             for kind, bits in zip(kinds, packed, strict=True):
                 out[kind][name] = PackedMask(bits.to("cpu", copy=True), sharding.full_shape(param))
         return out
 
-    def _packed_whole(self, name: str, param: nn.Parameter, held: torch.Tensor,
-                      fast: cpu_measure.CpuMeasurer | None) -> list[torch.Tensor]:
-        """The packed masks of a parameter whose state this rank keeps whole (``held``: its data): the
-        gradient bits as kept, the update masks from the CPU scan where it applies (packed as it goes, no
-        boolean masks), and the ever-changed bits."""
+    def _packed_held(self, name: str, param: nn.Parameter, held: torch.Tensor,
+                     fast: cpu_measure.CpuMeasurer | None) -> list[torch.Tensor]:
+        """The packed masks of the part of a parameter this rank keeps (``held``: its data): the gradient
+        bits as kept, the update masks from the CPU scan where it applies (packed as it goes, no boolean
+        masks), and the ever-changed bits."""
         state = self.state[name]
         local = held.detach()
         if fast is not None and cpu_measure.supports(local, state["reference"]):

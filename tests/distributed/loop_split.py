@@ -29,11 +29,20 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import gradtrace  # noqa: E402
 
 VOCAB, SEQ, USED, GLOBAL_BATCH, STEPS = 35, 12, 30, 8, 4
+WIDE_VOCAB, ID_SPACING = 1000, 33  # DDP: USED token ids spread over the whole embedding, 0 ... 957
 LATE = "model.layers.1.mlp.down_proj.weight"  # joins the optimizer at step 3 with --add-group
 
 
-def build_model() -> LlamaForCausalLM:
+def build_model(backend: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
+    if backend == "ddp":
+        # an embedding of more than half the trained parameters (it is a quarter of Qwen2-0.5B): split
+        # tracking cuts it between the ranks rather than giving it whole to one. The output head is frozen
+        # so that the embedding's gradient stays sparse (only the rows of the tokens seen), as untied.
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=WIDE_VOCAB, hidden_size=32, intermediate_size=63,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        model.lm_head.weight.requires_grad_(False)
+        return model
     # odd sizes: FSDP2 shards and ZeRO-3 partitions are uneven, as in real models
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=63,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
@@ -60,7 +69,7 @@ def main() -> None:
     if distributed:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_model()
+    model = build_model(args.backend)
     start = 0
     saved = None
     if args.resume:
@@ -102,6 +111,8 @@ def main() -> None:
     stop = args.save_at or STEPS
     for step in range(STEPS):
         batch = torch.randint(0, USED, (GLOBAL_BATCH, SEQ), generator=generator)
+        if args.backend == "ddp":  # rows with and without gradients in every rank's span of the embedding
+            batch = batch * ID_SPACING
         if step < start:
             continue
         if step == stop:
