@@ -220,6 +220,57 @@ def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
                               if math.isfinite(r["per_layer"][layer][metric])}
 
 
+# Not the defaults (LAYER_STEP), so a keyword dropped on the way to LiveCharts would show the defaults instead.
+CHOSEN_LAYER_STEP = ("cancelled", "absorbed")
+
+
+def assert_only_chosen_layer_step_images(tb, history: list[dict]) -> None:
+    """The ``gradtrace_layer_step/`` images are exactly CHOSEN_LAYER_STEP, each showing the run log."""
+    images = {t for t in tb.Tags()["images"] if t.startswith("gradtrace_layer_step/")}
+    assert images == {f"gradtrace_layer_step/{m}" for m in CHOSEN_LAYER_STEP}
+    steps = [int(r["step"]) for r in history]
+    for metric in CHOSEN_LAYER_STEP:
+        logged = tb.Images(f"gradtrace_layer_step/{metric}")
+        assert [i.step for i in logged] == steps
+        assert_layer_step_image(decode(logged[-1].encoded_image_string), history, metric)
+
+
+def test_trainer_callback_draws_the_chosen_layer_step_metrics(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
+        gradtrace.GradTraceCallback(layer_step_metrics=("update_sparsity", "nonsense"))
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                             report_to="tensorboard", use_cpu=True, save_strategy="no",
+                             learning_rate=1e-3, disable_tqdm=True, seed=0)
+    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full", layer_step_metrics=CHOSEN_LAYER_STEP)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    history = read_run_log(out / "gradtrace")["logs"]
+    assert [r["step"] for r in history] == [2, 4]
+    [run] = [d for d in (out / "runs").iterdir() if d.is_dir()]
+    assert_only_chosen_layer_step_images(tb_events(run), history)
+
+
+def test_trace_draws_the_chosen_layer_step_metrics(tmp_path):
+    model = tiny_llama(2, hidden=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
+        gradtrace.trace(model, optimizer, tmp_path / "bad", layer_step_metrics=("nonsense",))
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "run", log_every=1, strict=True, report_to="tensorboard",
+                             config=gradtrace.TrackerConfig(cancellation="full"), layer_step_metrics=CHOSEN_LAYER_STEP)
+    for tokens in Tokens(6).rows.split(2):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    log = read_run_log(tmp_path / "run")
+    assert "layer_step_metrics" not in log["info"]  # a chart option, not a run-info entry
+    assert [r["step"] for r in log["logs"]] == [1, 2, 3]
+    assert_only_chosen_layer_step_images(tb_events(tmp_path / "run" / "tensorboard"), log["logs"])
+
+
 def test_report_to_names_are_checked_and_a_missing_tracker_only_warns(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
