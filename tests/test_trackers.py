@@ -10,7 +10,6 @@ A 64-layer model checks the default chart-key bound in W&B, TensorBoard and MLfl
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradtrace
 from gradtrace import GradTraceWarning, read_run_log
-from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, chart_keys_bound, finite, scalar_payload
+from gradtrace.sinks.payload import (
+    BREAKDOWN_METRICS,
+    HISTOGRAM_KEY,
+    TABLE_KEY,
+    chart_keys_bound,
+    finite,
+    scalar_payload,
+)
 from tests.tracker_checks import assert_layer_step_image
 
 pytest.importorskip("tensorboard")
@@ -119,7 +125,9 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
             assert_layer_step_image(decode(image.encoded_image_string),
                                     [r for r in history if r["step"] <= image.step], metric)
     assert [i.step for i in tb.Images("gradtrace_heatmap/update_sparsity")] == [2, 4, 6]
-    for event in tb.Histograms(HISTOGRAM_KEY):
+    histograms = tb.Histograms(HISTOGRAM_KEY)
+    assert [e.step for e in histograms] == [2, 4, 6]  # else the loop below would pass on no histogram at all
+    for event in histograms:
         counts = records[event.step]["cancellation_histogram"]["counts"]
         assert event.histogram_value.bucket == counts and event.histogram_value.num == sum(counts) > 0
     [table] = tb.Tensors(f"{TABLE_KEY}/text_summary")
@@ -213,11 +221,18 @@ def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
     tb = tb_events(tmp_path / "run" / "tensorboard")
     logs = read_run_log(tmp_path / "run")["logs"]
     assert not tb.Tags()["images"]  # heatmaps=False: no rendering at all
-    for layer in ("0", "1", "2"):
-        for metric in LAYER_STEP:
+    layers = ("0", "1", "2")
+    assert all(sorted(r["per_layer"]) == list(layers) for r in logs)
+    # Every per-layer metric that the run log has a finite value of, and nothing else, is a series.
+    expected = {f"gradtrace_layer/{layer}/{metric}" for layer in layers for metric in BREAKDOWN_METRICS
+                if any(finite(r["per_layer"][layer].get(metric)) for r in logs)}
+    assert {t for t in tb.Tags()["scalars"] if t.startswith("gradtrace_layer/")} == expected
+    assert len(expected) == len(layers) * len(BREAKDOWN_METRICS)  # this run has all 5 per layer
+    for layer in layers:
+        for metric in BREAKDOWN_METRICS:
             series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/{layer}/{metric}")}
             assert series == {r["step"]: np.float32(r["per_layer"][layer][metric]) for r in logs
-                              if math.isfinite(r["per_layer"][layer][metric])}
+                              if finite(r["per_layer"][layer].get(metric))}, (layer, metric)
 
 
 # Not the defaults (LAYER_STEP), so a keyword dropped on the way to LiveCharts would show the defaults instead.
