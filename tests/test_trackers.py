@@ -4,12 +4,15 @@ A real ``transformers.Trainer`` with ``report_to=["tensorboard", "mlflow"]`` run
 ``TensorBoardCallback`` and ``MLflowCallback``; gradtrace follows ``args.report_to`` into the same runs.
 The TensorBoard event files are read with TensorBoard's ``EventAccumulator``, the MLflow run with
 ``MlflowClient`` on a SQLite store; every value is compared with the local run log (the record of truth).
-A 64-layer model checks the default chart-key bound in W&B, TensorBoard and MLflow at once.
+A 64-layer model checks the default chart-key bound in W&B, TensorBoard, MLflow and trackio at once
+(trackio read back from its own SQLite store).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +36,10 @@ from tests.tracker_checks import assert_layer_step_image
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
+
+# trackio fixes its store's folder at import: a private one, unless another test module already chose one.
+if "trackio" not in __import__("sys").modules:
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradtrace-trackio-")
 
 VOCAB = 64
 from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
@@ -161,10 +168,13 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
 
 
 def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlflow_store, monkeypatch):
-    """A 64-layer model by default: a few dozen keys, none per layer, in W&B, TensorBoard and MLflow."""
+    """A 64-layer model by default: a few dozen keys, none per layer, in W&B, TensorBoard, MLflow and trackio."""
     import mlflow
     import wandb
     from mlflow.tracking import MlflowClient
+
+    trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `test` extra installs it)")
+    from trackio.sqlite_storage import SQLiteStorage
 
     from tests.wandb_file import read_run
 
@@ -177,8 +187,10 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         wandb.init(mode="offline", dir=root, project="gradtrace-tests")
         mlflow.start_run(run_name=f"L{layers}")
+        project = f"gradtrace-{tmp_path.name}"  # the store is shared by this module's tests: one project each
+        trackio.init(project=project, name=f"L{layers}", embed=False)
         tracer = gradtrace.trace(model, optimizer, root / "run", log_every=1, strict=True,
-                                 report_to=["wandb", "tensorboard", "mlflow"])
+                                 report_to=["wandb", "tensorboard", "mlflow", "trackio"])
         for tokens in Tokens(4).rows.split(2):
             model(input_ids=tokens, labels=tokens).loss.backward()
             optimizer.step()
@@ -187,6 +199,7 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         run_id = mlflow.active_run().info.run_id
         mlflow.end_run()
         wandb.finish()
+        trackio.finish()
 
         wb = read_run(root)
         wb_keys = {k for row in wb.history for k in row if k.startswith("gradtrace") and k != "gradtrace/step"
@@ -197,6 +210,10 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         ml_metrics = {k for k in client.get_run(run_id).data.metrics if not k.startswith("gradtrace/final/")}
         ml_images = {p.path.split("/")[1].split("+")[0].replace("~", "/")
                      for p in client.list_artifacts(run_id, "images")}
+        # trackio keeps the final values as a row (W&B: in the run summary, not the history).
+        tr_keys = {k for row in SQLiteStorage.get_logs(project, run=f"L{layers}") for k in row
+                   if k.startswith("gradtrace") and k not in ("gradtrace/step", TABLE_KEY)
+                   and not k.startswith("gradtrace/final/")}
         record = read_run_log(root / "run")["logs"][-1]
         assert len(record["per_layer"]) == layers
         kinds = len(record["per_kind"])
@@ -204,6 +221,7 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         assert len(wb_keys) == len(tb_keys) == expected <= KEY_BOUND, (layers, len(wb_keys), len(tb_keys))
         # MLflow has no histogram type: the same keys less the cancellation histogram.
         assert ml_metrics | ml_images == wb_keys - {HISTOGRAM_KEY}
+        assert tr_keys == wb_keys  # trackio has scalars, images and histograms: every key
         # The bound does not grow with depth: the number of kinds and global values is the model's, not its layers'.
         assert not [k for k in wb_keys if k.startswith("gradtrace_layer/")]
 
