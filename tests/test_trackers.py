@@ -4,13 +4,15 @@ A real ``transformers.Trainer`` with ``report_to=["tensorboard", "mlflow"]`` run
 ``TensorBoardCallback`` and ``MLflowCallback``; gradtrace follows ``args.report_to`` into the same runs.
 The TensorBoard event files are read with TensorBoard's ``EventAccumulator``, the MLflow run with
 ``MlflowClient`` on a SQLite store; every value is compared with the local run log (the record of truth).
-A 64-layer model checks the default chart-key bound in W&B, TensorBoard and MLflow at once.
+A 64-layer model checks the default chart-key bound in W&B, TensorBoard, MLflow and trackio at once
+(trackio read back from its own SQLite store).
 """
 
 from __future__ import annotations
 
 import io
-import math
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,11 +24,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradtrace
 from gradtrace import GradTraceWarning, read_run_log
-from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, chart_keys_bound, finite, scalar_payload
+from gradtrace.sinks.payload import (
+    BREAKDOWN_METRICS,
+    HISTOGRAM_KEY,
+    TABLE_KEY,
+    chart_keys_bound,
+    finite,
+    scalar_payload,
+)
 from tests.tracker_checks import assert_layer_step_image
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
+
+# trackio fixes its store's folder at import: a private one, unless another test module already chose one.
+if "trackio" not in __import__("sys").modules:
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradtrace-trackio-")
 
 VOCAB = 64
 from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
@@ -119,7 +132,9 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
             assert_layer_step_image(decode(image.encoded_image_string),
                                     [r for r in history if r["step"] <= image.step], metric)
     assert [i.step for i in tb.Images("gradtrace_heatmap/update_sparsity")] == [2, 4, 6]
-    for event in tb.Histograms(HISTOGRAM_KEY):
+    histograms = tb.Histograms(HISTOGRAM_KEY)
+    assert [e.step for e in histograms] == [2, 4, 6]  # else the loop below would pass on no histogram at all
+    for event in histograms:
         counts = records[event.step]["cancellation_histogram"]["counts"]
         assert event.histogram_value.bucket == counts and event.histogram_value.num == sum(counts) > 0
     [table] = tb.Tensors(f"{TABLE_KEY}/text_summary")
@@ -153,10 +168,13 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
 
 
 def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlflow_store, monkeypatch):
-    """A 64-layer model by default: a few dozen keys, none per layer, in W&B, TensorBoard and MLflow."""
+    """A 64-layer model by default: a few dozen keys, none per layer, in W&B, TensorBoard, MLflow and trackio."""
     import mlflow
     import wandb
     from mlflow.tracking import MlflowClient
+
+    trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `test` extra installs it)")
+    from trackio.sqlite_storage import SQLiteStorage
 
     from tests.wandb_file import read_run
 
@@ -169,8 +187,10 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         wandb.init(mode="offline", dir=root, project="gradtrace-tests")
         mlflow.start_run(run_name=f"L{layers}")
+        project = f"gradtrace-{tmp_path.name}"  # the store is shared by this module's tests: one project each
+        trackio.init(project=project, name=f"L{layers}", embed=False)
         tracer = gradtrace.trace(model, optimizer, root / "run", log_every=1, strict=True,
-                                 report_to=["wandb", "tensorboard", "mlflow"])
+                                 report_to=["wandb", "tensorboard", "mlflow", "trackio"])
         for tokens in Tokens(4).rows.split(2):
             model(input_ids=tokens, labels=tokens).loss.backward()
             optimizer.step()
@@ -179,6 +199,7 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         run_id = mlflow.active_run().info.run_id
         mlflow.end_run()
         wandb.finish()
+        trackio.finish()
 
         wb = read_run(root)
         wb_keys = {k for row in wb.history for k in row if k.startswith("gradtrace") and k != "gradtrace/step"
@@ -189,6 +210,10 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         ml_metrics = {k for k in client.get_run(run_id).data.metrics if not k.startswith("gradtrace/final/")}
         ml_images = {p.path.split("/")[1].split("+")[0].replace("~", "/")
                      for p in client.list_artifacts(run_id, "images")}
+        # trackio keeps the final values as a row (W&B: in the run summary, not the history).
+        tr_keys = {k for row in SQLiteStorage.get_logs(project, run=f"L{layers}") for k in row
+                   if k.startswith("gradtrace") and k not in ("gradtrace/step", TABLE_KEY)
+                   and not k.startswith("gradtrace/final/")}
         record = read_run_log(root / "run")["logs"][-1]
         assert len(record["per_layer"]) == layers
         kinds = len(record["per_kind"])
@@ -196,6 +221,7 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         assert len(wb_keys) == len(tb_keys) == expected <= KEY_BOUND, (layers, len(wb_keys), len(tb_keys))
         # MLflow has no histogram type: the same keys less the cancellation histogram.
         assert ml_metrics | ml_images == wb_keys - {HISTOGRAM_KEY}
+        assert tr_keys == wb_keys  # trackio has scalars, images and histograms: every key
         # The bound does not grow with depth: the number of kinds and global values is the model's, not its layers'.
         assert not [k for k in wb_keys if k.startswith("gradtrace_layer/")]
 
@@ -213,11 +239,69 @@ def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
     tb = tb_events(tmp_path / "run" / "tensorboard")
     logs = read_run_log(tmp_path / "run")["logs"]
     assert not tb.Tags()["images"]  # heatmaps=False: no rendering at all
-    for layer in ("0", "1", "2"):
-        for metric in LAYER_STEP:
+    layers = ("0", "1", "2")
+    assert all(sorted(r["per_layer"]) == list(layers) for r in logs)
+    # Every per-layer metric that the run log has a finite value of, and nothing else, is a series.
+    expected = {f"gradtrace_layer/{layer}/{metric}" for layer in layers for metric in BREAKDOWN_METRICS
+                if any(finite(r["per_layer"][layer].get(metric)) for r in logs)}
+    assert {t for t in tb.Tags()["scalars"] if t.startswith("gradtrace_layer/")} == expected
+    assert len(expected) == len(layers) * len(BREAKDOWN_METRICS)  # this run has all 5 per layer
+    for layer in layers:
+        for metric in BREAKDOWN_METRICS:
             series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/{layer}/{metric}")}
             assert series == {r["step"]: np.float32(r["per_layer"][layer][metric]) for r in logs
-                              if math.isfinite(r["per_layer"][layer][metric])}
+                              if finite(r["per_layer"][layer].get(metric))}, (layer, metric)
+
+
+# Not the defaults (LAYER_STEP), so a keyword dropped on the way to LiveCharts would show the defaults instead.
+CHOSEN_LAYER_STEP = ("cancelled", "absorbed")
+
+
+def assert_only_chosen_layer_step_images(tb, history: list[dict]) -> None:
+    """The ``gradtrace_layer_step/`` images are exactly CHOSEN_LAYER_STEP, each showing the run log."""
+    images = {t for t in tb.Tags()["images"] if t.startswith("gradtrace_layer_step/")}
+    assert images == {f"gradtrace_layer_step/{m}" for m in CHOSEN_LAYER_STEP}
+    steps = [int(r["step"]) for r in history]
+    for metric in CHOSEN_LAYER_STEP:
+        logged = tb.Images(f"gradtrace_layer_step/{metric}")
+        assert [i.step for i in logged] == steps
+        assert_layer_step_image(decode(logged[-1].encoded_image_string), history, metric)
+
+
+def test_trainer_callback_draws_the_chosen_layer_step_metrics(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
+        gradtrace.GradTraceCallback(layer_step_metrics=("update_sparsity", "nonsense"))
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                             report_to="tensorboard", use_cpu=True, save_strategy="no",
+                             learning_rate=1e-3, disable_tqdm=True, seed=0)
+    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full", layer_step_metrics=CHOSEN_LAYER_STEP)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    history = read_run_log(out / "gradtrace")["logs"]
+    assert [r["step"] for r in history] == [2, 4]
+    [run] = [d for d in (out / "runs").iterdir() if d.is_dir()]
+    assert_only_chosen_layer_step_images(tb_events(run), history)
+
+
+def test_trace_draws_the_chosen_layer_step_metrics(tmp_path):
+    model = tiny_llama(2, hidden=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
+        gradtrace.trace(model, optimizer, tmp_path / "bad", layer_step_metrics=("nonsense",))
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "run", log_every=1, strict=True, report_to="tensorboard",
+                             config=gradtrace.TrackerConfig(cancellation="full"), layer_step_metrics=CHOSEN_LAYER_STEP)
+    for tokens in Tokens(6).rows.split(2):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    log = read_run_log(tmp_path / "run")
+    assert "layer_step_metrics" not in log["info"]  # a chart option, not a run-info entry
+    assert [r["step"] for r in log["logs"]] == [1, 2, 3]
+    assert_only_chosen_layer_step_images(tb_events(tmp_path / "run" / "tensorboard"), log["logs"])
 
 
 def test_report_to_names_are_checked_and_a_missing_tracker_only_warns(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from gradtrace.integrations.parameters import (
 )
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import GradTraceWarning, TraceSession
-from gradtrace.sinks.payload import LiveCharts
+from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
@@ -98,7 +99,8 @@ class Tracer:
 def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, *,
           config: TrackerConfig | None = None, log_every: int | None = 10,
           report_to: str | list[str] | None = None, wandb: bool = True, heatmaps: bool = True,
-          per_layer_curves: bool = False, strict: bool = False, is_main_process: bool = True,
+          per_layer_curves: bool = False, layer_step_metrics: Iterable[str] = LAYER_STEP_METRICS,
+          strict: bool = False, is_main_process: bool = True,
           split: bool | None = None, **info: Any) -> Tracer:
     """Start tracking ``model``'s trainable parameters that ``optimizer`` steps, through its steps.
 
@@ -109,17 +111,20 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     ``report_to`` (``"wandb"``, ``"mlflow"``, ``"trackio"``: the run active at the first log;
     ``"tensorboard"``: ``$TENSORBOARD_LOGGING_DIR`` or ``output_dir/tensorboard``). Default: W&B,
     MLflow and trackio, each only while you have a run of it open. ``wandb=False`` leaves W&B out;
-    ``heatmaps`` / ``per_layer_curves`` as for :class:`~gradtrace.GradTraceCallback`. Under DDP every rank
+    ``heatmaps`` / ``per_layer_curves`` / ``layer_step_metrics`` as for :class:`~gradtrace.GradTraceCallback`. Under DDP every rank
     calls ``trace`` and the ranks divide the tracking among them (``split``, see :class:`GradTracker`). Extra keyword
     arguments (e.g. ``max_grad_norm=1.0``) are recorded in the run's info.
     """
+    # First: an unknown layer_step_metrics name fails here, before any tracker state is allocated (and
+    # is never taken for a run-info keyword).
+    charts = LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves, layer_step_metrics=layer_step_metrics)
     names = (["wandb", "mlflow", "trackio"] if report_to is None
              else normalize_report_to(report_to, strict=True))
     names = [n for n in names if wandb or n != "wandb"]
     named, not_stepped = stepped_parameters(model, optimizer)
     tracker = GradTracker(named, config, layout_model=model, split=split)
     sinks, problems = build_sinks(
-        names, step_key="gradtrace/step", charts=LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves),
+        names, step_key="gradtrace/step", charts=charts,
         tensorboard_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "tensorboard"))
     for problem in problems if report_to is not None else []:  # the default names only what is open
         warnings.warn(f"gradtrace: {problem}", GradTraceWarning, stacklevel=2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -30,7 +31,7 @@ from gradtrace.integrations import deepspeed as deepspeed_support
 from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
 from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import GradTraceWarning, TraceSession
-from gradtrace.sinks.payload import LiveCharts
+from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.sinks.tensorboard import trainer_log_dir
 from gradtrace.tracking.config import TrackerConfig
@@ -71,6 +72,9 @@ class GradTraceCallback(TrainerCallback):
         wandb: allow W&B (``False``: never log to it, whatever ``report_to`` says).
         heatmaps: also log the images (layer x step per metric, layer x kind); see README for their cost.
         per_layer_curves: also log one scalar series per layer and metric (``gradtrace_layer/<NN>/...``).
+        layer_step_metrics: the per-layer metrics drawn as layer x step images (``gradtrace_layer_step/<metric>``),
+            any of :data:`~gradtrace.sinks.payload.BREAKDOWN_METRICS`; default the two sparsities. An unknown
+            name is a ``ValueError`` here, not at the first logging step.
         resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
             default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
         split: under DDP and DeepSpeed ZeRO-0/1/2 the ranks divide the tracking among them (each keeps the
@@ -82,6 +86,7 @@ class GradTraceCallback(TrainerCallback):
     def __init__(self, output_dir: str | os.PathLike | None = None, config: TrackerConfig | None = None, *,
                  log_every: int | None = None, report_to: str | list[str] | None = None, wandb: bool = True,
                  heatmaps: bool = True, per_layer_curves: bool = False,
+                 layer_step_metrics: Iterable[str] = LAYER_STEP_METRICS,
                  resume_from: str | os.PathLike | None = None, split: bool | None = None,
                  strict: bool = False, **config_kwargs: Any):
         if config is not None and config_kwargs:
@@ -91,7 +96,8 @@ class GradTraceCallback(TrainerCallback):
         self.log_every = log_every
         self.report_to = None if report_to is None else normalize_report_to(report_to, strict=True)
         self.use_wandb = wandb
-        self.charts = LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves)
+        self.charts = LiveCharts(heatmaps=heatmaps, per_layer_curves=per_layer_curves,
+                                 layer_step_metrics=layer_step_metrics)
         self.resume_from = resume_from
         self.split = split
         self.strict = strict

@@ -21,6 +21,9 @@ calls, so a user who switches tracker finds the same panels under the same keys:
 
 Every per-layer number stays reachable without them: the run log, the layer x step images, and the final
 per-matrix table. :func:`chart_keys_bound` states how many distinct keys a run gets by default.
+
+At the end, trackers with artifacts (W&B, trackio) get the same one, built by :func:`masks_artifact`: type
+``gradtrace-masks``, the masks file and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
 
 BREAKDOWN_METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
 KIND_METRICS = ("gradient_sparsity", "update_sparsity")
@@ -45,6 +51,7 @@ HEATMAP_SECTION = "gradtrace_heatmap"
 EXPERT_SECTION = "gradtrace_expert"
 HISTOGRAM_KEY = "gradtrace_cancellation/ratio"
 TABLE_KEY = "gradtrace_final/per_matrix"
+ARTIFACT_TYPE = "gradtrace-masks"
 SECTIONS = (GLOBAL_SECTION, KIND_SECTION, LAYER_SECTION, LAYER_STEP_SECTION, HEATMAP_SECTION, EXPERT_SECTION,
             "gradtrace_cancellation", "gradtrace_final")
 
@@ -106,6 +113,25 @@ def chart_keys_bound(global_keys: int, kinds: int, *, kind_metrics: int = len(KI
     """
     experts = heatmap_metrics + ranked_experts if ranked_experts else 0
     return global_keys + kinds * kind_metrics + layer_step_metrics + heatmap_metrics + 1 + experts
+
+
+def masks_artifact(artifact_class: Any, name: str, run_dir: str | Path, metadata: dict[str, Any]) -> Any | None:
+    """The end-of-run artifact: the masks file, and ``summary.json`` beside it when written; None when the
+    run wrote no masks file (nothing to fetch).
+
+    ``artifact_class`` is the tracker's (``wandb.Artifact``, ``trackio.Artifact``): both take
+    ``(name, type=, metadata=, description=)`` and ``add_file(path, name=)``, so one recipe serves both.
+    """
+    masks = Path(run_dir) / MASKS_NAME
+    if not masks.is_file():
+        return None
+    artifact = artifact_class(name, type=ARTIFACT_TYPE, metadata=metadata,
+                              description="gradtrace masks: which elements received a gradient / changed")
+    artifact.add_file(str(masks), name=MASKS_NAME)
+    exported = Path(run_dir) / SUMMARY_NAME
+    if exported.is_file():
+        artifact.add_file(str(exported), name=SUMMARY_NAME)
+    return artifact
 
 
 @dataclass

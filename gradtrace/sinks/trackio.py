@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
-from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, LiveCharts, final_scalars
+from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, LiveCharts, final_scalars, masks_artifact
 
 TRAINER_STEP_KEY = "train/global_step"
 
@@ -91,15 +90,9 @@ class TrackioSink:
         columns, rows = self.charts.table(summary)
         run.log({TABLE_KEY: trackio.Table(columns=columns, data=rows), **final_scalars(summary),
                  self.step_key: summary["step"]}, step=summary["step"] if self._own_steps else None)
-        masks = Path(run_dir) / MASKS_NAME
-        if masks.is_file():
-            artifact = trackio.Artifact(self.artifact_name or f"gradtrace-masks-{run.name}", type="gradtrace-masks",
-                                        metadata={"step": summary["step"]},
-                                        description="gradtrace masks: which elements received a gradient / changed")
-            artifact.add_file(str(masks), name=MASKS_NAME)
-            exported = Path(run_dir) / SUMMARY_NAME
-            if exported.is_file():
-                artifact.add_file(str(exported), name=SUMMARY_NAME)
+        artifact = masks_artifact(trackio.Artifact, self.artifact_name or f"gradtrace-masks-{run.name}", run_dir,
+                                  {"step": summary["step"]})
+        if artifact is not None:
             run.log_artifact(artifact)
         if reopened:
             trackio.finish()

@@ -20,10 +20,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
-from gradtrace.sinks.payload import HISTOGRAM_KEY, SECTIONS, TABLE_KEY, LiveCharts, final_scalars, finite
+from gradtrace.formats.run_dir import SUMMARY_NAME
+from gradtrace.sinks.payload import ARTIFACT_TYPE as ARTIFACT_TYPE  # re-exported: its home was here
+from gradtrace.sinks.payload import (
+    HISTOGRAM_KEY,
+    SECTIONS,
+    TABLE_KEY,
+    LiveCharts,
+    final_scalars,
+    finite,
+    masks_artifact,
+)
 
-ARTIFACT_TYPE = "gradtrace-masks"
 EXPERT_TABLE_KEY = "gradtrace_final/per_expert"  # MoE models: one row per routed expert
 
 
@@ -121,15 +129,9 @@ class WandbSink:
             tables[EXPERT_TABLE_KEY] = wandb.Table(columns=columns, data=rows)
         run.log({**tables, self.step_key: summary["step"]})
         final = final_scalars(summary)
-        masks = Path(run_dir) / MASKS_NAME
-        if masks.is_file():
-            name = self.artifact_name or default_artifact_name(run)
-            artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata=artifact_metadata(summary, run_dir),
-                                      description="gradtrace masks: which elements received a gradient / changed")
-            artifact.add_file(str(masks), name=MASKS_NAME)
-            exported = Path(run_dir) / SUMMARY_NAME
-            if exported.is_file():
-                artifact.add_file(str(exported), name=SUMMARY_NAME)
+        name = self.artifact_name or default_artifact_name(run)
+        artifact = masks_artifact(wandb.Artifact, name, run_dir, artifact_metadata(summary, run_dir))
+        if artifact is not None:
             run.log_artifact(artifact)
             final["gradtrace/final/masks_artifact"] = name
         run.summary.update(final)
