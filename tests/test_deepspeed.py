@@ -70,8 +70,10 @@ def test_zero_trainer_matches_single_process(tmp_path, reference, stage, per_dev
         assert max(per_rank) <= 0.55 * want["state_bytes"][where]
     if stage in (1, 2):
         # each rank tracks the fragments of its own optimizer partition, and reads its gradient there:
-        # no all-reduce per parameter (safe_get_full_grad), only the step flags and the finite check of
-        # the parameters cut between partitions
+        # no all-reduce per parameter (safe_get_full_grad). Per step, before DeepSpeed's own step: the
+        # tracker's 2 (the step flags, the finite check of the parameters cut between partitions),
+        # DeepSpeed's has_overflow (1), and, as the sums are clipped, DeepSpeed's scaled_global_norm (one
+        # per parameter group: the Trainer makes 2, with and without weight decay)
         straddling = 0
         for name in got[0]["spans"]:
             held = sorted(tuple(r["spans"][name]) for r in got if r["spans"][name][1])
@@ -79,7 +81,8 @@ def test_zero_trainer_matches_single_process(tmp_path, reference, stage, per_dev
             straddling += len(held) > 1
         assert straddling >= 1  # a parameter cut between the two partitions
         for record in got:
-            assert record["collectives_per_step"] == [2] * 4 and record["tracked_parameters"] > 10
+            assert record["parameter_groups"] == 2
+            assert record["collectives_per_step"] == [2 + 1 + 2] * 4 and record["tracked_parameters"] > 10
     assert_same_masks(out / "gradtrace" / "masks.safetensors", reference / "gradtrace" / "masks.safetensors")
 
     ds_log, single_log = read_run_log(out / "gradtrace"), read_run_log(reference / "gradtrace")
@@ -109,7 +112,8 @@ def test_zero2_without_split_reads_full_gradients_with_an_all_reduce_each(tmp_pa
     got, (want,) = ranks(out), ranks(reference, world=1)
     for record in got:
         assert not record["sharded"] and record["spans"] == {}
-        assert record["collectives_per_step"] == [record["tracked_parameters"]] * 4
+        # one per parameter, then DeepSpeed's has_overflow and norm (2 groups), as in the split case
+        assert record["collectives_per_step"] == [record["tracked_parameters"] + 1 + 2] * 4
     assert got[0]["gradient_digest"] == got[1]["gradient_digest"] == want["gradient_digest"]
     assert_same_masks(out / "gradtrace" / "masks.safetensors", reference / "gradtrace" / "masks.safetensors")
 

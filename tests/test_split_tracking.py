@@ -49,6 +49,10 @@ def test_ddp_ranks_split_the_tracking_and_match_one_process(tmp_path):
     for name in set(spans[0]) - {embedding}:  # every other parameter, the late one included: whole on one rank
         lengths = sorted(s[name][1] for s in spans)
         assert lengths[0] == 0 and lengths[1] > 0, name
+    # collectives in the optimizer step, counted: the step's 2-element flags and the cut embedding's finite
+    # flag at every step, plus the counts' one all-reduce at the logging steps (2 and 4); none to add the
+    # late matrix (every rank assigns it alike)
+    assert [r["collectives_per_step"] for r in got] == [[2, 3, 2, 3]] * 2
     assert sum(r["tracked_numel"] for r in got) == want["tracked_numel"]
     for where in ("device", "reference"):
         per_rank = [r["state_bytes"][where] for r in got]
@@ -64,6 +68,7 @@ def test_split_off_tracks_everything_on_every_rank(tmp_path):
     got, (want,) = ranks(tmp_path / "ddp"), ranks(tmp_path / "single", world=1)
     assert not any(r["sharded"] for r in got)
     assert [r["state_bytes"] for r in got] == [want["state_bytes"]] * 2
+    assert [r["collectives_per_step"] for r in got] == [[0] * 4] * 2  # nothing to agree on
     assert_same_masks(tmp_path / "ddp" / "masks.safetensors", tmp_path / "single" / "masks.safetensors")
 
 

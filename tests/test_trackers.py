@@ -273,6 +273,7 @@ def test_trainer_callback_draws_the_chosen_layer_step_metrics(tmp_path, monkeypa
 
     with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
         gradtrace.GradTraceCallback(layer_step_metrics=("update_sparsity", "nonsense"))
+    assert gradtrace.GradTraceCallback(layer_step_metrics="cancelled").charts.layer_step_metrics == ("cancelled",)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "out"
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,

@@ -43,13 +43,16 @@ accumulation, ZeRO-2 and stage 0 in fp32 give the masks and per-step counts of a
 DeepSpeed. bf16 and fp16 with a forced overflow (plain engine loop, ZeRO-0/1/2/3; ``tests/test_deepspeed_precision.py``):
 masks, skipped-step counts and gradient sums equal those recorded from DeepSpeed's own gradients in the
 same loop; fp16 runs there only with the CPU accelerator's fp16 capability check overridden (this CPU has
-no mkldnn fp16, and DeepSpeed refuses: "Type fp16 is not supported on your device."). Not tested: CPU/NVMe offload,
-GPUs/NCCL, pipeline or tensor parallelism, MoE.
+no mkldnn fp16, and DeepSpeed refuses: "Type fp16 is not supported on your device."). Not tested under
+ZeRO-0/1/2: CPU offload, MoE models (both are tested under ZeRO-3, below); nowhere: GPUs/NCCL, pipeline or
+tensor parallelism.
 
 Cost: split (ZeRO-1/2), two small all-reduces per step in the gradient read (the step's zero/NaN flags,
 and whether each parameter cut between partitions had a finite gradient on every rank), DeepSpeed's own
 ``has_overflow`` before the step (:class:`_StepPlan`: a read of the partitions and one scalar all-reduce),
-and the tracker's state of about 1/N of the parameters per rank. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
+with the sums kept and clipping on DeepSpeed's own ``scaled_global_norm`` (another read of the partitions
+and one scalar all-reduce per parameter group; DeepSpeed's step computes it again), and the tracker's
+state of about 1/N of the parameters per rank. All of them are counted per step in the ZeRO-2 test. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
 fp32 gradient from the ranks' partitions with one all-reduce per parameter, i.e. about one extra
 full-gradient all-reduce (in fp32) per optimizer step, plus one transient fp32 buffer of the largest
 parameter's size (the gradients are fetched one parameter at a time, never all at once).

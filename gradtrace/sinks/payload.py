@@ -165,7 +165,8 @@ class LiveCharts:
         self.per_layer_curves = per_layer_curves
         self.heatmaps = heatmaps
         self.kind_metrics = tuple(kind_metrics)
-        self.layer_step_metrics = tuple(layer_step_metrics)
+        # one name alone is one metric (tuple() would split it into letters)
+        self.layer_step_metrics = (layer_step_metrics,) if isinstance(layer_step_metrics, str) else tuple(layer_step_metrics)
         unknown = sorted(set(self.layer_step_metrics) - set(BREAKDOWN_METRICS))
         if unknown:
             raise ValueError(f"layer_step_metrics: unknown metric(s) {unknown}; choose from {BREAKDOWN_METRICS}")

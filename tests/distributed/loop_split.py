@@ -16,6 +16,7 @@ Each rank writes ``OUT/rank{r}.json``: the tracker's state bytes, tracked elemen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -109,6 +110,7 @@ def main() -> None:
         tracer.load_state(args.resume)
     generator = torch.Generator().manual_seed(1234)
     stop = args.save_at or STEPS
+    collectives_per_step: list[int] = []
     for step in range(STEPS):
         batch = torch.randint(0, USED, (GLOBAL_BATCH, SEQ), generator=generator)
         if args.backend == "ddp":  # rows with and without gradients in every rank's span of the embedding
@@ -124,8 +126,10 @@ def main() -> None:
             engine.backward(engine(input_ids=mine, labels=mine).loss)
             engine.step()
         else:
-            model(input_ids=mine, labels=mine).loss.backward()
-            optimizer.step()
+            model(input_ids=mine, labels=mine).loss.backward()  # DDP's own all-reduces: not counted
+            with counting_collectives(distributed) as issued:  # gradtrace's, in its optimizer-step hook
+                optimizer.step()
+            collectives_per_step.append(len(issued))
             optimizer.zero_grad()
     if args.save_at:
         checkpoint = os.path.join(args.out, "ckpt")
@@ -140,10 +144,36 @@ def main() -> None:
     tracker = tracer.tracker
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump({"world_size": world, "sharded": tracker.sharded, "state_bytes": tracker.state_bytes(),
-                   "tracked_numel": tracker.numel, "spans": tracker.spans, "steps": tracker.steps}, handle)
+                   "tracked_numel": tracker.numel, "spans": tracker.spans, "steps": tracker.steps,
+                   "collectives_per_step": collectives_per_step}, handle)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def counting_collectives(distributed: bool):
+    """The collectives issued inside the block (a list of their names), counted by wrapping
+    torch.distributed's functions for its duration."""
+    issued: list[str] = []
+    names = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+             "reduce_scatter_tensor", "barrier")
+    real = {name: getattr(dist, name) for name in names}
+
+    def counted(name):
+        def call(*a, **k):
+            issued.append(name)
+            return real[name](*a, **k)
+        return call
+
+    if distributed:
+        for name in names:
+            setattr(dist, name, counted(name))
+    try:
+        yield issued
+    finally:
+        for name, function in real.items():
+            setattr(dist, name, function)
 
 
 class _Zero3Tracer:

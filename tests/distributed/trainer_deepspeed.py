@@ -37,6 +37,7 @@ from teardown import end_process_group  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gradtrace import GradTraceCallback, GradTraceWarning  # noqa: E402
+from gradtrace.integrations import deepspeed as deepspeed_support  # noqa: E402
 
 VOCAB, SEQ, USED, STEPS, OVERFLOW_STEP = 95, 12, 48, 4, 3
 
@@ -63,9 +64,18 @@ class Recorder(TrainerCallback):
         self.collectives_per_step: list[int] = []
         if self.handle is None:
             return
-        # every all-reduce / all-gather issued while the tracker reads and folds a step's gradient
+        # every all-reduce / all-gather gradtrace's step hook issues before DeepSpeed's own step: while it
+        # foresees the step with DeepSpeed's checks (_StepPlan: the overflow check, the clipping norm) and
+        # while the tracker reads and folds the gradient
         tracker = self.traced.tracker
         observe, calls = tracker.observe_gradients, []
+        plan = deepspeed_support._StepPlan
+
+        def planning(*a, **k):
+            calls.clear()
+            return plan(*a, **k)
+
+        deepspeed_support._StepPlan = planning
         for op in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
             real = getattr(dist, op)
 
@@ -76,7 +86,6 @@ class Recorder(TrainerCallback):
             setattr(dist, op, counted)
 
         def counting(*a, **k):
-            calls.clear()
             observe(*a, **k)
             self.collectives_per_step.append(len(calls))
 
@@ -152,6 +161,7 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
         "grad_was_none_at_pre_step": recorder.grad_was_none_at_pre_step,
         "gradient_digest": digest.hexdigest(),
         "collectives_per_step": getattr(recorder, "collectives_per_step", []),
+        "parameter_groups": len(getattr(handle.optimizer, "bit16_groups", [])) if handle else None,
         "tracked_parameters": len(tracker.parameter_names) if tracker else None,
         "spans": tracker.spans if tracker else None,
         "sharded": tracker.sharded if tracker else None,
