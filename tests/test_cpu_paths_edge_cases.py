@@ -192,3 +192,20 @@ def test_shard_sample_starts_at_or_past_the_shard_end(dtype, monkeypatch):
         for _, p in params:
             p.add_(torch.randn(p.numel(), generator=generator).to(dtype) * (torch.rand(p.numel()) < 0.5))
     _assert_same_measure(fast, reference, "measure")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # the dtypes it takes
+def test_the_finite_check_agrees_with_isfinite_in_any_chunk(dtype):
+    """CpuScanner.finite (the split tracking's check of a span's gradient) against torch.isfinite: NaN,
+    +inf and -inf in the first, a middle and the last chunk, the largest finite value, negative zero."""
+    scanner = CpuScanner(chunk_elements=64)
+    base = torch.randn(1000, dtype=torch.float64).to(dtype)
+    base[7] = torch.finfo(dtype).max
+    base[8] = -torch.finfo(dtype).max
+    base[9] = -0.0
+    assert scanner.finite(base) and bool(torch.isfinite(base).all())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, 500, 999):
+            grad = base.clone()
+            grad[at] = bad
+            assert scanner.finite(grad) is bool(torch.isfinite(grad).all()) is False, (bad, at)

@@ -694,6 +694,8 @@ class GradTracker:
             grad = self._local_gradient(name, self._named[name], grads)
             if grad is None or grad.numel() == 0:
                 flags.append(torch.ones((), dtype=torch.bool, device=self._collective_device))
+            elif self._cpu_scanner is not None and cpu_scan.supports(grad):  # NumPy on the raw bits
+                flags.append(torch.tensor(self._cpu_scanner.finite(grad), device=self._collective_device))
             else:
                 flags.append(_to(_scan_gradient(grad)[2], self._collective_device))
         reduced = torch.stack(flags).to(torch.int32)
