@@ -237,6 +237,42 @@ def test_copies_to_the_host_are_never_asynchronous():
     assert ("cpu", True) not in recorded.calls and ("cpu", False) in recorded.calls
 
 
+class RecordHostReads(TorchFunctionMode):
+    """Records every call that reads a tensor's values into Python or NumPy: on a GPU, each is a host sync."""
+
+    # Not numpy(): the tracker calls it only where a tensor is on the CPU already (bitpack.popcount's NumPy
+    # branch; on a GPU the same count is a table lookup on the device).
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.__bool__,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_torch_path_reads_values_once_per_logging_step_and_never_in_a_step():
+    """What a GPU run does (the torch path, forced here on the CPU): no value read while
+    folding a step's gradient or update, and exactly one, measure()'s transfer of all counts, per logging
+    step; summarizing the result reads no tensor at all."""
+    from gradtrace.tracking.summary import summarize
+
+    model = linear(dtype=torch.float64)
+    tracker = GradTracker(model, TrackerConfig(ever_changed=True, cancellation="full"))
+    tracker._cpu_scanner, tracker._cpu_measure = None, False  # the NumPy paths are for CPU tensors only
+    step(model, tracker, 1)
+    with RecordHostReads() as reads:
+        step(model, tracker, 2)
+    assert reads.calls == []
+    with RecordHostReads() as reads:
+        summarize(tracker.measure(), step=2)
+    assert reads.calls == ["tolist"]
+
+
 def test_only_the_safe_helper_passes_non_blocking():
     """Read by code: every ``non_blocking=`` in the package goes through ``tracker._to``."""
     package = Path(gradtrace.__file__).parent
