@@ -36,16 +36,16 @@ def _layer_sort_key(layer: str) -> tuple[int, int | str]:
 
 
 @dataclass(frozen=True)
-class LayerStepImage:
-    """A rendered layer x step heatmap and where its cells are, in PNG pixels (origin top left)."""
+class LayerStepImage(GridImage):
+    """A rendered layer x step heatmap (:class:`~gradtrace.views.raster.GridImage`: rows are the layers, top
+    to bottom; columns the shown steps, left to right) with its metric and steps as numbers."""
 
-    png: bytes
     metric: str
-    layers: tuple[str, ...]  # row order, top to bottom
-    steps: tuple[int, ...]  # column order, left to right
-    box: tuple[float, float, float, float]  # heatmap area: left, top, right, bottom
-    vmin: float
-    vmax: float
+    steps: tuple[int, ...]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.rows
 
     def cell_center(self, layer: str, step: int) -> tuple[int, int]:
         """Pixel (x, y) at the centre of ``layer``'s cell at ``step``."""
@@ -110,8 +110,7 @@ class LayerStepHistory:
         image = draw_grid(data, layers, [str(s) for s in steps], vmin=vmin, vmax=vmax, column_label="step",
                           title=title or f"{name} per layer, steps {steps[0]} to {steps[-1]}", width=_PANEL_W,
                           height=min(max(_MIN_PANEL_H, _ROW_PX * len(layers)), _MAX_PANEL_H))
-        return LayerStepImage(png=image.png, metric=metric, layers=tuple(layers), steps=tuple(steps),
-                              box=image.box, vmin=vmin, vmax=vmax)
+        return LayerStepImage(**vars(image), metric=metric, steps=tuple(steps))
 
 
 def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
