@@ -10,7 +10,8 @@ every one). ``--save-at K`` stops after step K with the tracker state (``Tracer.
 model and optimizer, both as world-size-independent full state, in ``OUT/ckpt``; ``--resume DIR`` loads
 them and runs the remaining steps, with any number of processes. ``--add-group`` (DDP) leaves one matrix
 out of the optimizer until step 3, when it joins through ``add_param_group`` (a parameter added mid-run).
-Each rank writes ``OUT/rank{r}.json``: the tracker's state bytes, tracked elements and spans.
+Each rank writes ``OUT/rank{r}.json``: the tracker's state bytes, tracked elements and spans, the collectives
+each optimizer step issued (DDP), and on resume whether its reference copy is its part of the initial weights.
 """
 
 from __future__ import annotations
@@ -106,8 +107,10 @@ def main() -> None:
     else:
         tracer = gradtrace.trace(traced, optimizer, args.out, log_every=2, wandb=False, strict=True,
                                  is_main_process=rank == 0, config=config, split=False if args.no_split else None)
+    reference_is_initial = None
     if args.resume:
         tracer.load_state(args.resume)
+        reference_is_initial = reference_matches(tracer.tracker, build_model(args.backend))
     generator = torch.Generator().manual_seed(1234)
     stop = args.save_at or STEPS
     collectives_per_step: list[int] = []
@@ -145,10 +148,24 @@ def main() -> None:
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump({"world_size": world, "sharded": tracker.sharded, "state_bytes": tracker.state_bytes(),
                    "tracked_numel": tracker.numel, "spans": tracker.spans, "steps": tracker.steps,
-                   "collectives_per_step": collectives_per_step}, handle)
+                   "collectives_per_step": collectives_per_step, "reference_is_initial": reference_is_initial},
+                  handle)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def reference_matches(tracker, initial_model) -> bool:
+    """Whether the reference copy each rank resumed with is exactly its part (its layout's run of each
+    flattened parameter) of the initial weights, rebuilt here from the seed: a check of the re-cut state
+    that does not go through gradtrace's own re-cutting."""
+    initial = dict(initial_model.named_parameters())
+    for name, (start, length) in tracker.layout().items():
+        want = initial[name].detach().reshape(-1)[start:start + length]
+        got = tracker.state[name]["reference"].reshape(-1)
+        if not torch.equal(got, want.to(got.dtype)):
+            return False
+    return True
 
 
 @contextlib.contextmanager
