@@ -1,5 +1,6 @@
 """Elastic resume: tracker state saved by 2 processes resumed by 1, and by 1 resumed by 2, under DDP (split
-tracking), FSDP2 and DeepSpeed ZeRO-3 (real gloo processes), against one uninterrupted process.
+tracking), FSDP2 and DeepSpeed ZeRO-2 (each rank tracks its partition's fragments) and ZeRO-3 (real gloo
+processes), against one uninterrupted process.
 
 Run alone with ``python -m pytest -m distributed tests/test_elastic_resume.py``.
 """
@@ -35,10 +36,10 @@ def uninterrupted(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero2", "zero3"])
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_resume_with_another_number_of_processes(tmp_path, uninterrupted, backend, before, after):
-    if backend == "zero3":
+    if backend.startswith("zero"):
         pytest.importorskip("deepspeed")
     first, second = tmp_path / "first", tmp_path / "second"
     uninterrupted = uninterrupted(backend)
@@ -59,14 +60,14 @@ def test_resume_with_another_number_of_processes(tmp_path, uninterrupted, backen
     got_summary = json.loads((second / "summary.json").read_text())
     want_summary = json.loads((uninterrupted / "summary.json").read_text())
     assert got_summary["optimizer_steps"] == want_summary["optimizer_steps"] == 4
-    if backend != "zero3":
+    if not backend.startswith("zero"):
         assert_same_masks(second / "masks.safetensors", uninterrupted / "masks.safetensors")
         for key in ("global", "per_matrix", "per_layer", "per_kind", "cancellation_histogram"):
             assert got_summary[key] == want_summary[key], key
         return
-    # DeepSpeed's ZeRO-3 AdamW step rounds a few weights differently from torch's in the last place (an
-    # uninterrupted ZeRO-3 run does too), which moves a handful of elements across the 1e-5 / 1e-3
-    # tolerances; the gradient and bitwise update masks, the gradient counts and the resumed reference
+    # DeepSpeed's AdamW step on its flat fp32 partitions rounds a few weights differently from torch's in
+    # the last place (an uninterrupted ZeRO-2 or ZeRO-3 run does too: 12 and 25 elements of this model at
+    # ZeRO-2), which moves a handful of elements across the 1e-5 / 1e-3 tolerances; the gradient and bitwise update masks, the gradient counts and the resumed reference
     # copy (above) are exact.
     got, want = load_masks(second / "masks.safetensors"), load_masks(uninterrupted / "masks.safetensors")
     assert set(got) == set(want)

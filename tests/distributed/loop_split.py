@@ -1,12 +1,12 @@
-"""A tiny Llama in a plain loop traced with ``gradtrace.trace``, under DDP, FSDP2 or DeepSpeed ZeRO-3
+"""A tiny Llama in a plain loop traced with ``gradtrace.trace``, under DDP, FSDP2 or DeepSpeed ZeRO-2/3
 on CPU (gloo), or as one plain process: split tracking and elastic resume.
 
     torchrun --nproc_per_node 2 tests/distributed/loop_split.py OUT BACKEND [--save-at K] [--resume DIR]
     python tests/distributed/loop_split.py OUT BACKEND ...            # one process (BACKEND's plain model)
 
 BACKEND: ``ddp`` (every rank holds the whole model; gradtrace splits the tracking among the ranks),
-``fsdp2`` (``fully_shard``) or ``zero3``. Every run sees the same global batches (each rank its share of
-every one). ``--save-at K`` stops after step K with the tracker state (``Tracer.save_state``) and the
+``fsdp2`` (``fully_shard``), ``zero2`` or ``zero3`` (DeepSpeed engines). Every run sees the same global
+batches (each rank its share of every one). ``--save-at K`` stops after step K with the tracker state (``Tracer.save_state``) and the
 model and optimizer, both as world-size-independent full state, in ``OUT/ckpt``; ``--resume DIR`` loads
 them and runs the remaining steps, with any number of processes. ``--add-group`` (DDP) leaves one matrix
 out of the optimizer until step 3, when it joins through ``add_param_group`` (a parameter added mid-run).
@@ -31,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import gradtrace  # noqa: E402
 
 VOCAB, SEQ, USED, GLOBAL_BATCH, STEPS = 35, 12, 30, 8, 4
+ZERO = {"zero2": 2, "zero3": 3}  # DeepSpeed backends: their ZeRO stage
 WIDE_VOCAB, ID_SPACING = 1000, 33  # DDP: USED token ids spread over the whole embedding, 0 ... 957
 LATE = "model.layers.1.mlp.down_proj.weight"  # joins the optimizer at step 3 with --add-group
 
@@ -50,8 +51,8 @@ def build_model(backend: str) -> LlamaForCausalLM:
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
 
 
-def zero3_config(world: int) -> dict:
-    return {"zero_optimization": {"stage": 3}, "train_batch_size": GLOBAL_BATCH,
+def zero_config(world: int, stage: int) -> dict:
+    return {"zero_optimization": {"stage": stage}, "train_batch_size": GLOBAL_BATCH,
             "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
             "zero_allow_untested_optimizer": True, "steps_per_print": 10_000}
 
@@ -59,7 +60,7 @@ def zero3_config(world: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("backend", choices=("ddp", "fsdp2", "zero3"))
+    parser.add_argument("backend", choices=("ddp", "fsdp2", "zero2", "zero3"))
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--add-group", action="store_true")
@@ -94,16 +95,16 @@ def main() -> None:
     late = [p for n, p in _named(model) if n == LATE] if args.add_group else []
     params = [p for n, p in _named(model) if not (args.add_group and n == LATE)]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    if distributed and args.backend == "zero3":
+    if distributed and args.backend in ZERO:
         import deepspeed
 
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_config(world))
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero_config(world, ZERO[args.backend]))
     if saved is not None:
         load_optimizer(model, optimizer, saved["optimizer"], args.backend if distributed else "plain")
     traced = engine.module if engine is not None else model
     config = gradtrace.TrackerConfig(sample_stride=3)
-    if engine is not None:  # ZeRO-3: through the engine's optimizer, as the Trainer callback does
-        tracer = zero3_tracer(traced, engine, args.out, rank, config)
+    if engine is not None:  # DeepSpeed: through the engine's optimizer, as the Trainer callback does
+        tracer = deepspeed_tracer(traced, engine, args.out, rank, config)
     else:
         tracer = gradtrace.trace(traced, optimizer, args.out, log_every=2, wandb=False, strict=True,
                                  is_main_process=rank == 0, config=config, split=False if args.no_split else None)
@@ -193,7 +194,7 @@ def counting_collectives(distributed: bool):
             setattr(dist, name, function)
 
 
-class _Zero3Tracer:
+class _DeepSpeedTracer:
     """``Tracer``'s surface over a tracker attached to a DeepSpeed engine (gradtrace.integrations.deepspeed)."""
 
     def __init__(self, session, handle):
@@ -212,13 +213,13 @@ class _Zero3Tracer:
         self.session.finish(self.tracker.steps)
 
 
-def zero3_tracer(module, engine, out, rank, config):
+def deepspeed_tracer(module, engine, out, rank, config):
     from gradtrace.integrations.deepspeed import attach_to_deepspeed
     from gradtrace.integrations.session import TraceSession
 
     tracker = gradtrace.GradTracker(module, config)
     session = TraceSession(tracker, out, strict=True, is_main_process=rank == 0)
-    return _Zero3Tracer(session, attach_to_deepspeed(tracker, engine))
+    return _DeepSpeedTracer(session, attach_to_deepspeed(tracker, engine))
 
 
 def full_model_state(model, engine) -> dict:
@@ -244,10 +245,10 @@ def full_optimizer_state(model, optimizer, backend: str) -> dict:
     """AdamW's moments and step counts of every parameter by name, whole (gathered where sharded)."""
     names = _names(model)
     out = {}
-    if backend == "zero3":
+    if backend in ZERO:
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        step = torch.tensor(float(_zero3_step(optimizer)))
+        step = torch.tensor(float(_zero_step(optimizer)))
         for name, param in model.named_parameters():
             out[name] = {key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}
             out[name]["step"] = step
@@ -267,21 +268,25 @@ def _named(model):
     return list(model.named_parameters())
 
 
-def _zero3_step(optimizer) -> int:
+def _zero_step(optimizer) -> int:
     inner = optimizer.optimizer
     return int(next(iter(inner.state.values()))["step"])
 
 
 def load_optimizer(model, optimizer, saved: dict, backend: str) -> None:
-    if backend == "zero3":
+    if backend in ZERO:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        # ZeRO-3 keeps the moments of flat fp32 partitions, created by the first step: create them as
+        # ZeRO keeps the moments of flat fp32 partitions, created by the first step: create them as
         # torch's AdamW would, then set each parameter's part of them and the partitions' step count
         inner = optimizer.optimizer
-        for flat in optimizer.fp32_partitioned_groups_flat:
+        flats = (optimizer.fp32_partitioned_groups_flat if backend == "zero3"
+                 else optimizer.single_partition_of_fp32_groups)
+        for flat in flats:
             inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                                  "exp_avg_sq": torch.zeros_like(flat)}
+        if backend == "zero2":  # ZeRO-1/2 link each parameter's fragment of the moments when they exist
+            optimizer._lazy_init_hp_params_optimizer_state()
         for name, param in model.named_parameters():
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, saved[name][key], key)
