@@ -119,7 +119,7 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
                                                                                   EXPERT_TABLE_KEY}
     last = records[2]
     assert len(keys) == chart_keys_bound(len([v for v in last["global"].values() if finite(v)]), len(last["per_kind"]),
-                                         ranked_experts=6)
+                                         moe=True)
     [table_row] = [row for row in wb.history if EXPERT_TABLE_KEY in row]
     table = json.loads(wb.load_file(table_row[EXPERT_TABLE_KEY]["path"]))
     got = {f"{r[0]}/{r[1]}": dict(zip(table["columns"], r, strict=True)) for r in table["data"]}

@@ -103,15 +103,17 @@ def final_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
 
 def chart_keys_bound(global_keys: int, kinds: int, *, kind_metrics: int = len(KIND_METRICS),
                      layer_step_metrics: int = len(LAYER_STEP_METRICS),
-                     heatmap_metrics: int = len(HEATMAP_METRICS), ranked_experts: int = 0) -> int:
+                     heatmap_metrics: int = len(HEATMAP_METRICS), moe: bool = False) -> int:
     """Distinct per-step chart keys by default: independent of the model's depth and number of experts.
 
     ``global_keys`` (about 16) + ``kinds`` x ``kind_metrics`` + one image key per layer x step and layer x
-    kind metric + the histogram. For a Llama-style model (10 kinds): 16 + 20 + 2 + 2 + 1 = 41. A MoE
-    model adds the layer x expert images (``heatmap_metrics`` more) and ``ranked_experts`` series (the
-    least and most touched: 2 x 3).
+    kind metric + the histogram. For a Llama-style model (10 kinds): 16 + 20 + 2 + 2 + 1 = 41. A MoE model
+    (``moe``, at least 3 routed experts) adds the layer x expert images (``heatmap_metrics`` more) and the
+    6 ranked-expert series (the 3 least and 3 most touched).
     """
-    experts = heatmap_metrics + ranked_experts if ranked_experts else 0
+    from gradtrace.tracking.summary import EXTREME_EXPERTS
+
+    experts = heatmap_metrics + 2 * EXTREME_EXPERTS if moe else 0
     return global_keys + kinds * kind_metrics + layer_step_metrics + heatmap_metrics + 1 + experts
 
 

@@ -7,8 +7,8 @@ of the flattened parameter (maybe empty, maybe the whole of it), the spans of on
 across ranks. The tracker then handles a span exactly as a shard of a sharded parameter whose local data
 is that run: counts are summed across ranks at measuring time and masks assembled at export.
 
-:func:`divide` cuts a parameter larger than one rank's even share of the model (a tied embedding is a
-quarter of Qwen2-0.5B) into one span per rank, and :func:`assign` gives the others whole to ranks, greedily
+:func:`divide` cuts a parameter larger than one rank's even share of the model (a tied embedding is 28%
+of Qwen2-0.5B) into one span per rank, and :func:`assign` gives the others whole to ranks, greedily
 by size over sorted names: every rank computes the same division without communicating, and a parameter
 added mid-run (which every rank adds alike) goes to the least loaded rank. Whole parameters alone would
 leave the busiest rank at least the largest parameter: 2.2x its share at 8 ranks on Qwen2-0.5B. Masks of a parameter one rank holds whole are computed there as without
@@ -86,7 +86,7 @@ def broadcast_packed(bits: torch.Tensor | None, numel: int, owner: int, group: d
                      device: torch.device) -> torch.Tensor:
     """The bit-packed mask of a parameter of ``numel`` elements that one rank (global rank ``owner``)
     holds whole: ``bits`` there (``None`` elsewhere), broadcast to every rank of ``group`` (a collective)."""
-    packed = (bits.to(device) if dist.get_rank() == owner
+    packed = (bits.to(device, copy=True) if dist.get_rank() == owner  # the caller's state stays its own
               else torch.empty(packed_length(numel), dtype=torch.uint8, device=device))
     dist.broadcast(packed, src=owner, group=group)
     return packed

@@ -303,23 +303,30 @@ class GradTracker:
         parameters are not supported (``ValueError``)."""
         before: dict[str, PackedMask] = {}
         index = {name: i for i, (name, _) in enumerate(self._params)}
-        for name, param in changes.rebound:
-            self._params[index[name]] = (name, param)
         for name, param in changes.restarted:  # refused up front, before any state changes
             if sharding.is_sharded(param) or sharding.is_sharded(self._params[index[name]][1]):
                 raise ValueError(f"parameter {name!r} changed shape or dtype while sharded: not supported")
             if name in self._straddling and not self._split_loads:
                 raise ValueError(f"parameter {name!r} changed shape or dtype while its tracking is cut along "
                                  "the engine's partitions (DeepSpeed ZeRO-1/2): not supported")
+        for name, param in changes.rebound:
+            self._params[index[name]] = (name, param)
         for name, param in changes.restarted:
             bits = self.state[name]["gradient_bits"]
+            former = math.prod(self._tracked_shapes[name])
             if name in self._spans:  # a collective: every rank restarts the same parameters, in the same order
-                bits = self._gather_held(name, bits, math.prod(self._tracked_shapes[name]))
+                bits = self._gather_held(name, bits, former)
             before[name] = PackedMask(bits.to("cpu", copy=True), self._tracked_shapes[name])
             self._params[index[name]] = (name, param)
             if name in self._straddling:  # cut anew, the same way on every rank
-                self._spans[name] = splitting.cut(param.numel(), len(self._split_loads))[dist.get_rank()]
+                world = len(self._split_loads)
+                for rank, (old, new) in enumerate(zip(splitting.cut(former, world), splitting.cut(param.numel(), world),
+                                                      strict=True)):
+                    self._split_loads[rank] += new[1] - old[1]  # parameters added later balance on true sizes
+                self._spans[name] = splitting.cut(param.numel(), world)[dist.get_rank()]
             elif name in self._spans:  # the same owner tracks it on, whole
+                if self._split_loads:
+                    self._split_loads[self._owners[name]] += param.numel() - former
                 self._spans[name] = (0, param.numel()) if self._spans[name][1] else (0, 0)
         for name, param in changes.added:
             self._params.append((name, param))

@@ -39,7 +39,7 @@ LATE = "model.layers.1.mlp.down_proj.weight"  # joins the optimizer at step 3 wi
 def build_model(backend: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
     if backend == "ddp":
-        # an embedding of more than half the trained parameters (it is a quarter of Qwen2-0.5B): split
+        # an embedding of more than half the trained parameters (a tied one is 28% of Qwen2-0.5B): split
         # tracking cuts it between the ranks rather than giving it whole to one. The output head is frozen
         # so that the embedding's gradient stays sparse (only the rows of the tokens seen), as untied.
         model = LlamaForCausalLM(LlamaConfig(vocab_size=WIDE_VOCAB, hidden_size=32, intermediate_size=63,
