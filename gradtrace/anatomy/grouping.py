@@ -56,6 +56,12 @@ def expert_key(layer: str, expert: int) -> str:
     return f"{layer}/{expert}"
 
 
+# How many of the least and of the most touched routed experts a summary names (and every tracker shows as
+# ranked series): a few, as top/bottom-K in NeMo Automodel. Here, below both gradtrace.tracking.summary
+# (which ranks them) and gradtrace.sinks (which counts their chart keys).
+EXTREME_EXPERTS = 3
+
+
 def by_expert(per_param: Mapping[str, Counts], per_slice: Mapping[str, Sequence[Counts]],
               listed: Mapping[str, int]) -> dict[str, dict[str, float]]:
     """Counts summed per routed expert, keyed ``"<layer>/<expert>"`` (layers in order, then experts).

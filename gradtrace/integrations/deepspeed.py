@@ -52,7 +52,9 @@ and whether each parameter cut between partitions had a finite gradient on every
 ``has_overflow`` before the step (:class:`_StepPlan`: a read of the partitions and one scalar all-reduce),
 with the sums kept and clipping on DeepSpeed's own ``scaled_global_norm`` (another read of the partitions
 and one scalar all-reduce per parameter group; DeepSpeed's step computes it again), and the tracker's
-state of about 1/N of the parameters per rank. All of them are counted per step in the ZeRO-2 test. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
+state of about 1/N of the parameters per rank. All of them are counted per step in the ZeRO-2 test.
+Foreseeing a skip takes one host sync per step (the answer of ``has_overflow``, of the norm's validity
+under ZeRO-3, or of stage 0's NaN check), as DeepSpeed's own step does to decide it. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
 fp32 gradient from the ranks' partitions with one all-reduce per parameter, i.e. about one extra
 full-gradient all-reduce (in fp32) per optimizer step, plus one transient fp32 buffer of the largest
 parameter's size (the gradients are fetched one parameter at a time, never all at once).

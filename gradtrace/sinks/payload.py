@@ -12,9 +12,10 @@ calls, so a user who switches tracker finds the same panels under the same keys:
 - ``gradtrace_heatmap/<metric>``: the layer x kind image of the current step (update / gradient sparsity);
   MoE models also the layer x expert image (``gradtrace_heatmap/expert_<metric>``).
 - ``gradtrace_expert/least_touched_<i>`` and ``most_touched_<i>`` (MoE models): the gradient density of
-  the i-th least / most touched routed expert, i = 1..3. Order statistics, like the min / median / max
-  under ``gradtrace/``: the number of keys does not grow with the number of experts. Which expert holds
-  each rank is named in the run log (``expert_extremes``) and in ``gradtrace watch``.
+  the i-th least / most touched routed expert, i = 1..3 (``anatomy.grouping.EXTREME_EXPERTS``). Order
+  statistics, like the min / median / max under ``gradtrace/``: the number of keys does not grow with the
+  number of experts. Which expert holds each rank is named in the run log (``expert_extremes``) and in
+  ``gradtrace watch``.
 - ``gradtrace_cancellation/ratio``: the histogram of |Σg|/Σ|g|.
 - ``gradtrace_layer/<NN>/<metric>``: one scalar series per layer and metric, only with
   ``per_layer_curves=True`` (5 charts per layer: 320 for a 64-layer model, which nobody reads).
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradtrace.anatomy.grouping import EXTREME_EXPERTS
 from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
 
 BREAKDOWN_METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
@@ -49,9 +51,6 @@ LAYER_SECTION = "gradtrace_layer"
 LAYER_STEP_SECTION = "gradtrace_layer_step"
 HEATMAP_SECTION = "gradtrace_heatmap"
 EXPERT_SECTION = "gradtrace_expert"
-# least_touched_1..3 and most_touched_1..3: gradtrace.tracking.summary names EXTREME_EXPERTS of each (a
-# constant of the tracking layer, which the sinks do not import; the MoE tracker tests count the keys)
-RANKED_EXPERT_SERIES = 6
 HISTOGRAM_KEY = "gradtrace_cancellation/ratio"
 TABLE_KEY = "gradtrace_final/per_matrix"
 ARTIFACT_TYPE = "gradtrace-masks"
@@ -110,11 +109,11 @@ def chart_keys_bound(global_keys: int, kinds: int, *, kind_metrics: int = len(KI
     """Distinct per-step chart keys by default: independent of the model's depth and number of experts.
 
     ``global_keys`` (about 16) + ``kinds`` x ``kind_metrics`` + one image key per layer x step and layer x
-    kind metric + the histogram. For a Llama-style model (10 kinds): 16 + 20 + 2 + 2 + 1 = 41. A MoE model
-    (``moe``, at least 3 routed experts) adds the layer x expert images (``heatmap_metrics`` more) and the
-    6 ranked-expert series (the 3 least and 3 most touched).
+    kind metric + the histogram: 16 global values and 10 kinds give 16 + 20 + 2 + 2 + 1 = 41. A MoE model
+    (``moe``, at least :data:`~gradtrace.anatomy.grouping.EXTREME_EXPERTS` routed experts) adds the layer x
+    expert images (``heatmap_metrics`` more) and the ranked-expert series (that many least and most touched).
     """
-    experts = heatmap_metrics + RANKED_EXPERT_SERIES if moe else 0
+    experts = heatmap_metrics + 2 * EXTREME_EXPERTS if moe else 0
     return global_keys + kinds * kind_metrics + layer_step_metrics + heatmap_metrics + 1 + experts
 
 

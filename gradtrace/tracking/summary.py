@@ -28,11 +28,10 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, total
+from gradtrace.anatomy.grouping import EXTREME_EXPERTS, by_expert, by_kind, by_layer, total
 from gradtrace.tracking.tracker import Measurement
 
 CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed")
-EXTREME_EXPERTS = 3  # least / most touched experts named per summary: a few, as top/bottom-K in NeMo Automodel
 
 
 def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_tolerance: float = 1e-3) -> dict:

@@ -320,10 +320,10 @@ class GradTracker:
             self._params[index[name]] = (name, param)
             if name in self._straddling:  # cut anew, the same way on every rank
                 world = len(self._split_loads)
-                for rank, (old, new) in enumerate(zip(splitting.cut(former, world), splitting.cut(param.numel(), world),
-                                                      strict=True)):
+                spans = splitting.cut(param.numel(), world)
+                for rank, (old, new) in enumerate(zip(splitting.cut(former, world), spans, strict=True)):
                     self._split_loads[rank] += new[1] - old[1]  # parameters added later balance on true sizes
-                self._spans[name] = splitting.cut(param.numel(), world)[dist.get_rank()]
+                self._spans[name] = spans[dist.get_rank()]
             elif name in self._spans:  # the same owner tracks it on, whole
                 if self._split_loads:
                     self._split_loads[self._owners[name]] += param.numel() - former
