@@ -16,9 +16,9 @@ class TrackerConfig:
     - ``cancellation="sampled"`` (default): fp32 signed and absolute gradient sums on every
       ``sample_stride``-th element: 8 / sample_stride B/param (0.125 at the default stride 64).
       ``"full"``: 8 B/param, exact per element. ``"off"``: nothing; cancelled/absorbed are not split.
-    - ``ever_changed=True``: a per-step "changed since the last step" detector: a 1-byte XOR signature
-      of each 2-byte element (bf16/fp16), 2 bytes for wider ones, plus a 1-bit "ever changed" mask:
-      1.125 B/param for bf16, 2.125 B/param for fp32.
+    - ``ever_changed=True``: an exact per-step "changed since the last step" detector: a copy of each
+      element's value after the last step (the parameter's own size), compared bit for bit after every
+      step, plus a 1-bit "ever changed" mask: 2.125 B/param for bf16, 4.125 B/param for fp32.
     - the reference copy of the initial weights, for the update mask: the parameter's own size,
       kept on ``reference_device`` ("cpu" by default: no accelerator memory).
     """

@@ -13,7 +13,7 @@ A gradient holding any NaN/inf contributes nothing (the tracker's rule), which i
 whole tensor is read: the packed bits and the sampled values go to scratch buffers first and are folded
 into the state after the last chunk. Results are bit-identical to the torch path; tests/test_tracker.py
 compares the two on edge values and chunk boundaries. :meth:`CpuScanner.fold_changes` does the same for
-the per-step change detector of ``ever_changed`` mode (:meth:`GradTracker.observe_update`).
+the exact per-step change detector of ``ever_changed`` mode (:meth:`GradTracker.observe_update`).
 """
 
 from __future__ import annotations
@@ -166,35 +166,24 @@ class CpuScanner:
                     self._add_sums(grad, sums, samples)
         return Folded(any_nonzero=peak != 0, finite=finite, nonzero=nonzero_count if count else None, full=full)
 
-    def fold_changes(self, values: torch.Tensor, signature: torch.Tensor, changed_bits: torch.Tensor) -> int:
-        """``ever_changed`` mode after an optimizer step: set the bits of the elements of ``values`` whose
-        change signature differs from ``signature``, store the new signatures, return how many changed.
-
-        The signature (``tracker._change_signature``) is the XOR of the two halves of each element's raw
-        bits: bytes for 2-byte dtypes (``signature`` uint8), 16-bit halves for float32 (int16).
-        """
-        half_bits = 8 * values.element_size() // 2
+    def fold_changes(self, values: torch.Tensor, last: torch.Tensor, changed_bits: torch.Tensor) -> int:
+        """``ever_changed`` mode after an optimizer step: set the bits of the elements of ``values`` whose raw
+        bits differ from ``last`` (the values after the previous step, flat, same dtype), copy the new values
+        into ``last``, return how many changed. Exact: a bitwise compare of every element."""
         raw = values.detach().reshape(-1).view(RAW_BITS[values.dtype]).numpy()
-        raw = raw.view(np.uint16 if half_bits == 8 else np.uint32)
-        low_type = np.uint8 if half_bits == 8 else np.uint16
-        last = signature.numpy().view(low_type)
+        previous = last.view(RAW_BITS[last.dtype]).numpy()
         state = changed_bits.numpy()
         numel = raw.size
-        folded = self._scratch("folded", min(self.chunk, numel), raw.dtype)
-        new = self._scratch("signature", min(self.chunk, numel), low_type)
         flags = self._scratch("nonzero", min(self.chunk, numel), np.bool_)
         changed = 0
         for start in range(0, numel, self.chunk):
             end = min(start + self.chunk, numel)
-            both, low, differs = folded[:end - start], new[:end - start], flags[:end - start]
-            np.right_shift(raw[start:end], half_bits, out=both)
-            np.bitwise_xor(both, raw[start:end], out=both)
-            np.copyto(low, both, casting="unsafe")  # keeps the low half: what torch's narrow view reads
-            np.not_equal(low, last[start:end], out=differs)
+            differs = flags[:end - start]
+            np.not_equal(raw[start:end], previous[start:end], out=differs)
             changed += int(np.count_nonzero(differs))
             packed = state[start // 8:(end + 7) // 8]
             np.bitwise_or(packed, np.packbits(differs, bitorder="little"), out=packed)
-            last[start:end] = low
+            previous[start:end] = raw[start:end]
         return changed
 
     def _add_sums(self, grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],

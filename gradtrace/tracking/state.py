@@ -21,15 +21,6 @@ Reduce = Literal["or", "sum", "none"]
 Placement = Literal["param", "reference"]
 
 
-def lowbits_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the per-step change detector: 1 byte for 2-byte values, 2 bytes for wider ones.
-
-    The detector keeps a byte-wise XOR of each element (see ``tracker._change_signature``); a change of
-    a bf16 weight by k < 256 ULPs always alters it. Tests check its recall against exact copies.
-    """
-    return torch.uint8 if torch.empty((), dtype=param_dtype).element_size() <= 2 else torch.int16
-
-
 def sampled_length(numel: int, stride: int, start: int = 0) -> int:
     """Elements ``start, start + stride, ...`` of a flattened (local) parameter: those with gradient sums."""
     return max(0, math.ceil((numel - start) / stride))
@@ -57,8 +48,8 @@ ACCUMULATORS: tuple[Accumulator, ...] = (
                 lambda c: c.tracks_sums, doc="sum of |finite gradients|, on the sampled elements"),
     Accumulator("ever_changed_bits", "or", lambda n, c, s: packed_length(n), lambda d: torch.uint8,
                 lambda c: c.ever_changed, doc="bit i set once an optimizer step changed element i"),
-    Accumulator("last_lowbits", "none", lambda n, c, s: n, lowbits_dtype,
-                lambda c: c.ever_changed, doc="low bits of each element after the last step"),
+    Accumulator("last_values", "none", lambda n, c, s: n, lambda d: d,
+                lambda c: c.ever_changed, doc="each element's value after the last step (exact change detector)"),
     Accumulator("reference", "none", lambda n, c, s: n, lambda d: d,
                 lambda c: True, placement="reference", doc="the element's value when tracking began"),
 )
@@ -81,6 +72,11 @@ COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 # How many counters earlier gradtrace versions saved (each list a prefix of COUNTERS): their states still
 # load, the newer counters starting at 0.
 EARLIER_COUNTER_COUNTS = (COUNTER_INDEX["skipped_overflow_steps"],)
+# Accumulators that earlier gradtrace versions saved and this one no longer keeps: a saved state holding
+# them still loads, without them. ``last_lowbits`` was a 1-byte XOR signature of each element that missed
+# some changes; its exact successor ``last_values`` starts from the parameter's current values, which after
+# a resume are the checkpoint's: the values after the last step, as it should.
+RETIRED_ACCUMULATORS = ("last_lowbits",)
 
 
 def enabled_accumulators(config: TrackerConfig) -> list[Accumulator]:

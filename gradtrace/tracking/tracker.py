@@ -32,8 +32,8 @@ from gradtrace.tracking.state import (
     COUNTER_REDUCE,
     COUNTERS,
     EARLIER_COUNTER_COUNTS,
+    RETIRED_ACCUMULATORS,
     enabled_accumulators,
-    lowbits_dtype,
 )
 
 # Per-parameter counts produced by measure(); fractions are derived in gradtrace.tracking.summary.
@@ -71,23 +71,6 @@ def _is_float8(dtype: torch.dtype) -> bool:
 def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
     """The same memory viewed as integers of equal width, for bitwise comparison."""
     return tensor.view(_INT_VIEW[tensor.element_size()])
-
-
-def _change_signature(tensor: torch.Tensor) -> torch.Tensor:
-    """Per element, the XOR of its bytes (2-byte dtypes) or of its 16-bit halves (wider dtypes).
-
-    Any change of fewer than 256 (resp. 65536) units in the last place alters it, and so does a sign
-    flip, which a plain low-byte snapshot misses when a weight crosses zero symmetrically.
-    """
-    low = lowbits_dtype(tensor.dtype)
-    width = tensor.element_size() // torch.empty((), dtype=low).element_size()
-    parts = tensor.reshape(-1).view(low).reshape(-1, width)
-    if width == 1:  # 1-byte dtypes: the value itself
-        return parts[:, 0].clone()
-    signature = parts[:, 0] ^ parts[:, 1]
-    for i in range(2, width):
-        signature ^= parts[:, i]
-    return signature
 
 
 @functools.cache
@@ -183,6 +166,21 @@ class Measurement:
     # fused expert tensors: one count dict per expert (its slice along dim 0), same fields as per_param
     per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     experts: ExpertLayout = field(default_factory=ExpertLayout)
+
+
+def _drop_retired(tensors: dict[str, torch.Tensor], state: Mapping[str, Mapping[str, torch.Tensor]]
+                  ) -> set[tuple[str, str]]:
+    """Remove from a saved state (in place) the accumulators an older gradtrace kept and this one does not
+    (:data:`~gradtrace.tracking.state.RETIRED_ACCUMULATORS`); return the ``(accumulator, parameter)`` pairs
+    that then keep their freshly allocated value: the exact change detector's ``last_values`` (the
+    parameter's current values, which after a resume are the values after the saved step)."""
+    kept = set()
+    for key in [k for k in tensors if k.split("/", 1)[0] in RETIRED_ACCUMULATORS]:
+        name = key.split("/", 1)[1]
+        del tensors[key]
+        if name in state and "last_values" in state[name] and f"last_values/{name}" not in tensors:
+            kept.add(("last_values", name))
+    return kept
 
 
 class GradTracker:
@@ -492,8 +490,8 @@ class GradTracker:
         for acc in self._accumulators:
             if acc.name == "reference":
                 state[acc.name] = self._reference_copy(local)
-            elif acc.name == "last_lowbits":
-                state[acc.name] = _change_signature(local).clone()
+            elif acc.name == "last_values":
+                state[acc.name] = local.reshape(-1).clone()  # flat, as every per-element accumulator
             else:
                 length = acc.length(numel, self.config, sample_start)
                 if sample_index is not None and acc.name in ("signed_sum", "abs_sum"):
@@ -726,14 +724,14 @@ class GradTracker:
             values = self._held(name, param).detach()
             self._check_dtype(name, values)
             weight = self._weight[name]  # counted on one rank only where several hold the same part
-            if self._cpu_scanner is not None and cpu_scan.supports(values):
-                changed_on_host += weight * self._cpu_scanner.fold_changes(values, state["last_lowbits"],
-                                                                           state["ever_changed_bits"])
+            last = state["last_values"]
+            if self._cpu_scanner is not None and cpu_scan.supports(values) and last.device == values.device:
+                changed_on_host += weight * self._cpu_scanner.fold_changes(values, last, state["ever_changed_bits"])
                 continue
-            low = _change_signature(values)
-            changed = low.ne(state["last_lowbits"])
+            flat = values.reshape(-1)
+            changed = _raw_bits(flat).ne(_raw_bits(last))  # bitwise: every change, a sign flip of 0 included
             or_pack_into(state["ever_changed_bits"], changed)
-            state["last_lowbits"].copy_(low)
+            last.copy_(flat)
             if weight:
                 step_changed += _to(changed.sum(), self._primary)
         step_changed += changed_on_host
@@ -931,6 +929,7 @@ class GradTracker:
         Everything is checked before anything is overwritten: a refused state leaves the tracker as it was.
         """
         tensors = dict(tensors)
+        kept_as_is = _drop_retired(tensors, self.state)
         saved_counters = tensors.get("counters")
         if (isinstance(saved_counters, torch.Tensor) and saved_counters.dtype == torch.int64
                 and saved_counters.dim() == 1 and saved_counters.numel() in EARLIER_COUNTER_COUNTS):
@@ -948,6 +947,8 @@ class GradTracker:
         for name, state in self.state.items():
             for key, value in state.items():
                 saved = tensors.get(f"{key}/{name}")
+                if (key, name) in kept_as_is:
+                    continue
                 if saved is None:
                     raise ValueError(f"{source}: no {key!r} for parameter {name!r}; was it saved for another "
                                      "model or with another TrackerConfig?")
@@ -955,13 +956,15 @@ class GradTracker:
                     found = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else type(saved).__name__
                     raise ValueError(f"{source}: {key!r} of {name!r} is {found}, "
                                      f"expected {tuple(value.shape)} {value.dtype}")
-        expected = {f"{key}/{name}" for name, state in self.state.items() for key in state} | {"counters", "steps"}
+        expected = ({f"{key}/{name}" for name, state in self.state.items() for key in state
+                     if (key, name) not in kept_as_is} | {"counters", "steps"})
         unexpected = sorted(set(tensors) - expected)
         if unexpected:
             raise ValueError(f"{source}: holds state for parameters this model does not track: {unexpected[:3]}")
         for name, state in self.state.items():
             for key, value in state.items():
-                value.copy_(tensors[f"{key}/{name}"])
+                if (key, name) not in kept_as_is:
+                    value.copy_(tensors[f"{key}/{name}"])
         self._full_bitmaps.clear()
         self.counters.copy_(tensors["counters"])
         self.steps = int(tensors["steps"][0])
@@ -997,11 +1000,17 @@ class GradTracker:
             raise ValueError(f"saved tracker state is for other parameters (not tracked here: {extra[:3]}; "
                              f"not saved: {missing[:3]})")
         new = {}
+        kept_as_is = set()
+        for part in parts:
+            kept_as_is |= _drop_retired(part.tensors, self.state)
         for name in self._named:
             start, length = layout[name]
             numel = math.prod(self._tracked_shapes[name])
             new[name] = {}
             for key, value in self.state[name].items():
+                if (key, name) in kept_as_is:
+                    new[name][key] = value
+                    continue
                 got = reshard.cut(parts, name, key, numel, start, length, self.config.stride)
                 if got.numel() != value.numel() or got.dtype != value.dtype:
                     raise ValueError(f"saved {key!r} of {name!r} does not fit this tracker: {got.numel()} "
