@@ -282,6 +282,6 @@ def test_steps_at_lr_zero_are_not_called_absorbed(tmp_path):
     summary = tracer.log()
     g = summary["global"]
     assert g["zero_lr_steps"] == 1 and g["update_sparsity"] == 1.0 and g["gradient_sparsity"] < 0.9
-    assert g["absorbed"] is None and g["cancelled"] is None  # unknown, not "lost to rounding"
-    assert all(v["absorbed"] is None for v in summary["per_kind"].values())
-    assert g["gradient_unchanged"] == pytest.approx(1 - g["gradient_sparsity"])
+    assert g["absorbed"] == 0.0 and g["cancelled"] == 0.0  # not "lost to rounding": the lr was 0
+    assert all(v["absorbed"] == 0.0 and v["zero_lr"] == v["gradient_unchanged"] for v in summary["per_kind"].values())
+    assert g["gradient_unchanged"] == pytest.approx(1 - g["gradient_sparsity"]) == pytest.approx(g["zero_lr"])

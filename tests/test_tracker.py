@@ -190,6 +190,27 @@ def test_nonfinite_gradients_are_counted_and_never_poison_state():
     assert g["step_gradient_density"] == 2 / 9 and g["step_gradient_density_step"] == 2
 
 
+@pytest.mark.parametrize("cpu_path", [True, False])
+def test_an_all_nan_step_through_trace_is_nonfinite_not_zero(tmp_path, cpu_path):
+    """A plain loop whose loss turns NaN for one step: that step counts as non-finite, not as all-zero."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracer = gradtrace.trace(model, optimizer, tmp_path, log_every=3, wandb=False, strict=True)
+    if not cpu_path:
+        tracer.tracker._cpu_scanner = None
+    for step in range(3):
+        loss = model(torch.randn(3, 4)).sum()
+        (loss * float("nan") if step == 1 else loss).backward()
+        assert step != 1 or all(torch.isnan(p.grad).all() for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    g = tracer.session.last_summary["global"]
+    assert g["nonfinite_gradient_steps"] == 1 and g["zero_gradient_steps"] == 0
+    assert g["discarded_gradient_elements"] == 10
+    tracer.finish()
+
+
 def test_density_is_counted_only_on_detailed_steps_and_zero_steps_always():
     param = nn.Parameter(torch.zeros(4))
     tracker = GradTracker([("p", param)])

@@ -62,7 +62,8 @@ def describe_selection(not_stepped: list[str], optimizer: Any) -> dict[str, Any]
     }
 
 
-def learning_rates(optimizer: Any) -> list[float]:
-    """The lr of each of the optimizer's param groups now (empty without an optimizer)."""
+def learning_rates(optimizer: Any) -> list[tuple[float, list[Any]]]:
+    """``(lr, parameters)`` of each of the optimizer's param groups now (empty without an optimizer)."""
     groups = getattr(unwrap_optimizer(optimizer), "param_groups", None) or []
-    return [float(group.get("lr", 0.0)) for group in groups if isinstance(group.get("lr", 0.0), (int, float))]
+    return [(float(group.get("lr", 0.0)), list(group.get("params", ()))) for group in groups
+            if isinstance(group.get("lr", 0.0), (int, float))]

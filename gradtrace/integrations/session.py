@@ -53,6 +53,9 @@ class TraceSession:
         self._warned: set[str] = set()
         self._parameter_source: Callable[[], list[tuple[str, Any]]] | None = None
         self.zero_lr_steps = 0  # optimizer steps taken with every param group at lr 0 (warm-up from 0)
+        # Tracked parameters whose param group had lr 0 at every step so far: what they received and kept
+        # unchanged is reported as zero_lr, not as cancelled or absorbed (tracking.summary).
+        self.zero_lr_parameters: set[str] = set(tracker.parameter_names)
         self._parameter_fingerprint: tuple | None = None
 
     # ------------------------------------------------------------------ failure policy
@@ -104,6 +107,7 @@ class TraceSession:
             return
         step = self.tracker.steps
         before = self.tracker.apply_parameter_changes(changes)
+        self.zero_lr_parameters |= {name for name, _ in [*changes.added, *changes.restarted]}  # no step yet
         record: dict[str, Any] = {"step": step, **changes.describe()}
         if before and self.is_main_process:
             path = self.run_dir / f"before-step-{step + 1}" / MASKS_NAME
@@ -121,22 +125,24 @@ class TraceSession:
             self.warn_once(f"parameters-{kind}-{step}", f"before optimizer step {step + 1} the trainable "
                            f"parameters changed: {shown} {said[kind]}")
 
-    def note_learning_rates(self, learning_rates: list[float]) -> None:
-        """Before a step: the lr of each param group it will use. A step at lr 0 everywhere changes nothing,
-        so its unchanged elements were not "absorbed by rounding"; such steps are counted, and while every
-        step so far was one, ``cancelled`` / ``absorbed`` are reported unknown."""
-        if learning_rates and all(lr == 0 for lr in learning_rates):
+    def note_learning_rates(self, groups: list[tuple[float, list[Any]]]) -> None:
+        """Before a step: the ``(lr, parameters)`` of each param group it will use. A parameter stepped at
+        lr 0 is not changed by that step, so while every step so far was one for it, what it received and
+        kept unchanged was not "absorbed by rounding" nor "cancelled": it is reported as ``zero_lr``. Steps
+        at lr 0 in every group are also counted (``zero_lr_steps``; a warm-up from 0)."""
+        if groups and all(lr == 0 for lr, _ in groups):
             self.zero_lr_steps += 1
+        if not self.zero_lr_parameters:
+            return
+        if all(lr != 0 for lr, _ in groups):  # the common case: no per-parameter work
+            self.zero_lr_parameters.clear()
+            return
+        positive = {id(p) for lr, params in groups if lr != 0 for p in params}
+        names = {id(p): name for name, p in self.tracker.named_parameters()}
+        self.zero_lr_parameters -= {names[i] for i in positive if i in names}
 
     def _with_zero_lr_steps(self, summary: dict[str, Any]) -> dict[str, Any]:
         summary["global"]["zero_lr_steps"] = self.zero_lr_steps
-        if self.zero_lr_steps and self.zero_lr_steps >= summary["optimizer_steps"]:
-            groups = [summary["global"], *summary["per_layer"].values(), *summary["per_kind"].values(),
-                      *summary["per_matrix"].values()]
-            for values in groups:
-                for category in ("cancelled", "absorbed"):
-                    if category in values:
-                        values[category] = None
         return summary
 
     # ------------------------------------------------------------------ events
@@ -148,7 +154,8 @@ class TraceSession:
 
     def log(self, step: int) -> dict[str, Any]:
         """Measure now (one host sync), append to the run log and send to every sink."""
-        summary = self._with_zero_lr_steps(summarize(self.tracker.measure(), step=step))
+        summary = self._with_zero_lr_steps(summarize(self.tracker.measure(), step=step,
+                                                     zero_lr=self.zero_lr_parameters))
         self.last_summary = summary
         if not self.is_main_process:
             return summary
@@ -223,6 +230,7 @@ class TraceSession:
             # what part of each parameter this rank kept, so that another number of ranks can resume
             layout = self.tracker.layout()
             metadata = {"step": str(step), "run_id": self.run_id, "zero_lr_steps": str(self.zero_lr_steps),
+                        "zero_lr_parameters": json.dumps(sorted(self.zero_lr_parameters)),
                         "counts_summed": str(int(self.tracker.counts_summed))}
             if layout is not None:
                 metadata["layout"] = json.dumps(layout)
@@ -259,6 +267,11 @@ class TraceSession:
             metadata = _metadata(files[0])
         saved_id = metadata.get("run_id")
         self.zero_lr_steps = int(metadata.get("zero_lr_steps") or 0)
+        saved_zero_lr = metadata.get("zero_lr_parameters")  # absent in states saved before it existed
+        if saved_zero_lr is not None:
+            self.zero_lr_parameters = set(json.loads(saved_zero_lr)) & set(self.tracker.parameter_names)
+        elif self.zero_lr_steps < self.tracker.steps:
+            self.zero_lr_parameters = set()
         if saved_id:
             self.info["run_id"] = saved_id  # the resumed run continues its own log and exports
 

@@ -7,7 +7,12 @@ Every element falls in exactly one category (fractions of tracked elements, summ
 - ``updated``: received a gradient and changed (bitwise, in its storage dtype);
 - ``cancelled``: received gradients but is unchanged, and they cancelled: |Σg| <= ε·Σ|g|;
 - ``absorbed``: received a consistent gradient but is unchanged: its updates were lost to the
-  storage precision (e.g. bf16 rounding).
+  storage precision (e.g. bf16 rounding);
+- ``zero_lr``: received gradients but is unchanged, and its param group's learning rate was 0 at every
+  step so far (a frozen-by-lr group, a warm-up's first step): nothing could have changed it.
+
+``gradient_unchanged`` is ``cancelled + absorbed + zero_lr``: every element that received a gradient and
+kept its value.
 
 ``cancelled``/``absorbed`` split the "gradient but unchanged" elements in the proportion seen on the
 elements whose gradient sums are kept (all of them with ``cancellation="full"``): exact in that mode,
@@ -25,13 +30,13 @@ behind those numbers can be found without one chart per expert.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from gradtrace.anatomy.grouping import EXTREME_EXPERTS, by_expert, by_kind, by_layer, total
 from gradtrace.tracking.tracker import Measurement
 
-CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed")
+CATEGORIES = ("no_gradient", "changed_without_gradient", "updated", "cancelled", "absorbed", "zero_lr")
 
 
 def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_tolerance: float = 1e-3) -> dict:
@@ -41,6 +46,8 @@ def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_t
         return {}
     gradient, updated, both = counts["gradient"], counts["updated"], counts["gradient_and_updated"]
     gradient_unchanged = gradient - both
+    zero_lr = counts.get("zero_lr", 0)
+    split = gradient_unchanged - zero_lr  # into cancelled and absorbed
     out: dict[str, float | None] = {
         "gradient_sparsity": 1 - gradient / n,
         "update_sparsity": 1 - updated / n,
@@ -52,22 +59,38 @@ def fractions(counts: Mapping[str, float], *, abs_tolerance: float = 1e-5, rel_t
         "gradient_unchanged": gradient_unchanged / n,
         "cancelled": None,
         "absorbed": None,
+        "zero_lr": zero_lr / n,
     }
-    if gradient_unchanged == 0:
+    if split == 0:
         out["cancelled"] = out["absorbed"] = 0.0
     elif counts.get("sampled_gradient_unchanged", 0) > 0:
         share = counts["sampled_cancelled"] / counts["sampled_gradient_unchanged"]
-        out["cancelled"] = gradient_unchanged * share / n
-        out["absorbed"] = gradient_unchanged * (1 - share) / n
+        out["cancelled"] = split * share / n
+        out["absorbed"] = split * (1 - share) / n
     if counts.get("ever_changed_tracked"):
         out["ever_changed"] = counts["ever_changed"] / n
     return out
 
 
-def summarize(measurement: Measurement, *, step: int | None = None) -> dict[str, Any]:
-    """Plain-data summary of a measurement (JSON-ready): what the run log, W&B and reports read."""
+def _at_zero_lr(counts: Mapping[str, int]) -> dict[str, int]:
+    """A parameter never stepped at a nonzero lr: its gradient-but-unchanged elements are ``zero_lr``, and
+    its sampled elements leave the cancelled / absorbed split of the groups it is summed into."""
+    return {**counts, "zero_lr": counts["gradient"] - counts["gradient_and_updated"],
+            "sampled_gradient_unchanged": 0, "sampled_cancelled": 0}
+
+
+def summarize(measurement: Measurement, *, step: int | None = None,
+              zero_lr: Collection[str] = ()) -> dict[str, Any]:
+    """Plain-data summary of a measurement (JSON-ready): what the run log, W&B and reports read.
+
+    ``zero_lr``: the parameters whose learning rate was 0 at every step so far (see ``zero_lr`` above).
+    """
     cfg = measurement.config
     per_param, per_slice = measurement.per_param, measurement.per_slice
+    if zero_lr and measurement.step:
+        per_param = {name: _at_zero_lr(c) if name in zero_lr else c for name, c in per_param.items()}
+        per_slice = {name: [_at_zero_lr(c) for c in rows] if name in zero_lr else rows
+                     for name, rows in per_slice.items()}
     if cfg.ever_changed:
         per_param = {name: {**counts, "ever_changed_tracked": 1} for name, counts in per_param.items()}
         per_slice = {name: [{**c, "ever_changed_tracked": 1} for c in rows] for name, rows in per_slice.items()}

@@ -629,7 +629,8 @@ class GradTracker:
             flags = _to(flags, device)
         self.steps += 1
         counters = self.counters
-        counters[COUNTER_INDEX["zero_gradient_steps"]] += 1 - flags[0]
+        # all-zero: no finite nonzero element and no NaN/inf (an all-NaN step is a non-finite step, not a zero one)
+        counters[COUNTER_INDEX["zero_gradient_steps"]] += (1 - flags[0]) * (1 - flags[1])
         counters[COUNTER_INDEX["nonfinite_gradient_steps"]] += flags[1]
         counters[COUNTER_INDEX["discarded_gradient_elements"]] += totals[2]
         if detail:
