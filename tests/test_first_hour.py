@@ -248,15 +248,20 @@ def test_epoch_logging_gives_live_curves(tmp_path, base_path):
     assert records[-1]["event"] == "end"
 
 
-def test_lora_live_masks_match_the_saved_adapters_diff(tmp_path, base_path):
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]])
+def test_lora_live_masks_match_the_saved_adapters_diff(tmp_path, base_path, modules_to_save):
+    """Also with ``modules_to_save``: PEFT trains a copy of the module (live name
+    ``lm_head.modules_to_save.default.weight``) and saves it as ``lm_head.weight``."""
     from safetensors.torch import load_file
 
     from gradtrace.masks.diff import diff_checkpoints
     from gradtrace.masks.overlap import pair_overlap
 
     callback = GradTraceCallback(strict=True, wandb=False)
+    peft_config = runs.default_lora_config()
+    peft_config.modules_to_save = modules_to_save
     trainer = runs.build_trainer(base_path, tmp_path, callbacks=[callback], max_steps=3, logging_steps=1,
-                                 learning_rate=1e-2, peft_config=runs.default_lora_config(), dtype=torch.float32,
+                                 learning_rate=1e-2, peft_config=peft_config, dtype=torch.float32,
                                  warmup_steps=2)
     trainer.model.save_pretrained(tmp_path / "adapter-start")
     trainer.train()
@@ -264,6 +269,7 @@ def test_lora_live_masks_match_the_saved_adapters_diff(tmp_path, base_path):
     live = load_masks(tmp_path / "gradtrace")
     saved = load_file(tmp_path / "adapter-end" / "adapter_model.safetensors")
     assert set(live["gradient"]) == set(saved)  # the names PEFT saves, no ".default."
+    assert bool(modules_to_save) == any(name.endswith("lm_head.weight") for name in saved)
     diff_checkpoints(tmp_path / "adapter-start" / "adapter_model.safetensors",
                      tmp_path / "adapter-end" / "adapter_model.safetensors",
                      masks_out=tmp_path / "post-hoc.safetensors")

@@ -14,7 +14,10 @@ _PEFT_PREFIX = ("base_model", "model")
 # PEFT's per-adapter containers: module dicts (``lora_A.<adapter>.weight``) and parameter dicts
 # (``lora_embedding_A.<adapter>``), whose next name segment is the adapter's name.
 _PEFT_MODULE_DICTS = ("lora_A", "lora_B", "lora_magnitude_vector")
-_PEFT_PARAMETER_DICTS = ("lora_embedding_A", "lora_embedding_B")
+_PEFT_PARAMETER_DICTS = ("lora_embedding_A", "lora_embedding_B", "trainable_tokens_delta")
+# PEFT's ``modules_to_save`` trains a copy of a whole module per adapter (``lm_head.modules_to_save.<adapter>.
+# weight``) and saves it under the module's own name (``lm_head.weight``): both segments go.
+_PEFT_MODULE_COPIES = "modules_to_save"
 
 
 def strip_wrapper_prefix(name: str) -> str:
@@ -31,9 +34,12 @@ def strip_wrapper_prefix(name: str) -> str:
 def drop_adapter_name(name: str) -> str:
     """The name without PEFT's adapter name, as PEFT itself names the tensor in a saved adapter:
     ``…q_proj.lora_A.default.weight`` -> ``…q_proj.lora_A.weight``, ``…lora_embedding_A.default`` ->
-    ``…lora_embedding_A``."""
+    ``…lora_embedding_A``, ``…lm_head.modules_to_save.default.weight`` -> ``…lm_head.weight``."""
     parts = name.split(".")
     for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == _PEFT_MODULE_COPIES and i + 2 < len(parts):
+            del parts[i:i + 2]
+            continue
         # Idempotent: a name PEFT already saved (``lora_A.weight``, ``lora_embedding_A``) stays as it is.
         module_dict = parts[i] in _PEFT_MODULE_DICTS and i + 2 < len(parts)
         parameter_dict = parts[i] in _PEFT_PARAMETER_DICTS and i + 2 == len(parts)
