@@ -18,7 +18,7 @@ the exact per-step change detector of ``ever_changed`` mode (:meth:`GradTracker.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -70,11 +70,12 @@ class ScratchBuffers:
     temporaries, so that a step allocates (and page-faults in) nothing once the first one has run."""
 
     def __init__(self):
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[tuple[str, Any], np.ndarray] = {}
 
     def get(self, use: str, size: int, dtype: type) -> np.ndarray:
-        # Keyed by dtype too, so a model mixing bf16 and fp32 parameters does not reallocate.
-        key = f"{use}/{np.dtype(dtype).name}"
+        # Keyed by dtype too, so a model mixing bf16 and fp32 parameters does not reallocate. A tuple, not a
+        # formatted name: np.dtype(...).name costs microseconds, and this runs a few times per parameter per step.
+        key = (use, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.size < size:
             buffer = self._buffers[key] = np.empty(size, dtype)
