@@ -12,7 +12,7 @@ whose info stays public as on the hub).
 The server counts what it serves: :attr:`HubServer.served` lists every ``GET .../resolve`` as
 ``(repo, revision, file, start, stop)`` (byte range actually sent). :attr:`stop_after_ranges` makes
 it stop itself once it has served that many range requests, dropping open connections, as a server
-that goes away mid-transfer does; :attr:`fail_next` answers the next resolve GETs with 503.
+that goes away mid-transfer does; :attr:`on_range` lets a test act while a diff is under way; :attr:`fail_next` answers the next resolve GETs with 503.
 
 Misbehaviours a real network shows, for the client's checks: :attr:`ignore_range_start` answers
 ``Range: bytes=a-b`` with the file's first ``b − a + 1`` bytes, honestly labelled ``bytes 0-…`` (as a
@@ -27,6 +27,7 @@ import hashlib
 import json
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -50,6 +51,7 @@ class HubServer:
         self.ignore_range_start = False  # serve bytes 0 … (b − a) for "bytes=a-b", labelled so
         self.cut_next = 0  # send this many next ranged replies half-way, then close the connection ...
         self.cut_start: int | None = None  # ... only those of ranges starting at this byte (None: any)
+        self.on_range: Callable[[tuple[str, str, str, int, int]], None] | None = None  # called before each ranged reply
         self.stopped = threading.Event()
         self._lock = threading.Lock()
         hub = self
@@ -210,6 +212,8 @@ class _Handler(BaseHTTPRequestHandler):
             handle.seek(start)
             body = handle.read(stop - start)
         stop_now = hub.record((repo_id, name, file, start, stop), is_range=bool(spec))
+        if spec and hub.on_range is not None:
+            hub.on_range((repo_id, name, file, start, stop))
         with hub._lock:
             cut = bool(spec) and hub.cut_next > 0 and hub.cut_start in (None, start)
             hub.cut_next -= int(cut)

@@ -99,9 +99,11 @@ def _unwritable(command: str, **paths: str | None) -> int | None:
     return None
 
 
-def _write_failed(command: str, err: OSError) -> int:
+def _write_failed(command: str, output: str | None, err: OSError) -> int:
+    """Exit status 2 with a clear error: the result could not be written to ``output`` (the temporary
+    file of the atomic write is not named: it is gone)."""
     Console(stderr=True, highlight=False).print(f"[bold red]gradtrace {command}: error:[/] cannot write the "
-                                                f"result: {escape(str(err))}")
+                                                f"result to {escape(output or 'stdout')}: {escape(err.strerror or str(err))}")
     return 2
 
 
@@ -213,7 +215,7 @@ def run_diff(args: argparse.Namespace) -> int:
         try:
             _emit(_dumps(result.to_dict()) if args.json else result.to_csv(), args.output)
         except OSError as err:
-            return _write_failed("diff", err)
+            return _write_failed("diff", args.output, err)
     else:
         _print_diff_tables(args, result)
     if resume is not None:
@@ -272,7 +274,7 @@ def run_overlap(args: argparse.Namespace) -> int:
         try:
             _emit(_dumps(report), args.output)
         except OSError as err:
-            return _write_failed("overlap", err)
+            return _write_failed("overlap", args.output, err)
         return 0
     console = Console()
     if "global" in report:
@@ -333,7 +335,7 @@ def run_rank(args: argparse.Namespace) -> int:
         try:
             _emit(_dumps(data), args.output)
         except OSError as err:
-            return _write_failed("rank", err)
+            return _write_failed("rank", args.output, err)
         return 0
     console = Console()
     g = data["global"]
