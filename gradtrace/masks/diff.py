@@ -13,8 +13,9 @@ several *criteria* for "this element is unchanged":
 
 Checkpoints are Hugging Face model folders (a single ``*.safetensors`` file, or shards listed in
 ``model.safetensors.index.json``), raw ``.safetensors`` files, or hub repos ``org/name[@revision]``
-streamed with HTTP range reads (:mod:`gradtrace.masks.hub`). Each is a :class:`TensorSource`, and
-one comparison loop reads them all. Only one tensor pair is resident at a time (memory ≈ twice the
+streamed with HTTP range reads (:mod:`gradtrace.masks.hub`). Each is a :class:`TensorSource`
+(:mod:`.sources`, whose headers are checked alike wherever they come from), and one comparison loop
+reads them all. Only one tensor pair is resident at a time (memory ≈ twice the
 largest tensor plus a few fixed-size chunks; from the hub, plus the next pair read ahead), never two
 whole models. FP8 checkpoints in the DeepSeek-V3 layout are compared dequantized (:mod:`.fp8`); an
 interrupted diff can resume from its last finished tensor (:mod:`.resume`).

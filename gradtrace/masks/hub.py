@@ -10,8 +10,13 @@ so ``HF_ENDPOINT``, ``HF_TOKEN`` and the user's cache are honoured; the revision
 commit) is pinned to its commit once, so a branch that moves during a long diff cannot mix two
 versions. ``--cache`` (``cache=True``) downloads through the normal HF cache instead, and
 ``HF_HUB_OFFLINE=1`` reads that cache only. Transient HTTP errors (connection refused or reset, 408,
-429, 5xx, a body cut short) are retried with exponential backoff; when the retries run out the error
-names the repo and says that rerunning resumes (:mod:`gradtrace.masks.resume`).
+429, 5xx, a body cut short, no answer within ``timeout`` seconds) are retried with exponential
+backoff; when the retries run out the error names the repo and says that rerunning resumes
+(:mod:`gradtrace.masks.resume`). What no retry can mend fails at once, naming the file: a reply whose
+``Content-Range`` is not the bytes asked for (a proxy that ignores the range start would otherwise
+have the wrong bytes compared), and a header that the shared check
+(:mod:`gradtrace.formats.safetensors_header`, the one local files get) refuses — including offsets
+past the end of the file, whose size the first ranged reply's ``Content-Range`` gives.
 """
 
 from __future__ import annotations
