@@ -17,7 +17,8 @@ that goes away mid-transfer does; :attr:`on_range` lets a test act while a diff 
 Misbehaviours a real network shows, for the client's checks: :attr:`ignore_range_start` answers
 ``Range: bytes=a-b`` with the file's first ``b − a + 1`` bytes, honestly labelled ``bytes 0-…`` (as a
 proxy that drops the range start does); :attr:`cut_next` sends the next ranged replies' headers and
-half their body (only for ranges starting at :attr:`cut_start`, when set), then closes the connection. :class:`SilentServer` accepts connections and never
+half their body (only for ranges starting at :attr:`cut_start`, when set), then closes the connection;
+:attr:`stall_next` holds ranged replies back for :attr:`stall_seconds`. :class:`SilentServer` accepts connections and never
 answers. Crafted (broken) safetensors files are simply files of a repo folder.
 """
 
@@ -27,6 +28,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,6 +53,8 @@ class HubServer:
         self.ignore_range_start = False  # serve bytes 0 … (b − a) for "bytes=a-b", labelled so
         self.cut_next = 0  # send this many next ranged replies half-way, then close the connection ...
         self.cut_start: int | None = None  # ... only those of ranges starting at this byte (None: any)
+        self.stall_next = 0  # hold this many next ranged replies back for stall_seconds before answering
+        self.stall_seconds = 0.0
         self.on_range: Callable[[tuple[str, str, str, int, int]], None] | None = None  # called before each ranged reply
         self.stopped = threading.Event()
         self._lock = threading.Lock()
@@ -214,6 +218,11 @@ class _Handler(BaseHTTPRequestHandler):
         stop_now = hub.record((repo_id, name, file, start, stop), is_range=bool(spec))
         if spec and hub.on_range is not None:
             hub.on_range((repo_id, name, file, start, stop))
+        with hub._lock:
+            stall = bool(spec) and hub.stall_next > 0
+            hub.stall_next -= int(stall)
+        if stall:  # a reply that takes its time: the client has given up on it, or waits
+            time.sleep(hub.stall_seconds)
         with hub._lock:
             cut = bool(spec) and hub.cut_next > 0 and hub.cut_start in (None, start)
             hub.cut_next -= int(cut)

@@ -188,6 +188,23 @@ def test_a_hub_that_never_answers_times_out(tmp_path):
     assert took < 30  # two 0.5 s timeouts, plus the worker's import of the CLI
 
 
+def test_a_stalled_tensor_read_times_out_and_is_retried(hub, cli):
+    server = hub["server"]
+    server.served.clear()
+    server.stall_next, server.stall_seconds = 1, 10.0  # the first ranged reply comes 10 s late
+    started = time.monotonic()
+    try:
+        done = diff(cli, "org/base", "org/tuned", "--json", "--timeout", "0.5")
+    finally:
+        server.stall_next = 0
+    took = time.monotonic() - started
+    assert done["rc"] == 0, done["stderr"]
+    assert counts_of(json.loads(done["stdout"])) == expected_counts(hub["base"], hub["tuned"])
+    ranged = [e for e in server.served if e[2].endswith(".safetensors")]
+    assert ranged[1] == ranged[0]  # given up on after 0.5 s and asked again
+    assert took < 8  # not the 10 s the stalled reply would have taken
+
+
 def test_timeout_retries_and_backoff_refuse_what_is_not_a_wait(cli):
     for flag, value, says in (("--retries", "-1", "argument --retries: '-1' must be >= 0"),
                               ("--retries", "two", "argument --retries: 'two' is not an integer"),
