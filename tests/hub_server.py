@@ -12,14 +12,24 @@ whose info stays public as on the hub).
 The server counts what it serves: :attr:`HubServer.served` lists every ``GET .../resolve`` as
 ``(repo, revision, file, start, stop)`` (byte range actually sent). :attr:`stop_after_ranges` makes
 it stop itself once it has served that many range requests, dropping open connections, as a server
-that goes away mid-transfer does; :attr:`fail_next` answers the next resolve GETs with 503.
+that goes away mid-transfer does; :attr:`on_range` lets a test act while a diff is under way; :attr:`fail_next` answers the next resolve GETs with 503.
+
+Misbehaviours a real network shows, for the client's checks: :attr:`ignore_range_start` answers
+``Range: bytes=a-b`` with the file's first ``b − a + 1`` bytes, honestly labelled ``bytes 0-…`` (as a
+proxy that drops the range start does); :attr:`cut_next` sends the next ranged replies' headers and
+half their body (only for ranges starting at :attr:`cut_start`, when set), then closes the connection;
+:attr:`stall_next` holds ranged replies back for :attr:`stall_seconds`. :class:`SilentServer` accepts connections and never
+answers. Crafted (broken) safetensors files are simply files of a repo folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -40,6 +50,12 @@ class HubServer:
         self.range_requests = 0
         self.stop_after_ranges: int | None = None
         self.fail_next = 0  # answer this many next resolve GETs with 503, as an overloaded hub does
+        self.ignore_range_start = False  # serve bytes 0 … (b − a) for "bytes=a-b", labelled so
+        self.cut_next = 0  # send this many next ranged replies half-way, then close the connection ...
+        self.cut_start: int | None = None  # ... only those of ranges starting at this byte (None: any)
+        self.stall_next = 0  # hold this many next ranged replies back for stall_seconds before answering
+        self.stall_seconds = 0.0
+        self.on_range: Callable[[tuple[str, str, str, int, int]], None] | None = None  # called before each ranged reply
         self.stopped = threading.Event()
         self._lock = threading.Lock()
         hub = self
@@ -186,6 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
         if spec:
             first, _, last = spec.removeprefix("bytes=").partition("-")
             start, stop = int(first), min(size, int(last) + 1 if last else size)
+            if hub.ignore_range_start:
+                start, stop = 0, min(size, stop - start)
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         if head_only:
             headers["Content-Length"] = str(size)
@@ -198,6 +216,54 @@ class _Handler(BaseHTTPRequestHandler):
             handle.seek(start)
             body = handle.read(stop - start)
         stop_now = hub.record((repo_id, name, file, start, stop), is_range=bool(spec))
+        if spec and hub.on_range is not None:
+            hub.on_range((repo_id, name, file, start, stop))
+        with hub._lock:
+            stall = bool(spec) and hub.stall_next > 0
+            hub.stall_next -= int(stall)
+        if stall:  # a reply that takes its time: the client has given up on it, or waits
+            time.sleep(hub.stall_seconds)
+        with hub._lock:
+            cut = bool(spec) and hub.cut_next > 0 and hub.cut_start in (None, start)
+            hub.cut_next -= int(cut)
+        if cut:  # the connection drops mid-body: headers promise len(body) bytes, half of them come
+            self.send_response(206)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self._send(206 if spec else 200, body, headers)
         if stop_now:
             threading.Thread(target=hub.stop, daemon=True).start()
+
+
+class SilentServer:
+    """Accepts connections on ``127.0.0.1:port`` and never answers: a hub that hangs."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:  # closed by stop()
+                return
+            self.accepted.append(connection)  # held open, never read from nor written to
+
+    def stop(self) -> None:
+        self._socket.close()
+        for connection in self.accepted:
+            connection.close()

@@ -16,13 +16,23 @@ from typing import Any
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradtrace.views.report import write_report
+    from gradtrace.formats.output_path import unwritable_reason
+    from gradtrace.views.report import REPORT_NAME, write_report
 
+    if args.output is not None:  # checked before the figures are drawn; exit 2, like a usage error
+        html = args.output if args.output.suffix.lower() in (".html", ".htm") else args.output / REPORT_NAME
+        problem = unwritable_reason(html)
+        if problem:
+            print(f"gradtrace report: error: -o: {problem}", file=sys.stderr)
+            return 2
     try:
         path = write_report(args.run_dirs, args.output)
     except (FileNotFoundError, ValueError) as err:
         print(f"gradtrace report: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # e.g. the default RUN_DIR/report on a read-only file system
+        print(f"gradtrace report: error: cannot write the report: {err}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

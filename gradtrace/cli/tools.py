@@ -2,7 +2,8 @@
 
 The main CLI (:mod:`gradtrace.cli`) calls :func:`add_parsers` on its sub-parsers; each sub-command sets
 ``func``, a handler taking the parsed namespace and returning the exit status (0 success, 1 when the
-inputs cannot be compared, with the reason on stderr). :func:`main` runs the three stand-alone::
+inputs cannot be compared, with the reason on stderr; 2, as for argparse's usage errors, when an output
+path cannot be written, which is checked before anything is read). :func:`main` runs the three stand-alone::
 
     python -m gradtrace.cli.tools diff BASE TUNED --tolerance 0 --tolerance 1e-5 --json
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,9 +27,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gradtrace.formats.atomic import write_atomic
 from gradtrace.formats.masks_file import MaskFileError
-from gradtrace.masks.diff import DEFAULT_TOLERANCES, CheckpointDiffError, diff_checkpoints, make_criteria
-from gradtrace.masks.hub import parse_hub_ref
+from gradtrace.formats.output_path import unwritable_reason
+from gradtrace.masks.diff import (
+    DEFAULT_TOLERANCES,
+    CheckpointDiffError,
+    DiffResult,
+    diff_checkpoints,
+    make_criteria,
+)
+from gradtrace.masks.hub import DEFAULT_TIMEOUT, parse_hub_ref
 from gradtrace.masks.overlap import OverlapError, overlap_report
 from gradtrace.masks.rank import update_ranks
 
@@ -47,12 +57,54 @@ def _tolerance(text: str) -> str:
     return text.strip()
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0 (a retry count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _seconds(text: str, positive: bool = False) -> float:
+    """argparse type: a finite number of seconds, >= 0 (> 0 with ``positive``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds {'>' if positive else '>='} 0")
+    return value
+
+
 def _emit(text: str, output: str | None) -> None:
+    """``text`` to stdout, or to the file ``output`` atomically (a failed write leaves no half file)."""
+    text = text if text.endswith("\n") else text + "\n"
     if output:
-        with open(output, "w") as handle:
-            handle.write(text if text.endswith("\n") else text + "\n")
+        write_atomic(output, lambda tmp: tmp.write_text(text))
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.write(text)
+
+
+def _unwritable(command: str, **paths: str | None) -> int | None:
+    """Exit status 2 with a clear error when one of ``paths`` (by option name) cannot be written, else ``None``."""
+    for option, path in paths.items():
+        problem = None if path is None else unwritable_reason(path)
+        if problem:
+            Console(stderr=True, highlight=False).print(
+                f"[bold red]gradtrace {command}: error:[/] {escape(option)}: {escape(problem)}; nothing was read")
+            return 2
+    return None
+
+
+def _write_failed(command: str, output: str | None, err: OSError) -> int:
+    """Exit status 2 with a clear error: the result could not be written to ``output`` (the temporary
+    file of the atomic write is not named: it is gone)."""
+    Console(stderr=True, highlight=False).print(f"[bold red]gradtrace {command}: error:[/] cannot write the "
+                                                f"result to {escape(output or 'stdout')}: {escape(err.strerror or str(err))}")
+    return 2
 
 
 def _dumps(payload: Any) -> str:
@@ -128,10 +180,13 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", action="store_true",
                         help="hub inputs: download through the Hugging Face cache (repeated diffs cost nothing) "
                              "instead of streaming them with range reads")
-    parser.add_argument("--retries", type=int, default=5, metavar="N",
+    parser.add_argument("--retries", type=_count, default=5, metavar="N",
                         help="hub inputs: retries of a transient HTTP error (default 5)")
-    parser.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--backoff", type=_seconds, default=1.0, metavar="SECONDS",
                         help="hub inputs: wait before the first retry, doubled for each next one (default 1)")
+    parser.add_argument("--timeout", type=lambda text: _seconds(text, positive=True), default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS", help="hub inputs: how long one request may wait for the server before "
+                                                f"it counts as failed and is retried (default {DEFAULT_TIMEOUT:g})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,21 +196,35 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
 def run_diff(args: argparse.Namespace) -> int:
     """``gradtrace diff``: update sparsity between two checkpoints."""
     tolerances = args.tolerance or list(DEFAULT_TOLERANCES)
+    resume = _resume_file(args)
+    refused = _unwritable("diff", **{"-o": args.output, "--masks-out": args.masks_out, "--resume": resume})
+    if refused is not None:
+        return refused
     try:
         with _progress(True, "diff") as progress:
+            # keep_resume: the state goes only once the result is written, so a failed write costs no rereading
             result = diff_checkpoints(args.base, args.tuned, tolerances=tolerances, relative=args.relative or (),
                                       masks_out=args.masks_out, allow_missing=args.allow_missing,
-                                      device=args.device, progress=progress, cache=args.cache,
-                                      resume=_resume_file(args), retries=args.retries, backoff=args.backoff)
+                                      device=args.device, progress=progress, cache=args.cache, resume=resume,
+                                      retries=args.retries, backoff=args.backoff, timeout=args.timeout,
+                                      keep_resume=True)
     except _INPUT_ERRORS as err:
         return _fail("diff", err)
     _closing_line("diff", result.bytes_read, result.seconds)
-    if args.json:
-        _emit(_dumps(result.to_dict()), args.output)
-        return 0
-    if args.csv:
-        _emit(result.to_csv(), args.output)
-        return 0
+    if args.json or args.csv:
+        try:
+            _emit(_dumps(result.to_dict()) if args.json else result.to_csv(), args.output)
+        except OSError as err:
+            return _write_failed("diff", args.output, err)
+    else:
+        _print_diff_tables(args, result)
+    if resume is not None:
+        Path(resume).unlink(missing_ok=True)
+    return 0
+
+
+def _print_diff_tables(args: argparse.Namespace, result: DiffResult) -> None:
+    """The diff as tables (global, per layer, per kind, per matrix with --per-matrix) and its notes."""
     console = Console()
     data = result.to_dict()
     columns = [f"|Δ|≤{c.label} %" if c.value else "bit-exact %" for c in result.tolerances]
@@ -186,7 +255,6 @@ def run_diff(args: argparse.Namespace) -> int:
         console.print(f"[dim]note: {escape(note)}[/]")
     if args.masks_out:
         console.print(f"masks written to {escape(args.masks_out)} (kind 'update' = bitwise change)")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,12 +263,18 @@ def run_diff(args: argparse.Namespace) -> int:
 
 def run_overlap(args: argparse.Namespace) -> int:
     """``gradtrace overlap``: how much the subnetworks of several runs coincide."""
+    refused = _unwritable("overlap", **{"-o": args.output})
+    if refused is not None:
+        return refused
     try:
         report = overlap_report(args.masks, kind=args.kind)
     except _INPUT_ERRORS as err:
         return _fail("overlap", err)
     if args.json:
-        _emit(_dumps(report), args.output)
+        try:
+            _emit(_dumps(report), args.output)
+        except OSError as err:
+            return _write_failed("overlap", args.output, err)
         return 0
     console = Console()
     if "global" in report:
@@ -245,16 +319,23 @@ def run_overlap(args: argparse.Namespace) -> int:
 
 def run_rank(args: argparse.Namespace) -> int:
     """``gradtrace rank``: rank of each update matrix and of a random matrix with the same support."""
+    refused = _unwritable("rank", **{"-o": args.output})
+    if refused is not None:
+        return refused
     try:
         with _progress(True, "rank") as progress:
             result = update_ranks(args.base, args.tuned, max_dim=args.max_dim, baseline=not args.no_baseline,
                                   seed=args.seed, allow_missing=args.allow_missing, device=args.device,
-                                  progress=progress, cache=args.cache, retries=args.retries, backoff=args.backoff)
+                                  progress=progress, cache=args.cache, retries=args.retries, backoff=args.backoff,
+                                  timeout=args.timeout)
     except _INPUT_ERRORS as err:
         return _fail("rank", err)
     data = result.to_dict()
     if args.json:
-        _emit(_dumps(data), args.output)
+        try:
+            _emit(_dumps(data), args.output)
+        except OSError as err:
+            return _write_failed("rank", args.output, err)
         return 0
     console = Console()
     g = data["global"]

@@ -13,8 +13,9 @@ several *criteria* for "this element is unchanged":
 
 Checkpoints are Hugging Face model folders (a single ``*.safetensors`` file, or shards listed in
 ``model.safetensors.index.json``), raw ``.safetensors`` files, or hub repos ``org/name[@revision]``
-streamed with HTTP range reads (:mod:`gradtrace.masks.hub`). Each is a :class:`TensorSource`, and
-one comparison loop reads them all. Only one tensor pair is resident at a time (memory ≈ twice the
+streamed with HTTP range reads (:mod:`gradtrace.masks.hub`). Each is a :class:`TensorSource`
+(:mod:`.sources`, whose headers are checked alike wherever they come from), and one comparison loop
+reads them all. Only one tensor pair is resident at a time (memory ≈ twice the
 largest tensor plus a few fixed-size chunks; from the hub, plus the next pair read ahead), never two
 whole models. FP8 checkpoints in the DeepSeek-V3 layout are compared dequantized (:mod:`.fp8`); an
 interrupted diff can resume from its last finished tensor (:mod:`.resume`).
@@ -27,7 +28,6 @@ and live masks are directly comparable (``gradtrace overlap``).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -38,28 +38,37 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from gradtrace.anatomy.experts import expert_layout
 from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, by_tower, total
 from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.masks_file import PackedMask, save_masks
+from gradtrace.formats.output_path import unwritable_reason
+from gradtrace.formats.safetensors_header import TORCH_NAME
 from gradtrace.masks.fp8 import (
     FP8_DTYPES,
     SCALE_SUFFIX,
     Fp8Layout,
     QuantizationError,
+    arithmetic_dtype,
     check_scale,
     dequantize,
     fp8_layout,
 )
 from gradtrace.masks.resume import ResumeState, ResumeStateError
+from gradtrace.masks.sources import (  # defined here before: callers still import them from here
+    INDEX_NAME,  # noqa: F401
+    CheckpointDiffError,
+    LocalSource,
+    TensorSource,
+    TensorSpec,
+    checkpoint_index,  # noqa: F401
+)
 
 DEFAULT_TOLERANCES: tuple[str, ...] = ("0", "1e-5")
-INDEX_NAME = "model.safetensors.index.json"
 
 # Elements per chunk: bounds the temporaries of one comparison (~30 MB for 1 M elements) independently of
 # the tensor size. A multiple of 8 so every chunk but the last packs into whole bytes.
@@ -67,10 +76,6 @@ CHUNK_ELEMENTS = 1 << 20
 
 # Same-width integer views for bitwise comparison, by element size in bytes.
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class CheckpointDiffError(ValueError):
-    """Two checkpoints cannot be compared (missing file, different names, shapes or dtypes)."""
 
 
 @dataclass(frozen=True)
@@ -123,180 +128,14 @@ def make_criteria(
 # Reading checkpoints
 
 
-def checkpoint_index(path: str | os.PathLike) -> dict[str, Path]:
-    """Map every tensor name of a checkpoint to the ``.safetensors`` file holding it.
-
-    ``path`` is a ``.safetensors`` file or a folder with one, several (then their names must not
-    overlap) or a ``model.safetensors.index.json`` listing shards.
-    """
-    root = Path(path)
-    if root.is_file():
-        return {name: root for name in _keys_of(root)}
-    if not root.is_dir():
-        raise CheckpointDiffError(f"{root}: no such checkpoint (expected a folder or a .safetensors file)")
-    indexes = sorted(root.glob("*.safetensors.index.json"))
-    if indexes:
-        index = root / INDEX_NAME if (root / INDEX_NAME).exists() else indexes[0]
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            mapping = {str(name): root / str(file) for name, file in weight_map.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointDiffError(f"{index}: unreadable shard index ({err})") from err
-        for file in sorted(set(mapping.values())):
-            if not file.is_file():
-                raise CheckpointDiffError(f"{index}: lists shard {file.name}, which does not exist")
-        return mapping
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in root.iterdir())[:8]
-        raise CheckpointDiffError(f"{root}: no *.safetensors file in this folder (found {found}); "
-                                  "convert .bin checkpoints with save_pretrained(safe_serialization=True)")
-    mapping = {}
-    for file in files:
-        for name in _keys_of(file):
-            if name in mapping:
-                raise CheckpointDiffError(f"{root}: tensor {name!r} is in both {mapping[name].name} and "
-                                          f"{file.name} (add a {INDEX_NAME} to say which is meant)")
-            mapping[name] = file
-    return mapping
-
-
-def _keys_of(file: Path) -> list[str]:
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as err:  # safetensors raises several exception types for unreadable files
-        raise CheckpointDiffError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from err
-
-
-def _is_float(st_dtype: str) -> bool:
-    """Safetensors dtype strings: F16, BF16, F32, F64, F8_E4M3, F8_E5M2... are floating point."""
-    return st_dtype.startswith("F") or st_dtype == "BF16"
-
-
-# Bytes per element, by safetensors dtype.
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-            "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor both checkpoints hold, as read from their headers (no data read)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors spelling, e.g. "BF16"
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of its data in one checkpoint."""
-        return self.numel * ITEMSIZE.get(self.dtype, 1)
-
-    @property
-    def is_float(self) -> bool:
-        return _is_float(self.dtype)
-
-
-class TensorSource(Protocol):
-    """Where one checkpoint's tensors come from: a local folder or file (:class:`LocalSource`) or a hub
-    repo read with HTTP range requests (:class:`gradtrace.masks.hub.HubSource`). The comparison loop
-    sees only this."""
-
-    label: str  # as the user named it ("path/to/ckpt", "org/name@rev"): the key of the results
-    identity: str  # what it resolved to (absolute path, "org/name@<commit>"): keys resume state, masks info
-    streamed: bool  # reads cost a network round trip, so the next tensor is worth reading ahead
-    bytes_read: int  # bytes of tensor data read so far
-
-    def specs(self) -> dict[str, TensorSpec]:
-        """Every tensor's name, shape and dtype, from the headers alone."""
-        ...
-
-    def config(self) -> dict[str, Any] | None:
-        """The checkpoint's ``config.json`` (``None`` when it has none)."""
-        ...
-
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, on the source's device."""
-        ...
-
-
-class LocalSource:
-    """A checkpoint on disk: a ``.safetensors`` file or a Hugging Face model folder.
-
-    Each :meth:`read` opens the shard afresh and closes it at once: a tensor from ``safe_open`` is a
-    view of the file's memory map, and pages read through a handle kept open stay resident until it
-    closes (measured: +1 tensor per tensor read), whereas a closed handle's tensor releases its pages
-    when the tensor is freed.
-    """
-
-    streamed = False
-
-    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", label: str | None = None,
-                 identity: str | None = None):
-        self.path = Path(path)
-        self.label = label or str(path)
-        self.identity = identity or str(self.path.resolve())
-        self.device = device
-        self.bytes_read = 0
-        self._files = checkpoint_index(self.path)
-        self._specs: dict[str, TensorSpec] | None = None
-
-    def specs(self) -> dict[str, TensorSpec]:
-        if self._specs is None:
-            specs = {}
-            with contextlib.ExitStack() as stack:
-                handles: dict[Path, Any] = {}
-                for name, file in self._files.items():
-                    if file not in handles:
-                        handles[file] = stack.enter_context(self._open(file))
-                    try:
-                        sl = handles[file].get_slice(name)
-                        specs[name] = TensorSpec(name, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
-                    except Exception as err:
-                        raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} "
-                                                  f"({type(err).__name__}: {err})") from err
-            self._specs = specs
-        return self._specs
-
-    def config(self) -> dict[str, Any] | None:
-        file = self.path / "config.json"
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointDiffError(f"{file}: unreadable ({err})") from err
-
-    def _open(self, file: Path) -> Any:
-        try:
-            return safe_open(str(file), framework="pt", device=self.device)
-        except Exception as err:  # safetensors raises several exception types for unreadable files
-            raise CheckpointDiffError(f"{file}: cannot open ({type(err).__name__}: {err})") from err
-
-    def read(self, name: str) -> torch.Tensor:
-        file = self._files[name]
-        try:
-            with self._open(file) as handle:
-                tensor = handle.get_tensor(name)
-        except CheckpointDiffError:
-            raise
-        except Exception as err:
-            raise CheckpointDiffError(f"{file}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
-
-
 def open_source(ref: str | os.PathLike, *, device: str = "cpu", cache: bool = False,
-                retries: int = 5, backoff: float = 1.0) -> TensorSource:
+                retries: int = 5, backoff: float = 1.0, timeout: float | None = None) -> TensorSource:
     """A local checkpoint when ``ref`` exists on disk, else a hub repo ``org/name[@revision]``.
 
     Hub repos are streamed (ranged reads, nothing written to disk) unless ``cache`` is set, which
     downloads through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads the cache only. ``retries`` and
-    ``backoff`` (seconds, doubled per retry) bound the retries of transient HTTP errors.
+    ``backoff`` (seconds, doubled per retry) bound the retries of transient HTTP errors; ``timeout`` is how
+    long (seconds) one request may wait for the server (``None``: the hub module's default, 60 s).
     """
     if not isinstance(ref, str) or Path(ref).exists():
         return LocalSource(ref, device=device)
@@ -305,7 +144,8 @@ def open_source(ref: str | os.PathLike, *, device: str = "cpu", cache: bool = Fa
     parsed = hub.parse_hub_ref(ref)
     if parsed is None:
         return LocalSource(ref, device=device)  # raises "no such checkpoint"
-    return hub.open_hub_source(parsed, device=device, cache=cache, retries=retries, backoff=backoff)
+    return hub.open_hub_source(parsed, device=device, cache=cache, retries=retries, backoff=backoff,
+                               timeout=hub.DEFAULT_TIMEOUT if timeout is None else timeout)
 
 
 class CheckpointPair:
@@ -318,10 +158,11 @@ class CheckpointPair:
     """
 
     def __init__(self, base: str | os.PathLike, tuned: str | os.PathLike, *, allow_missing: bool = False,
-                 device: str = "cpu", cache: bool = False, retries: int = 5, backoff: float = 1.0):
+                 device: str = "cpu", cache: bool = False, retries: int = 5, backoff: float = 1.0,
+                 timeout: float | None = None):
         self.device = device
-        self.sources = tuple(open_source(ref, device=device, cache=cache, retries=retries, backoff=backoff)
-                             for ref in (base, tuned))
+        self.sources = tuple(open_source(ref, device=device, cache=cache, retries=retries, backoff=backoff,
+                                         timeout=timeout) for ref in (base, tuned))
         self.base, self.tuned = (s.label for s in self.sources)
         self.notes: list[str] = []
         all_specs = [s.specs() for s in self.sources]
@@ -457,9 +298,9 @@ def compare_tensors(
     flat_a, flat_b = base.reshape(-1), tuned.reshape(-1)
     n = flat_a.numel()
     int_view = _INT_VIEW[flat_a.element_size()]
-    # float8 has no arithmetic on CPU: its deltas are taken in float32 (exact for float8 values).
+    # float8 has no arithmetic (nor type promotion): its deltas are taken in float32, exact for float8 values.
     delta_dtype = torch.float32 if flat_a.element_size() == 1 else flat_a.dtype
-    rel_dtype = torch.promote_types(flat_a.dtype, torch.float32)
+    rel_dtype = arithmetic_dtype(flat_a.dtype)
     counts = {"numel": n, **{c.key: 0 for c in criteria}}
     slice_numel = n // slices if slices else 0
     slice_totals = {c.key: torch.zeros(slices, dtype=torch.int64) for c in criteria} if slices else {}
@@ -648,6 +489,8 @@ def diff_checkpoints(
     resume: str | os.PathLike | None = None,
     retries: int = 5,
     backoff: float = 1.0,
+    timeout: float | None = None,
+    keep_resume: bool = False,
 ) -> DiffResult:
     """Update sparsity of ``tuned`` relative to ``base``, streamed one tensor pair at a time.
 
@@ -659,10 +502,16 @@ def diff_checkpoints(
     holding them costs 1 bit per element per kind. ``progress(bytes done, bytes in all, tensor name)``
     is called before each tensor (bytes of both checkpoints). With ``resume`` every finished tensor is
     recorded in that file (:mod:`gradtrace.masks.resume`), a rerun skips them, and the file is removed
-    once the diff is complete. Raises :class:`CheckpointDiffError` on missing files or mismatched
+    once the diff is complete and its masks written, unless ``keep_resume`` is set: then the caller removes
+    it once it has stored the result too (the CLI does, after writing ``-o``). ``masks_out`` and ``resume``
+    are checked to be writable before anything is read. ``timeout``: see :func:`open_source`. Raises :class:`CheckpointDiffError` on missing files or mismatched
     names, shapes or dtypes, and on hub errors (missing repo or revision, gated, unreachable).
     """
     criteria = make_criteria(tolerances, relative)
+    for what, path in (("masks_out", masks_out), ("resume", resume)):
+        problem = None if path is None else unwritable_reason(path)
+        if problem:
+            raise CheckpointDiffError(f"{what}: {problem}; nothing was read")
     started = time.perf_counter()
     per_tensor: dict[str, dict[str, int]] = {}
     specs: dict[str, TensorSpec] = {}
@@ -671,7 +520,7 @@ def diff_checkpoints(
     dtypes: dict[str, str] = {}
     per_slice: dict[str, list[dict[str, int]]] = {}
     with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device, cache=cache, retries=retries,
-                        backoff=backoff) as pair:
+                        backoff=backoff, timeout=timeout) as pair:
         notes = list(pair.notes)
         identities = [s.identity for s in pair.sources]
         experts = expert_layout({spec.name: spec.shape for spec in pair.specs if spec.is_float})
@@ -731,16 +580,11 @@ def diff_checkpoints(
                 "update": "stored value differs bitwise between base and tuned",
                 "tolerances": [c.label for c in result.tolerances], "relative": [c.label for c in result.relative]}
         save_masks(masks_out, masks, dtypes=dtypes, info=info)
-    if state is not None:
+    if state is not None and not keep_resume:
         state.remove()
     return result
 
 
-_ST_TO_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 def _torch_dtype_name(st_dtype: str) -> str:
     """torch's spelling (``"bfloat16"``) of a safetensors dtype, as stored in masks files."""
-    return _ST_TO_TORCH.get(st_dtype, st_dtype.lower())
-
+    return TORCH_NAME.get(st_dtype, st_dtype.lower())

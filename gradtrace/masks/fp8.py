@@ -89,6 +89,14 @@ def to_float64(weight: torch.Tensor) -> torch.Tensor:
     return weight.to(torch.float64)  # float8 has no arithmetic of its own (nor promote_types): convert first
 
 
+def arithmetic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to subtract and compare values of ``dtype`` in: at least float32, and float32 for float8
+    (which has no arithmetic nor type promotion in torch; every float8 value is exact in float32)."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return torch.float32
+    return torch.promote_types(dtype, torch.float32)
+
+
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
     """``weight · scale_inv`` broadcast over its blocks, in float64 (exact; see the module docstring)."""
     m, n = weight.shape

@@ -10,15 +10,19 @@ so ``HF_ENDPOINT``, ``HF_TOKEN`` and the user's cache are honoured; the revision
 commit) is pinned to its commit once, so a branch that moves during a long diff cannot mix two
 versions. ``--cache`` (``cache=True``) downloads through the normal HF cache instead, and
 ``HF_HUB_OFFLINE=1`` reads that cache only. Transient HTTP errors (connection refused or reset, 408,
-429, 5xx, a body cut short) are retried with exponential backoff; when the retries run out the error
-names the repo and says that rerunning resumes (:mod:`gradtrace.masks.resume`).
+429, 5xx, a body cut short, no answer within ``timeout`` seconds) are retried with exponential
+backoff; when the retries run out the error names the repo and says that rerunning resumes
+(:mod:`gradtrace.masks.resume`). What no retry can mend fails at once, naming the file: a reply whose
+``Content-Range`` is not the bytes asked for (a proxy that ignores the range start would otherwise
+have the wrong bytes compared), and a header that the shared check
+(:mod:`gradtrace.formats.safetensors_header`, the one local files get) refuses — including offsets
+past the end of the file, whose size the first ranged reply's ``Content-Range`` gives.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -27,15 +31,20 @@ from typing import Any
 
 import torch
 
-from gradtrace.masks.diff import INDEX_NAME, CheckpointDiffError, LocalSource, TensorSource, TensorSpec
+from gradtrace.formats.safetensors_header import (
+    SafetensorsHeaderError,
+    header_length,
+    parse_header,
+    torch_dtype,
+)
+from gradtrace.masks.sources import INDEX_NAME, CheckpointDiffError, LocalSource, TensorSource, TensorSpec
 
 # A hub id: "org/name", optionally "@revision" (branch, tag, commit; may contain "/", as refs/pr/1 does).
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>\S+))?")
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header size
+# "Content-Range: bytes 0-7/1234" ("*" for a total the server does not know)
+_CONTENT_RANGE = re.compile(r"bytes\s+(?P<first>\d+)-(?P<last>\d+)/(?P<total>\d+|\*)")
+DEFAULT_TIMEOUT = 60.0  # seconds without a byte from the server before a request counts as failed (and is retried)
 
 
 class HubUnavailableError(CheckpointDiffError):
@@ -90,6 +99,8 @@ class _ShortRead(Exception):
 
 def _with_retries(what: str, call: Any, retries: int, backoff: float) -> Any:
     """``call()``, retried on transient errors with exponential backoff (``backoff``, 2×, 4×… s, at most 60 s)."""
+    if retries < 0 or not backoff >= 0:
+        raise ValueError(f"retries must be >= 0 and backoff >= 0 seconds, not {retries} and {backoff}")
     for attempt in range(retries + 1):
         try:
             return call()
@@ -101,13 +112,14 @@ def _with_retries(what: str, call: Any, retries: int, backoff: float) -> Any:
                     f"{what}: still failing after {retries} retries ({type(err).__name__}: {err}); run the "
                     "same command again to resume from the last finished tensor") from err
             time.sleep(min(60.0, backoff * 2**attempt))
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def open_hub_source(ref: HubRef, *, device: str = "cpu", cache: bool = False, retries: int = 5,
-                    backoff: float = 1.0) -> TensorSource:
+                    backoff: float = 1.0, timeout: float = DEFAULT_TIMEOUT) -> TensorSource:
     """The checkpoint at ``ref``: streamed (:class:`HubSource`), or from the HF cache when ``cache`` is set
-    or ``HF_HUB_OFFLINE=1``."""
+    or ``HF_HUB_OFFLINE=1``. ``timeout``: seconds each request may wait for the server (a request that
+    times out is retried like any transient error)."""
     try:
         import huggingface_hub
         from huggingface_hub import HfApi, constants, snapshot_download
@@ -129,7 +141,8 @@ def open_hub_source(ref: HubRef, *, device: str = "cpu", cache: bool = False, re
         return LocalSource(folder, device=device, label=str(ref),
                            identity=f"{ref.repo_id}@{PurePosixPath(folder).name}")
     try:
-        info = _with_retries(str(ref), lambda: HfApi().model_info(ref.repo_id, revision=ref.revision),
+        info = _with_retries(str(ref), lambda: HfApi().model_info(ref.repo_id, revision=ref.revision,
+                                                                        timeout=timeout),
                              retries, backoff)
     except HubUnavailableError:
         raise
@@ -143,12 +156,13 @@ def open_hub_source(ref: HubRef, *, device: str = "cpu", cache: bool = False, re
             # By the name asked for (not the commit), so the cache maps that branch or tag to its
             # commit and HF_HUB_OFFLINE=1 finds it later under the same name.
             folder = _with_retries(str(ref), lambda: snapshot_download(ref.repo_id, revision=ref.revision,
-                                                                       allow_patterns=wanted), retries, backoff)
+                                                                       allow_patterns=wanted, etag_timeout=timeout),
+                                    retries, backoff)
         except HfHubHTTPError as err:
             raise _hub_error(ref, err) from err
         return LocalSource(folder, device=device, label=str(ref),
                            identity=f"{ref.repo_id}@{PurePosixPath(folder).name}")
-    return HubSource(ref, info.sha, files, device=device, retries=retries, backoff=backoff)
+    return HubSource(ref, info.sha, files, device=device, retries=retries, backoff=backoff, timeout=timeout)
 
 
 def _weight_files(ref: HubRef, files: list[str]) -> list[str]:
@@ -171,13 +185,14 @@ class HubSource:
     streamed = True
 
     def __init__(self, ref: HubRef, sha: str, files: list[str], *, device: str = "cpu", retries: int = 5,
-                 backoff: float = 1.0):
+                 backoff: float = 1.0, timeout: float = DEFAULT_TIMEOUT):
         from huggingface_hub.utils import build_hf_headers
 
         self.ref, self.sha = ref, sha
         self.label, self.identity = str(ref), f"{ref.repo_id}@{sha}"
         self.device = device
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self._sizes: dict[str, int] = {}  # file -> its size in bytes, as the Content-Range of a ranged read said
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._headers = build_hf_headers()  # HF_TOKEN / the stored login, like every huggingface_hub call
@@ -228,7 +243,7 @@ class HubSource:
         if start is not None:
             headers["Range"] = f"bytes={start}-{stop - 1}"
         with get_session().stream("GET", self._url(file), headers=headers,
-                                  timeout=httpx2.Timeout(60.0, connect=20.0)) as response:
+                                  timeout=httpx2.Timeout(self.timeout)) as response:
             if response.status_code >= 400:
                 response.read()  # the error's message is in the body, which a stream has not read yet
             hf_raise_for_status(response)
@@ -237,6 +252,7 @@ class HubSource:
                                           f"HTTP {response.status_code}, not 206; it cannot be streamed (try --cache)")
             if start is None:
                 return bytearray(response.read())
+            self._check_range(file, response.headers.get("Content-Range"), start, stop)
             buffer, filled = bytearray(stop - start), 0  # preallocated: no second copy of the tensor
             for chunk in response.iter_bytes(1 << 20):
                 if filled + len(chunk) > len(buffer):
@@ -247,24 +263,46 @@ class HubSource:
                 raise _ShortRead(f"{file}: got {filled} of {len(buffer)} bytes")
             return buffer
 
+    def _check_range(self, file: str, content_range: str | None, start: int, stop: int) -> None:
+        """Refuse a 206 reply that is not the bytes asked for (a proxy that drops the range start, a file
+        shorter than the range), so wrong bytes are never compared; record the file's size it gives."""
+        where = f"{self.label}: {file}"
+        match = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+        if match is None:
+            raise CheckpointDiffError(f"{where}: the server answered a request for bytes {start}-{stop - 1} with "
+                                      f"HTTP 206 but Content-Range {content_range!r}; it cannot be streamed "
+                                      "(try --cache)")
+        first, last = int(match["first"]), int(match["last"])
+        total = None if match["total"] == "*" else int(match["total"])
+        if total is not None:
+            if self._sizes.setdefault(file, total) != total:
+                raise CheckpointDiffError(f"{where}: the server gave its size as {self._sizes[file]} bytes, then "
+                                          f"{total}, within one pinned commit; it cannot be streamed (try --cache)")
+            if first == start and last == total - 1 < stop - 1:
+                raise CheckpointDiffError(f"{where}: bytes {start}-{stop - 1} were asked for, but the file ends at "
+                                          f"byte {total - 1} ({total} bytes)")
+        if (first, last) != (start, stop - 1):
+            raise CheckpointDiffError(f"{where}: bytes {start}-{stop - 1} were asked for, but the server sent bytes "
+                                      f"{first}-{last} (Content-Range {content_range!r}): it, or a proxy between, "
+                                      "does not honour ranges, so the file cannot be streamed (try --cache)")
+
     def _read_header(self, file: str) -> None:
-        (length,) = struct.unpack("<Q", bytes(self._get(file, 0, 8)))
-        if not 0 < length <= _MAX_HEADER:
-            raise CheckpointDiffError(f"{self.label}: {file} is not a safetensors file (header length {length})")
+        where = f"{self.label}: {file}"
         try:
-            header = json.loads(bytes(self._get(file, 8, 8 + length)))
-        except ValueError as err:
-            raise CheckpointDiffError(f"{self.label}: {file} has an unreadable safetensors header ({err})") from err
+            length = header_length(bytes(self._get(file, 0, 8)), where, self._sizes.get(file))
+            size = self._sizes.get(file)
+            entries = parse_header(self._get(file, 8, 8 + length), where, None if size is None else size - 8 - length)
+        except SafetensorsHeaderError as err:
+            raise CheckpointDiffError(str(err)) from err
         index = self._index
-        for name, entry in sorted(header.items()):  # sorted, as safetensors' own keys() are
-            if name == "__metadata__" or (index is not None and index.get(name) != file):
+        for name, entry in entries.items():  # sorted, as safetensors' own keys() are
+            if index is not None and index.get(name) != file:
                 continue
             if name in self._specs:
                 raise CheckpointDiffError(f"{self.label}: tensor {name!r} is in both {self._where[name][0]} and "
                                           f"{file} (add a {INDEX_NAME} to say which is meant)")
-            begin, end = entry["data_offsets"]
-            self._specs[name] = TensorSpec(name, tuple(int(s) for s in entry["shape"]), str(entry["dtype"]))
-            self._where[name] = (file, 8 + length + int(begin), 8 + length + int(end))
+            self._specs[name] = TensorSpec(name, entry.shape, entry.dtype)
+            self._where[name] = (file, 8 + length + entry.begin, 8 + length + entry.end)
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs
@@ -275,7 +313,7 @@ class HubSource:
     def read(self, name: str) -> torch.Tensor:
         spec = self._specs[name]
         file, start, stop = self._where[name]
-        dtype = _TORCH_DTYPE.get(spec.dtype)
+        dtype = torch_dtype(spec.dtype)
         if dtype is None:
             raise CheckpointDiffError(f"{self.label}: tensor {name!r} has dtype {spec.dtype}, which torch cannot read")
         data = self._get(file, start, stop) if stop > start else bytearray()

@@ -22,6 +22,7 @@ import torch
 
 from gradtrace.anatomy.naming import kind_of
 from gradtrace.masks.diff import CheckpointPair
+from gradtrace.masks.fp8 import arithmetic_dtype
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class MatrixRank:
 
 
 def update_delta(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
-    """ΔW = tuned − base in float32 (float64 stays float64): exact for bf16/fp16 weights of similar magnitude."""
-    dtype = torch.promote_types(base.dtype, torch.float32)
+    """ΔW = tuned − base in float32 (float64 stays float64): exact for bf16/fp16 weights of similar magnitude,
+    and for plain float8 ones (no block scales), which are widened to float32 first."""
+    dtype = arithmetic_dtype(base.dtype)
     return tuned.to(dtype) - base.to(dtype)
 
 
@@ -129,13 +131,14 @@ def update_ranks(
     cache: bool = False,
     retries: int = 5,
     backoff: float = 1.0,
+    timeout: float | None = None,
 ) -> RankResult:
     """Rank of every 2-D floating-point update matrix between two checkpoints.
 
     ``max_dim`` skips matrices whose larger side exceeds it (the SVD costs O(m·n·min(m,n)) time and a
     few fp32 copies of the matrix); ``baseline`` adds the random-support rank (seeded by ``seed``, so
     reruns agree). ``base`` and ``tuned`` may be hub ids, streamed like ``gradtrace diff``'s
-    (``cache``, ``retries``, ``backoff``: see :func:`~gradtrace.masks.diff.open_source`); fp8
+    (``cache``, ``retries``, ``backoff``, ``timeout``: see :func:`~gradtrace.masks.diff.open_source`); fp8
     checkpoints are ranked dequantized. ``progress(bytes done, bytes in all, name)`` is called per
     matrix. Raises :class:`~gradtrace.masks.diff.CheckpointDiffError` on mismatched checkpoints.
     """
@@ -143,7 +146,7 @@ def update_ranks(
     matrices: dict[str, MatrixRank] = {}
     skipped: list[dict[str, Any]] = []
     with CheckpointPair(base, tuned, allow_missing=allow_missing, device=device, cache=cache, retries=retries,
-                        backoff=backoff) as pair:
+                        backoff=backoff, timeout=timeout) as pair:
         notes = list(pair.notes)
         candidates = [s for s in pair.specs if s.is_float and len(s.shape) == 2]
         others = len(pair.specs) - len(candidates)
