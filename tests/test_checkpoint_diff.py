@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradtrace.cli.tools import main as cli_main
+from gradtrace.cli import main as cli_main
 from gradtrace.formats.masks_file import load_masks
 from gradtrace.masks import diff as checkpoint_diff
 from gradtrace.masks.diff import CheckpointDiffError, diff_checkpoints
@@ -274,7 +274,7 @@ def test_posthoc_masks_equal_the_live_trackers(tmp_path):
 
 def test_cli_json_contract(pair):
     base, tuned, a, b = pair
-    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli.tools", "diff", str(a), str(b),
+    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli", "diff", str(a), str(b),
                            "--tolerance", "0", "--tolerance", "1e-5", "--json"],
                           capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr

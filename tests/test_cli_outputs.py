@@ -64,3 +64,20 @@ def test_writable_output_gets_what_stdout_gets(inputs, command, tmp_path, capsys
     assert cli_main([*inputs[command], "-o", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(printed)
     assert [p.name for p in Path(out.parent).iterdir()] == ["out.json"]  # no temporary file left beside it
+
+
+def test_the_installed_command_is_the_one_entry_point(inputs, tmp_path):
+    """What a user types: the console script ``gradtrace`` (the same ``gradtrace.cli.main`` the tests call)
+    answers usage errors with exit status 2, as argparse does, for every sub-command."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("gradtrace")
+    if not script.is_file():
+        pytest.skip(f"no console script beside {sys.executable} (package not installed in this environment)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for argv in (inputs["overlap"][:2], ["diff", "a", "b", "--retries", "-1"], ["nope"]):
+        done = subprocess.run([str(script), *argv], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr

@@ -4,7 +4,7 @@ The hub is :mod:`tests.hub_server` (stdlib ``http.server`` on 127.0.0.1, repos f
 ranges, bytes served counted server-side). ``huggingface_hub`` reads ``HF_ENDPOINT`` at import, and
 this pytest process has imported it already (through transformers), so the CLI runs in a separate
 worker process started with the environment set: it reads one argv per line on stdin and runs
-``gradtrace.cli.tools.main`` on it — the real CLI with the real client — so the tests pay the
+``gradtrace.cli.main`` on it — the real CLI with the real client — so the tests pay the
 interpreter's start-up once. Every expected number is computed here from the tensors written,
 independently of gradtrace's comparison code.
 """
@@ -146,11 +146,11 @@ def hub(tmp_path_factory):
 
 class Worker:
     """A process with HF_ENDPOINT (and a fresh HF_HOME, TMPDIR, cwd) set before anything imports
-    huggingface_hub, running ``gradtrace.cli.tools.main(argv)`` for each argv line it reads."""
+    huggingface_hub, running ``gradtrace.cli.main(argv)`` for each argv line it reads."""
 
     CODE = textwrap.dedent("""
         import contextlib, io, json, sys
-        from gradtrace.cli.tools import main
+        from gradtrace.cli import main
         for line in sys.stdin:
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

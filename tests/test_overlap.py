@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradtrace.cli.tools import main as cli_main
+from gradtrace.cli import main as cli_main
 from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.masks_file import MaskFileError, PackedMask, save_masks
 from gradtrace.masks import overlap as overlap_mod
@@ -96,7 +96,7 @@ def test_gradient_kind_and_in_memory_sources(runs):
 
 def test_cli_json_contract(runs):
     paths, masks = runs
-    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli.tools", "overlap", str(paths[0]), str(paths[1]),
+    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli", "overlap", str(paths[0]), str(paths[1]),
                            "--json"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradtrace.cli.tools import main as cli_main
+from gradtrace.cli import main as cli_main
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 NAMES = ("model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.o_proj.weight")

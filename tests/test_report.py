@@ -6,7 +6,6 @@ grid is checked against the masks file, counted directly; the PNGs are opened an
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -23,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import gradtrace
 from gradtrace import TrackerConfig, load_masks, read_run_log
 from gradtrace.anatomy.naming import kind_of, layer_of
-from gradtrace.cli.report import add_parsers
+from gradtrace.cli import main as cli_main
 from gradtrace.views.report import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label, write_report
 
 # matplotlib's default cycle: the first run is drawn in C0, the second in C1.
@@ -134,10 +133,7 @@ def assert_matrix_table_equals(rows: list[list[tuple[dict, str]]], per_matrix: d
 
 def test_two_run_report_from_the_cli(runs, tmp_path, capsys):
     sparse, dense = runs
-    parser = argparse.ArgumentParser(prog="gradtrace")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", str(sparse), str(dense), "-o", str(tmp_path / "out")])
-    assert args.func(args) == 0
+    assert cli_main(["report", str(sparse), str(dense), "-o", str(tmp_path / "out")]) == 0
     html_path = Path(capsys.readouterr().out.strip())
     assert html_path == tmp_path / "out" / "report.html"
     page = parse(html_path)
@@ -179,11 +175,8 @@ def test_two_run_report_from_the_cli(runs, tmp_path, capsys):
 
 
 def test_output_may_name_the_html_file(runs, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="gradtrace")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
     target = tmp_path / "shared" / "grpo-vs-sft.html"
-    args = parser.parse_args(["report", str(runs[0]), str(runs[1]), "-o", str(target)])
-    assert args.func(args) == 0
+    assert cli_main(["report", str(runs[0]), str(runs[1]), "-o", str(target)]) == 0
     assert Path(capsys.readouterr().out.strip()) == target
     assert target.is_file() and not (target / "report.html").exists()
     assert not (tmp_path / "shared" / "report.html").exists()
@@ -247,10 +240,7 @@ def test_labels_and_errors(tmp_path, runs, capsys):
     page = parse(write_report([runs[0], twin], tmp_path / "twins"))
     assert [text for _, text in page.tables["info"][0]][1:] == ["grpo-like", "grpo-like #2"]
 
-    parser = argparse.ArgumentParser(prog="gradtrace")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", str(tmp_path / "nowhere")])
-    assert args.func(args) == 1
+    assert cli_main(["report", str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "log.jsonl").write_text('{"event": "start", "info": {}}\n')

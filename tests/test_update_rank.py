@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradtrace.cli.tools import main as cli_main
+from gradtrace.cli import main as cli_main
 from gradtrace.masks.diff import CheckpointDiffError
 from gradtrace.masks.rank import update_ranks
 
@@ -105,7 +105,7 @@ def test_non_finite_updates_are_skipped_not_crashing(tmp_path):
 
 def test_cli_json_and_errors(checkpoints, tmp_path, capsys):
     a, b, base, tuned = checkpoints
-    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli.tools", "rank", str(a), str(b), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "gradtrace.cli", "rank", str(a), str(b), "--json"],
                           capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

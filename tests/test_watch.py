@@ -6,7 +6,6 @@ thread, as a training process would write them.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import threading
@@ -19,7 +18,7 @@ from torch import nn
 
 import gradtrace
 from gradtrace import TrackerConfig
-from gradtrace.cli.report import add_parsers
+from gradtrace.cli import main as cli_main
 from gradtrace.views.watch import LogFollower, fraction_bar, sparkline, watch
 
 
@@ -81,10 +80,7 @@ def test_once_on_a_log_being_written(log_lines, tmp_path, capsys):
     run_dir.mkdir()
     # Three complete records and half of the next line, as a reader may find it mid-write.
     (run_dir / "log.jsonl").write_text("".join(log_lines[:4]) + log_lines[4][:40])
-    parser = argparse.ArgumentParser(prog="gradtrace")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["watch", str(run_dir), "--once"])
-    assert args.func(args) == 0
+    assert cli_main(["watch", str(run_dir), "--once"]) == 0
     text = capsys.readouterr().out
     current = json.loads(log_lines[3])
     assert current["step"] == 3

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,9 @@ def _print_diff_tables(args: argparse.Namespace, result: DiffResult) -> None:
 
 def run_overlap(args: argparse.Namespace) -> int:
     """``gradtrace overlap``: how much the subnetworks of several runs coincide."""
+    if len(args.masks) < 2:
+        print("gradtrace overlap: needs at least two masks files (or run directories)", file=sys.stderr)
+        return 2
     refused = _unwritable("overlap", **{"-o": args.output})
     if refused is not None:
         return refused
@@ -396,7 +399,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="o₁ = |I₁∩I₂|/|I₁|, o₂ = |I₁∩I₂|/|I₂| and Jaccard, each beside its value for independent "
                     "random masks of the same densities; global, per layer, per module kind; a pairwise "
                     "matrix for more than two runs.")
-    p.add_argument("masks", nargs="+", metavar="MASKS", help="gradtrace masks files (at least two)")
+    p.add_argument("masks", nargs="+", type=str, metavar="MASKS", help="gradtrace masks files (at least two)")
     p.add_argument("--kind", default="update", help="mask kind to compare: update (default) or gradient")
     _add_output_options(p, csv=False)
     p.set_defaults(func=run_overlap)
@@ -416,17 +419,3 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     _add_hub_options(p)
     _add_output_options(p, csv=False)
     p.set_defaults(func=run_rank)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point for the three sub-commands (the same ones ``gradtrace`` offers)."""
-    parser = argparse.ArgumentParser(prog="gradtrace", description="gradtrace mask toolkit")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    if args.command == "overlap" and len(args.masks) < 2:
-        parser.error("overlap needs at least two masks files")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
