@@ -11,7 +11,7 @@ files with the same words: a header that is not a JSON object, an entry without 
 of elements), ranges that overlap or leave a hole, a range past the end of the file. Like the
 safetensors library itself, the data must be exactly the tensors' bytes laid end to end.
 
-It also holds the dtype tables (bits per element, torch's name) that the readers share.
+The dtype tables it reads are in :mod:`gradtrace.formats.dtypes`.
 """
 
 from __future__ import annotations
@@ -23,41 +23,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from gradtrace.formats.dtypes import DTYPE_BITS
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the header size
 METADATA_KEY = "__metadata__"
 
-# Bits per element of each safetensors dtype (the sub-byte ones pack several elements per byte).
-DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-              "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64,
-              "U32": 32, "U16": 16, "U8": 8, "BOOL": 8}
-
-# torch's name of each dtype torch can hold one element of per stored element (sub-byte ones: none).
-TORCH_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
-              "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
-
-
 class SafetensorsHeaderError(ValueError):
     """A safetensors header that cannot be trusted; the message names the file (and the tensor)."""
-
-
-def is_float(st_dtype: str) -> bool:
-    """``F64`` … ``F4`` and ``BF16`` are floating point; integers and ``BOOL`` are not."""
-    return st_dtype.startswith("F") or st_dtype == "BF16"
-
-
-def torch_dtype(st_dtype: str) -> torch.dtype | None:
-    """The torch dtype of a safetensors dtype, ``None`` when this torch has none for it."""
-    name = TORCH_NAME.get(st_dtype)
-    return getattr(torch, name, None) if name else None
-
-
-def itemsize(st_dtype: str) -> float:
-    """Bytes per element (a fraction for the sub-byte dtypes); 1 for a dtype not in the table."""
-    return DTYPE_BITS.get(st_dtype, 8) / 8
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ import torch
 from gradtrace.anatomy.experts import expert_layout
 from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, by_tower, total
 from gradtrace.formats.bitpack import pack_bits
+from gradtrace.formats.dtypes import INT_VIEW, TORCH_NAME
 from gradtrace.formats.masks_file import PackedMask, save_masks
 from gradtrace.formats.output_path import unwritable_reason
-from gradtrace.formats.safetensors_header import TORCH_NAME
 from gradtrace.masks.fp8 import (
     FP8_DTYPES,
     SCALE_SUFFIX,
@@ -75,7 +75,6 @@ DEFAULT_TOLERANCES: tuple[str, ...] = ("0", "1e-5")
 CHUNK_ELEMENTS = 1 << 20
 
 # Same-width integer views for bitwise comparison, by element size in bytes.
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -297,7 +296,7 @@ def compare_tensors(
         raise ValueError(f"tensor pair differs: {base.dtype}{list(base.shape)} vs {tuned.dtype}{list(tuned.shape)}")
     flat_a, flat_b = base.reshape(-1), tuned.reshape(-1)
     n = flat_a.numel()
-    int_view = _INT_VIEW[flat_a.element_size()]
+    int_view = INT_VIEW[flat_a.element_size()]
     # float8 has no arithmetic (nor type promotion): its deltas are taken in float32, exact for float8 values.
     delta_dtype = torch.float32 if flat_a.element_size() == 1 else flat_a.dtype
     rel_dtype = arithmetic_dtype(flat_a.dtype)

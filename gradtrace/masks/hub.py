@@ -31,12 +31,8 @@ from typing import Any
 
 import torch
 
-from gradtrace.formats.safetensors_header import (
-    SafetensorsHeaderError,
-    header_length,
-    parse_header,
-    torch_dtype,
-)
+from gradtrace.formats.dtypes import torch_dtype
+from gradtrace.formats.safetensors_header import SafetensorsHeaderError, header_length, parse_header
 from gradtrace.masks.sources import INDEX_NAME, CheckpointDiffError, LocalSource, TensorSource, TensorSpec
 
 # A hub id: "org/name", optionally "@revision" (branch, tag, commit; may contain "/", as refs/pr/1 does).

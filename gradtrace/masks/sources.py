@@ -19,13 +19,8 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from gradtrace.formats.safetensors_header import (
-    SafetensorsHeaderError,
-    TensorEntry,
-    is_float,
-    itemsize,
-    read_header,
-)
+from gradtrace.formats.dtypes import is_float, itemsize
+from gradtrace.formats.safetensors_header import SafetensorsHeaderError, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 

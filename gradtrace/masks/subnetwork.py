@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from gradtrace.anatomy.parameter_names import matching_key
+from gradtrace.formats.dtypes import INT_VIEW
 from gradtrace.formats.masks_file import Masks, PackedMask, load_masks
 
 MaskInput = str | os.PathLike | Mapping[str, Any]
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class SubnetworkError(ValueError):
@@ -195,7 +195,7 @@ class SubnetworkRestriction:
         for entry in self._entries:
             current = entry.param.detach()
             current = current.reshape(-1) if entry.all_outside else current.masked_select(entry.outside)
-            view = _INT_VIEW[current.element_size()]
+            view = INT_VIEW[current.element_size()]
             changed += int((current.view(view) != entry.frozen.reshape(-1).view(view)).sum())
         return changed
 
