@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +39,11 @@ from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
 CHECKPOINT_SUBDIR = "gradtrace"
+
+
+def _is_trainer(obj: Any) -> bool:
+    """A ``transformers.Trainer`` (TRL's trainers included), without importing the Trainer module."""
+    return any(c.__name__ == "Trainer" and c.__module__ == "transformers.trainer" for c in type(obj).__mro__)
 
 
 def _guarded(method):
@@ -169,10 +175,37 @@ class GradTraceCallback(TrainerCallback):
             self._deepspeed.wants_detail = lambda: self._logs_at(args, state.global_step + 1)
         resumed_from = None
         if state.global_step > 0:  # after attaching: under ZeRO-1/2 that decides which part each rank keeps
-            checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            checkpoint, how = self._resumed_checkpoint(args, state)
             resumed_from = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
-            self.session.restore_state(resumed_from)
+            try:
+                self.session.restore_state(resumed_from, weights_from=checkpoint, step=state.global_step)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{err} (the checkpoint is {how})") from err
         self.session.start(step=state.global_step, resumed_from=resumed_from)
+
+    def _resumed_checkpoint(self, args, state) -> tuple[str, str]:
+        """The checkpoint the Trainer resumed from, and how it was found (for messages).
+
+        transformers passes callbacks neither the trainer nor the checkpoint: ``train()`` resolves
+        ``resume_from_checkpoint`` (``True``: the newest in ``output_dir``; or any path, e.g. another run's)
+        into a local of its training loop. That local is read from the loop's frame, the one sure answer;
+        failing that, ``args.resume_from_checkpoint``, then ``<output_dir>/checkpoint-<global step>``. The
+        state found there must match the resumed weights (:meth:`TraceSession.restore_state`) anyway.
+        """
+        if self.resume_from:
+            return str(self.resume_from), f"{self.resume_from} (GradTraceCallback(resume_from=...))"
+        frame = sys._getframe(1)
+        while frame is not None:
+            if _is_trainer(frame.f_locals.get("self")) and isinstance(frame.f_locals.get("resume_from_checkpoint"), str):
+                path = frame.f_locals["resume_from_checkpoint"]
+                return path, f"{path}, the one the Trainer resumed from"
+            frame = frame.f_back
+        given = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(given, str) and os.path.isdir(given):
+            return given, f"{given}, from TrainingArguments.resume_from_checkpoint"
+        guess = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return guess, (f"{guess}, guessed from output_dir and the global step: the Trainer's own choice "
+                       "was not found")
 
     def _sinks(self, args) -> list:
         """The trackers to show the charts in: ``report_to`` (or the Trainer's), each into the Trainer's run."""

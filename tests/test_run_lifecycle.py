@@ -1,0 +1,94 @@
+"""A run's lifecycle through real Trainer runs: resuming another run's checkpoint, resuming an earlier
+checkpoint of the same run, and what the run log shows then."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from gradtrace import GradTraceCallback, GradTraceWarning, load_masks, read_run_log
+from gradtrace.demo import runs
+
+COMMON = dict(save_steps=4, logging_steps=2, learning_rate=1e-2, dtype=torch.bfloat16, per_device_train_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, base_path):
+    """Run X: 8 steps with a checkpoint at 4 and the reference bookkeeping; run Y: another run (other
+    seed and learning rate) whose output_dir holds a checkpoint-4 too."""
+    from tests.conftest import ReferenceRecorder
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    reference = ReferenceRecorder()
+    runs.run_trainer(base_path, root / "x", callbacks=[GradTraceCallback(strict=True, wandb=False), reference],
+                     max_steps=8, **COMMON)
+    runs.run_trainer(base_path, root / "y", callbacks=[GradTraceCallback(strict=True, wandb=False)],
+                     max_steps=4, **{**COMMON, "learning_rate": 1e-3}, seed=1)
+    return root, reference
+
+
+def test_resume_from_another_output_dir_reads_the_state_of_the_checkpoint_resumed(two_runs, base_path):
+    root, reference = two_runs
+    callback = GradTraceCallback(strict=True, wandb=False)
+    trainer = runs.build_trainer(base_path, root / "y", callbacks=[callback], max_steps=8, **COMMON)
+    trainer.train(resume_from_checkpoint=str(root / "x" / "checkpoint-4"))
+
+    # Y's output_dir holds its own checkpoint-4: the masks continue X's, the checkpoint the Trainer resumed.
+    resumed = load_masks(root / "y" / "gradtrace")
+    assert resumed.step == 8
+    updated = reference.updated()
+    for name in reference.gradient:
+        assert torch.equal(resumed["gradient"][name], reference.gradient[name]), name
+        assert torch.equal(resumed["update"][name], updated[name]), name
+    assert 0 < callback.summary["global"]["update_sparsity"] < 1
+    assert callback.session.run_id == resumed.info["run_id"]
+    log = read_run_log(root / "y")
+    assert log["info"]["run_id"] == read_run_log(root / "x")["info"]["run_id"]  # X's run, continued
+    assert [r["step"] for r in log["logs"]] == [6, 8]  # steps 2 and 4 were logged into X's output_dir
+
+
+def test_state_of_another_run_is_refused_not_continued(two_runs, base_path, tmp_path):
+    root, _ = two_runs
+    # The state found beside the resumed weights was saved with other weights (Y's run): strict raises...
+    strict = GradTraceCallback(strict=True, wandb=False, resume_from=root / "y" / "checkpoint-4")
+    trainer = runs.build_trainer(base_path, tmp_path / "a", callbacks=[strict], max_steps=6, **COMMON)
+    with pytest.raises(ValueError, match="saved with other weights.*checkpoint-4"):
+        trainer.train(resume_from_checkpoint=str(root / "x" / "checkpoint-4"))
+    # ... and by default one warning says so, tracking is off and training goes on without masks.
+    lenient = GradTraceCallback(wandb=False, resume_from=root / "y" / "checkpoint-4")
+    trainer = runs.build_trainer(base_path, tmp_path / "b", callbacks=[lenient], max_steps=6, **COMMON)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(root / "x" / "checkpoint-4"))
+    said = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(said) == 1 and "other weights" in said[0] and "switched off" in said[0]
+    assert trainer.state.global_step == 6 and not (tmp_path / "b" / "gradtrace" / "masks.safetensors").exists()
+
+
+def test_a_checkpoint_without_tracker_state_names_where_it_looked(two_runs, base_path, tmp_path):
+    root, _ = two_runs
+    import shutil
+
+    bare = tmp_path / "bare-checkpoint-4"
+    shutil.copytree(root / "x" / "checkpoint-4", bare, ignore=shutil.ignore_patterns("gradtrace"))
+    trainer = runs.build_trainer(base_path, tmp_path / "c", callbacks=[GradTraceCallback(strict=True, wandb=False)],
+                                 max_steps=6, **COMMON)
+    with pytest.raises(FileNotFoundError, match=f"no gradtrace tracker state.*{bare}, the one the Trainer resumed"):
+        trainer.train(resume_from_checkpoint=str(bare))
+
+
+def test_resuming_an_earlier_checkpoint_drops_the_abandoned_steps(two_runs, base_path, tmp_path):
+    root, _ = two_runs
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(root / "x", run)  # X finished 8 steps and logged 2, 4, 6, 8
+    callback = GradTraceCallback(strict=True, wandb=False)
+    trainer = runs.build_trainer(base_path, run, callbacks=[callback], **{**COMMON, "max_steps": 6})
+    trainer.train(resume_from_checkpoint=str(run / "checkpoint-4"))
+    log = read_run_log(run)
+    # steps 6 and 8 of the first branch are gone: 6 is the resumed branch's, 8 never happened on it
+    assert [r["step"] for r in log["logs"]] == [2, 4, 6]
+    assert log["logs"][-1]["global"] == callback.summary["global"] and log["end"]["step"] == 6
