@@ -16,15 +16,19 @@ COMMON = dict(save_steps=4, logging_steps=2, learning_rate=1e-2, dtype=torch.bfl
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, base_path):
-    """Run X: 8 steps with a checkpoint at 4 and the reference bookkeeping; run Y: another run (other
-    seed and learning rate) whose output_dir holds a checkpoint-4 too."""
+    """Run X: 8 steps with a checkpoint at 4 and the reference bookkeeping; run Y: another run (of another
+    model of the same architecture, at another learning rate) whose output_dir holds a checkpoint-4 too."""
+    from gradtrace.demo.tiny import build_model, load_tokenizer, save_base
     from tests.conftest import ReferenceRecorder
 
     root = tmp_path_factory.mktemp("lifecycle")
+    tokenizer = load_tokenizer(base_path)
+    other_base = save_base(build_model(tokenizer, dtype=torch.float32, seed=1, hidden_size=32, num_hidden_layers=2,
+                                       intermediate_size=64), tokenizer, root / "other-base")
     reference = ReferenceRecorder()
     runs.run_trainer(base_path, root / "x", callbacks=[GradTraceCallback(strict=True, wandb=False), reference],
                      max_steps=8, **COMMON)
-    runs.run_trainer(base_path, root / "y", callbacks=[GradTraceCallback(strict=True, wandb=False)],
+    runs.run_trainer(other_base, root / "y", callbacks=[GradTraceCallback(strict=True, wandb=False)],
                      max_steps=4, **{**COMMON, "learning_rate": 1e-3}, seed=1)
     return root, reference
 
