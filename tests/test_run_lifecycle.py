@@ -3,6 +3,8 @@ checkpoint of the same run, and what the run log shows then."""
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from gradtrace import GradTraceCallback, GradTraceWarning, load_masks, read_run_log
 from gradtrace.demo import runs
+from gradtrace.formats.run_log import RunLogWarning
 
 COMMON = dict(save_steps=4, logging_steps=2, learning_rate=1e-2, dtype=torch.bfloat16, per_device_train_batch_size=4)
 
@@ -96,3 +99,64 @@ def test_resuming_an_earlier_checkpoint_drops_the_abandoned_steps(two_runs, base
     # steps 6 and 8 of the first branch are gone: 6 is the resumed branch's, 8 never happened on it
     assert [r["step"] for r in log["logs"]] == [2, 4, 6]
     assert log["logs"][-1]["global"] == callback.summary["global"] and log["end"]["step"] == 6
+
+
+def _train(base_path, output_dir, **kwargs):
+    callback = GradTraceCallback(strict=True, wandb=False)
+    runs.run_trainer(base_path, output_dir, callbacks=[callback], **{**COMMON, "save_steps": None, **kwargs})
+    return callback
+
+
+def test_a_torn_last_line_does_not_hide_the_next_run(tmp_path, base_path):
+    _train(base_path, tmp_path, max_steps=4)
+    log_path = tmp_path / "gradtrace" / "log.jsonl"
+    whole = log_path.read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    log_path.write_bytes(whole + last[: len(last) // 2])  # a run killed in the middle of writing a line
+    second = _train(base_path, tmp_path, max_steps=2)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = read_run_log(tmp_path)
+    assert log["info"]["run_id"] == second.session.run_id and log["earlier_runs"] == 1
+    said = [str(w.message) for w in caught if issubclass(w.category, RunLogWarning)]
+    assert len(said) == 1 and re.search(r"log.jsonl, line \d+: skipped an unreadable record \(not JSON", said[0])
+    assert [r["step"] for r in log["logs"]] == [2] and log["logs"][-1]["global"] == second.summary["global"]
+    assert log["skipped_records"] == 1
+
+
+BAD_RECORDS = [
+    lambda log: {**log, "step": None},
+    lambda log: {**log, "global": "oops"},
+    lambda log: {**log, "per_kind": {"q": "x"}},
+    lambda log: {**log, "per_layer": ["a list"]},
+    lambda log: {**log, "global": {**log["global"], "update_sparsity": "x"}},
+    lambda log: {**log, "run_id": ["unhashable"]},
+    lambda log: {"event": "start", "run_id": log["run_id"], "step": 0, "info": ["a list"]},
+    lambda log: [log],
+]
+
+
+def test_ill_typed_records_are_skipped_by_every_reader(tmp_path, base_path, capsys):
+    from gradtrace.cli import main as cli_main
+
+    callback = _train(base_path, tmp_path, max_steps=4)
+    log_path = tmp_path / "gradtrace" / "log.jsonl"
+    good = read_run_log(tmp_path)
+    template = {**good["logs"][-1], "step": 6}
+    with open(log_path, "a", encoding="utf-8") as handle:
+        for make in BAD_RECORDS:  # valid JSON, wrong types: a hand-edited or foreign log
+            handle.write(json.dumps(make(template)) + "\n")
+
+    with pytest.warns(RunLogWarning, match="skipped an unreadable record") as said:
+        log = read_run_log(tmp_path)
+    assert len([w for w in said if issubclass(w.category, RunLogWarning)]) == 1
+    assert log["skipped_records"] == len(BAD_RECORDS)
+    assert [r["step"] for r in log["logs"]] == [2, 4] and log["logs"] == good["logs"]
+    assert log["logs"][-1]["global"] == callback.summary["global"]
+    with pytest.warns(RunLogWarning):
+        assert cli_main(["report", str(tmp_path), "-o", str(tmp_path / "report.html")]) == 0
+    with pytest.warns(RunLogWarning):
+        assert cli_main(["watch", str(tmp_path), "--once"]) == 0
+    out = capsys.readouterr().out
+    assert "step 4" in out and "Traceback" not in out
