@@ -160,3 +160,64 @@ def test_ill_typed_records_are_skipped_by_every_reader(tmp_path, base_path, caps
         assert cli_main(["watch", str(tmp_path), "--once"]) == 0
     out = capsys.readouterr().out
     assert "step 4" in out and "Traceback" not in out
+
+
+def test_two_callbacks_on_one_trainer_do_not_share_a_run_directory(tmp_path, base_path, reference):
+    from tests.conftest import assert_masks_equal_reference
+
+    first, second = GradTraceCallback(wandb=False), GradTraceCallback(wandb=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs.run_trainer(base_path, tmp_path, callbacks=[first, second, reference],
+                         **{**COMMON, "save_steps": None, "max_steps": 4})
+    said = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(said) == 1 and "already the run directory of another GradTraceCallback" in said[0]
+    assert "output_dir=" in said[0] and second.session is None  # refused before it wrote anything
+    # the first one's results are whole: its masks exact, its log alone in the file
+    assert_masks_equal_reference(load_masks(tmp_path / "gradtrace"), reference, some_without_gradient=False)
+    log = read_run_log(tmp_path)
+    assert log["earlier_runs"] == 0 and [r["step"] for r in log["logs"]] == [2, 4]
+    # strict: a clear error
+    trainer = runs.build_trainer(base_path, tmp_path / "strict", max_steps=2, **{**COMMON, "save_steps": None},
+                                 callbacks=[GradTraceCallback(strict=True, wandb=False),
+                                            GradTraceCallback(strict=True, wandb=False)])
+    with pytest.raises(ValueError, match="already the run directory"):
+        trainer.train()
+
+
+def test_two_trainers_sharing_an_output_dir_concurrently(tmp_path, base_path, reference):
+    import threading
+
+    from transformers import TrainerCallback
+
+    from tests.conftest import assert_masks_equal_reference
+
+    started, proceed = threading.Event(), threading.Event()
+
+    class Pause(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                started.set()
+                assert proceed.wait(120)
+
+    first = GradTraceCallback(strict=True, wandb=False)
+    common = {**COMMON, "save_steps": None, "max_steps": 4}
+    thread = threading.Thread(target=runs.run_trainer, args=(base_path, tmp_path),
+                              kwargs=dict(callbacks=[first, reference, Pause()], **common), name="first")
+    thread.start()
+    try:
+        assert started.wait(120)
+        second = GradTraceCallback(wandb=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runs.run_trainer(base_path, tmp_path, callbacks=[second], **{**common, "max_steps": 2})
+    finally:
+        proceed.set()
+        thread.join()
+    said = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(said) == 1 and "in thread 'first'" in said[0] and result.trainer.state.global_step == 2
+    assert_masks_equal_reference(load_masks(tmp_path / "gradtrace"), reference, some_without_gradient=False)
+    assert read_run_log(tmp_path)["info"]["run_id"] == first.session.run_id
+    # once the first has ended, the directory is free again
+    again = _train(base_path, tmp_path, max_steps=2)
+    assert read_run_log(tmp_path)["info"]["run_id"] == again.session.run_id
