@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -39,6 +40,40 @@ from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
 CHECKPOINT_SUBDIR = "gradtrace"
+
+
+class _RunDirClaims:
+    """Which callback is writing into which run directory now, in this process.
+
+    Two callbacks with one directory (two on one trainer, or two trainers sharing an ``output_dir``) would
+    overwrite each other's log, masks and checkpoint state: the second is refused. A claim counts while
+    its training goes on: the same ``train()`` call (its ``TrainerState``), or another thread that is
+    still alive; a run interrupted earlier in this thread (a notebook cell stopped) holds nothing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders: dict[str, tuple[Any, Any, threading.Thread]] = {}
+
+    def claim(self, run_dir: str, callback: Any, state: Any) -> None:
+        key = os.path.realpath(run_dir)
+        with self._lock:
+            held = self._holders.get(key)
+            if held is not None and held[0] is not callback:
+                other, other_state, thread = held
+                if other_state is state or (thread is not threading.current_thread() and thread.is_alive()):
+                    where = "on this trainer" if other_state is state else f"in thread {thread.name!r}"
+                    raise ValueError(f"{run_dir} is already the run directory of another GradTraceCallback "
+                                     f"training now ({where}); both would overwrite the same log, masks and "
+                                     "checkpoint state: give each its own GradTraceCallback(output_dir=...)")
+            self._holders[key] = (callback, state, threading.current_thread())
+
+    def release(self, callback: Any) -> None:
+        with self._lock:
+            for key in [k for k, held in self._holders.items() if held[0] is callback]:
+                del self._holders[key]
+
+
+RUN_DIR_CLAIMS = _RunDirClaims()
 
 
 def _is_trainer(obj: Any) -> bool:
@@ -115,6 +150,7 @@ class GradTraceCallback(TrainerCallback):
         import warnings
 
         self._disabled = True
+        RUN_DIR_CLAIMS.release(self)
         if self._deepspeed is not None:
             self._deepspeed.remove()
         warnings.warn(f"gradtrace: {where} failed ({type(err).__name__}: {err}); tracking is switched off for "
@@ -162,6 +198,8 @@ class GradTraceCallback(TrainerCallback):
             parameter_selection=describe_selection(not_stepped, None if deepspeed else optimizer),
         )
         run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
+        if state.is_world_process_zero:  # the main process writes; other ranks share its directory
+            RUN_DIR_CLAIMS.claim(str(run_dir), self, state)
         self.session = TraceSession(tracker, run_dir, sinks=self._sinks(args), info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
         if not deepspeed:
@@ -266,4 +304,7 @@ class GradTraceCallback(TrainerCallback):
         if self._deepspeed is not None:
             self._deepspeed.remove()
             self._deepspeed = None
-        self.session.finish(state.global_step)
+        try:
+            self.session.finish(state.global_step)
+        finally:
+            RUN_DIR_CLAIMS.release(self)
