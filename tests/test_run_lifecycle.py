@@ -221,3 +221,85 @@ def test_two_trainers_sharing_an_output_dir_concurrently(tmp_path, base_path, re
     # once the first has ended, the directory is free again
     again = _train(base_path, tmp_path, max_steps=2)
     assert read_run_log(tmp_path)["info"]["run_id"] == again.session.run_id
+
+
+INTERRUPTED_TRAINER = """
+import sys, torch
+from transformers import TrainerCallback
+from gradtrace import GradTraceCallback
+from gradtrace.demo import runs
+from tests.conftest import ReferenceRecorder
+
+base, out, kind = sys.argv[1:4]
+reference = ReferenceRecorder()
+
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            torch.save({"gradient": reference.gradient, "update": reference.updated()}, out + "/reference.pt")
+            raise KeyboardInterrupt if kind == "keyboard" else RuntimeError("a failure at step 5")
+
+torch.set_num_threads(1)
+runs.run_trainer(base, out, callbacks=[GradTraceCallback(wandb=False), reference, Interrupt()], max_steps=8,
+                 save_steps=None, logging_steps=2, learning_rate=1e-2, dtype=torch.bfloat16,
+                 per_device_train_batch_size=4)
+"""
+
+
+@pytest.mark.parametrize("kind, shown", [("keyboard", "KeyboardInterrupt: "),
+                                         ("error", "RuntimeError: a failure at step 5")])
+def test_a_trainer_stopped_by_an_exception_still_writes_its_masks(tmp_path, base_path, kind, shown):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_TRAINER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), base_path, str(tmp_path), kind], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and shown.split(":")[0] in done.stderr, done.stderr[-2000:]
+
+    masks = load_masks(tmp_path / "gradtrace")
+    reference = torch.load(tmp_path / "reference.pt")
+    assert masks.step == 5
+    for name, mask in reference["gradient"].items():
+        assert torch.equal(masks["gradient"][name], mask), name
+        assert torch.equal(masks["update"][name], reference["update"][name]), name
+    summary = json.loads((tmp_path / "gradtrace" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["interrupted_by"].startswith(shown)
+    assert summary["step"] == 5 and 0 < summary["global"]["update_sparsity"] < 1
+    log = read_run_log(tmp_path)
+    assert log["end"]["interrupted"] is True and log["end"]["step"] == 5
+    assert [r["step"] for r in log["logs"]] == [2, 4, 5]
+
+
+def test_a_plain_loop_stopped_by_an_exception_still_writes_its_masks(tmp_path):
+    import gradtrace
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gradient = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    with pytest.raises(KeyboardInterrupt), gradtrace.trace(model, optimizer, tmp_path, log_every=2,
+                                                           wandb=False, strict=True) as tracer:
+        for step in range(1, 9):
+            model(torch.randint(0, 6, (4,))).sum().backward()  # tokens 6..15 never get a gradient
+            for name, param in model.named_parameters():
+                gradient[name] |= param.grad != 0
+            optimizer.step()
+            optimizer.zero_grad()
+            if step == 3:
+                raise KeyboardInterrupt
+    masks = load_masks(tmp_path)
+    assert masks.step == tracer.step == 3
+    for name, param in model.named_parameters():
+        assert torch.equal(masks["gradient"][name], gradient[name]), name
+        assert torch.equal(masks["update"][name], param.detach().view(torch.int32) != initial[name].view(torch.int32))
+    assert not masks["gradient"]["0.weight"].all() and masks["gradient"]["0.weight"].any()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["interrupted_by"] == "KeyboardInterrupt: "
+    assert read_run_log(tmp_path)["end"]["interrupted"] is True

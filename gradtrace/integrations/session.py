@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -166,7 +167,8 @@ class TraceSession:
                                f"it is switched off, the local run log in {self.run_dir} goes on")
         return summary
 
-    def export(self, directory: str | os.PathLike | None = None, *, step: int) -> Path | None:
+    def export(self, directory: str | os.PathLike | None = None, *, step: int,
+               interrupted: str | None = None) -> Path | None:
         """Write ``masks.safetensors`` and ``summary.json`` (atomically) into ``directory`` or the run dir.
 
         Every rank must call it (for sharded parameters it gathers the masks); the main process writes.
@@ -181,7 +183,8 @@ class TraceSession:
             self._keep_earlier_run(target)
             path = target / MASKS_NAME
             save_masks(path, masks, dtypes=self.tracker.dtypes(), step=step, info=self.info)
-            write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary})
+            marked = {"interrupted": True, "interrupted_by": interrupted} if interrupted else {}
+            write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary, **marked})
             return path
 
         return self._attempt(f"export-{target}", f"writing masks to {target}", write)
@@ -274,17 +277,31 @@ class TraceSession:
         if saved_id:
             self.info["run_id"] = saved_id  # the resumed run continues its own log and exports
 
-    def finish(self, step: int) -> Path | None:
-        """Final measurement and export; tells each sink the run ended."""
-        masks_path = self.export(step=step)
+    def finish(self, step: int, *, interrupted: str | None = None) -> Path | None:
+        """Final measurement and export; tells each sink the run ended.
+
+        ``interrupted``: why training stopped before its end (an exception, ``KeyboardInterrupt``); the
+        masks of the steps taken are written all the same, and the summary and ``end`` record say so."""
+        masks_path = self.export(step=step, interrupted=interrupted)
         if not self.is_main_process:
             return masks_path
         summary = self.last_summary or {}
+        marked = {"interrupted": True, "interrupted_by": interrupted} if interrupted else {}
         self._append({"event": "end", "time": time.time(), "step": step,
-                      "masks": str(masks_path) if masks_path else None})
+                      "masks": str(masks_path) if masks_path else None, **marked})
         for sink in list(self.sinks):
             self._attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
         return masks_path
+
+
+def interruption() -> str:
+    """Why the process is exiting early, as said at exit: the uncaught exception, if there is one."""
+    err = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught exception
+    return f"{type(err).__name__}: {err}" if err is not None else "the process exited before training ended"
+
+
+def several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def weights_fingerprint(tracker: GradTracker) -> str | None:

@@ -19,6 +19,7 @@ A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.se
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import sys
@@ -32,7 +33,7 @@ from transformers import TrainerCallback
 from gradtrace.integrations import deepspeed as deepspeed_support
 from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
 from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption, several_processes
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.sinks.tensorboard import trainer_log_dir
@@ -151,6 +152,7 @@ class GradTraceCallback(TrainerCallback):
 
         self._disabled = True
         RUN_DIR_CLAIMS.release(self)
+        atexit.unregister(self._finish_interrupted)
         if self._deepspeed is not None:
             self._deepspeed.remove()
         warnings.warn(f"gradtrace: {where} failed ({type(err).__name__}: {err}); tracking is switched off for "
@@ -202,6 +204,7 @@ class GradTraceCallback(TrainerCallback):
             RUN_DIR_CLAIMS.claim(str(run_dir), self, state)
         self.session = TraceSession(tracker, run_dir, sinks=self._sinks(args), info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
+        self._train_state = state
         if not deepspeed:
             self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
         if deepspeed:
@@ -220,6 +223,9 @@ class GradTraceCallback(TrainerCallback):
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"{err} (the checkpoint is {how})") from err
         self.session.start(step=state.global_step, resumed_from=resumed_from)
+        # transformers has no event for training that stops on an exception: the masks of the steps taken
+        # are written at exit instead (after the traceback), unless on_train_end comes first.
+        atexit.register(self._finish_interrupted)
 
     def _resumed_checkpoint(self, args, state) -> tuple[str, str]:
         """The checkpoint the Trainer resumed from, and how it was found (for messages).
@@ -304,7 +310,29 @@ class GradTraceCallback(TrainerCallback):
         if self._deepspeed is not None:
             self._deepspeed.remove()
             self._deepspeed = None
+        atexit.unregister(self._finish_interrupted)
         try:
             self.session.finish(state.global_step)
+        finally:
+            RUN_DIR_CLAIMS.release(self)
+
+    def _finish_interrupted(self) -> None:
+        """At exit, when training stopped on an exception (or ``KeyboardInterrupt``, ``sys.exit``) before
+        ``on_train_end``: write the masks and summary of the steps taken, marked interrupted, and the run
+        log's ``end`` record saying why. Not under several processes: gathering the masks needs every rank,
+        which may be gone (the checkpoints keep theirs)."""
+        atexit.unregister(self._finish_interrupted)
+        if self._disabled or self.session is None:
+            return
+        reason = interruption()
+        if several_processes():
+            warnings.warn(f"gradtrace: training stopped ({reason}); under several processes the masks since "
+                          "the last checkpoint are not written at exit", GradTraceWarning, stacklevel=1)
+            return
+        try:
+            self.session.finish(self._train_state.global_step, interrupted=reason)
+        except Exception as err:
+            warnings.warn(f"gradtrace: writing the masks of the interrupted run failed ({type(err).__name__}: "
+                          f"{err})", GradTraceWarning, stacklevel=1)
         finally:
             RUN_DIR_CLAIMS.release(self)
