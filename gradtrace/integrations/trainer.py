@@ -4,7 +4,8 @@ A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.se
 
 - ``on_train_begin``: start tracking the trainable parameters the optimizer steps (after PEFT/accelerate
   wrapping; :mod:`gradtrace.integrations.parameters`);
-  when resuming, restore the tracker state saved with the checkpoint. Under DeepSpeed ZeRO-0/1/2 the
+  when resuming, restore the tracker state saved with the checkpoint the Trainer resumed from (refused
+  when it was saved with other weights: another run's). One run directory takes one callback at a time. Under DeepSpeed ZeRO-0/1/2 the
   gradient is applied and freed inside ``accelerator.backward``, before the two optimizer-step events
   below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.integrations.deepspeed`).
 - ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
@@ -14,7 +15,9 @@ A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.se
 - ``on_step_end`` / ``on_epoch_end``: measure and log on the trainer's logging steps (``logging_strategy``
   "steps" or "epoch").
 - ``on_save``: save tracker state, masks and summary into ``checkpoint-N/gradtrace/``.
-- ``on_train_end``: final masks and summary into the run directory.
+- ``on_train_end``: final masks and summary into the run directory. Training stopped by an exception
+  (``KeyboardInterrupt`` too) has no event: the masks of the steps taken are written at exit (``atexit``),
+  marked interrupted.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class GradTraceCallback(TrainerCallback):
             any of :data:`~gradtrace.sinks.payload.BREAKDOWN_METRICS`; default the two sparsities. An unknown
             name is a ``ValueError`` here, not at the first logging step.
         resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
-            default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
+            default the checkpoint the Trainer resumed from (``train(resume_from_checkpoint=...)``, any
+            path or ``True``). State saved with other weights than those resumed is refused.
         split: under DDP and DeepSpeed ZeRO-0/1/2 the ranks divide the tracking among them (each keeps the
             state of a share of the parameters; ZeRO-1/2: of its optimizer partition); ``False``: every rank
             tracks everything. See :class:`GradTracker`.
