@@ -9,12 +9,17 @@
         optimizer.zero_grad()
     tracer.finish()               # masks.safetensors + summary.json in runs/my-run
 
+or ``with gradtrace.trace(...) as tracer:`` around the loop: it finishes at the end of the block, and
+when an exception (``KeyboardInterrupt`` too) leaves it, still writes the masks of the steps taken,
+marked interrupted. A tracer never finished writes them at exit (``atexit``) the same way.
+
 The optimizer's step pre-hook sees ``.grad`` exactly as the step will apply it (accumulated over any
 micro-batches and clipped), and the post-hook sees the result of the step.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from collections.abc import Iterable
@@ -30,7 +35,7 @@ from gradtrace.integrations.parameters import (
     unwrap_optimizer,
 )
 from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption, several_processes
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.tracking.config import TrackerConfig
@@ -54,6 +59,15 @@ class Tracer:
             inner.register_step_post_hook(lambda *_: self._after_step()),
         ]
         session.start(step=0)
+        self._finished = False
+        atexit.register(self._finish_at_exit)
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if not self._finished:
+            self.finish(interrupted=f"{kind.__name__}: {err}" if kind is not None else None)
 
     @property
     def tracker(self) -> GradTracker:
@@ -88,12 +102,30 @@ class Tracer:
         self.session.restore_state(directory)
         self.session.start(step=self.step, resumed_from=str(directory))
 
-    def finish(self) -> str | None:
-        """Final masks and summary; removes the optimizer hooks. Returns the masks file's path."""
+    def finish(self, *, interrupted: str | None = None) -> str | None:
+        """Final masks and summary; removes the optimizer hooks. Returns the masks file's path.
+
+        ``interrupted``: why the loop stopped early; the summary and the run log's ``end`` record say it."""
+        self._finished = True
+        atexit.unregister(self._finish_at_exit)
         for handle in self._handles:
             handle.remove()
-        path = self.session.finish(self.step)
+        path = self.session.finish(self.step, interrupted=interrupted)
         return str(path) if path else None
+
+    def _finish_at_exit(self) -> None:
+        """The process exits with the tracer unfinished (an uncaught exception, or no ``finish()``)."""
+        if self._finished:
+            return
+        if several_processes():  # gathering the masks needs every rank, which may be gone
+            warnings.warn("gradtrace: the process exits with the tracer unfinished; under several processes "
+                          "its masks are not written at exit", GradTraceWarning, stacklevel=1)
+            return
+        try:
+            self.finish(interrupted=interruption())
+        except Exception as err:
+            warnings.warn(f"gradtrace: writing the masks at exit failed ({type(err).__name__}: {err})",
+                          GradTraceWarning, stacklevel=1)
 
 
 def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | os.PathLike, *,

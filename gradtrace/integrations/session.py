@@ -7,9 +7,11 @@ a failing sink or write is reported once and skipped, unless ``strict=True`` (te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -171,7 +174,8 @@ class TraceSession:
                                f"it is switched off, the local run log in {self.run_dir} goes on")
         return summary
 
-    def export(self, directory: str | os.PathLike | None = None, *, step: int) -> Path | None:
+    def export(self, directory: str | os.PathLike | None = None, *, step: int,
+               interrupted: str | None = None) -> Path | None:
         """Write ``masks.safetensors`` and ``summary.json`` (atomically) into ``directory`` or the run dir.
 
         Every rank must call it (for sharded parameters it gathers the masks); the main process writes.
@@ -186,7 +190,8 @@ class TraceSession:
             self._keep_earlier_run(target)
             path = target / MASKS_NAME
             save_masks(path, masks, dtypes=self.tracker.dtypes(), step=step, info=self.info)
-            write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary})
+            marked = {"interrupted": True, "interrupted_by": interrupted} if interrupted else {}
+            write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary, **marked})
             return path
 
         return self._attempt(f"export-{target}", f"writing masks to {target}", write)
@@ -234,18 +239,28 @@ class TraceSession:
                         "counts_summed": str(int(self.tracker.counts_summed))}
             if layout is not None:
                 metadata["layout"] = json.dumps(layout)
+            fingerprint = weights_fingerprint(self.tracker)
+            if fingerprint is not None:
+                metadata["weights_fingerprint"] = fingerprint
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
         self._attempt("save-state", f"saving tracker state to {path}", write)
         self.export(directory, step=step)
 
-    def restore_state(self, directory: str | os.PathLike) -> None:
+    def restore_state(self, directory: str | os.PathLike, *, weights_from: str | None = None,
+                      step: int | None = None) -> None:
         """Load the state :meth:`save_state` wrote. Raises if it is missing or belongs to another model.
+
+        ``weights_from``: the checkpoint the model's weights were just loaded from; then the state must have
+        been saved with exactly these weights (and at ``step``, if given), else it is another run's and
+        is refused (nothing is loaded): continuing from it would give wrong masks without a sign.
 
         Elastic: state saved by another number of processes (or with tracking split differently) is
         re-cut for this rank from all the saved ranks' files (:meth:`GradTracker.load_resharded`)."""
         path = self.state_path(directory)
         metadata = _metadata(path) if path.is_file() else None
+        if metadata is not None and weights_from is not None:
+            _check_same_checkpoint(path, metadata, self.tracker, weights_from, step)
         layout = self.tracker.layout()
         if metadata is not None and (layout is None or "layout" not in metadata
                                      or _as_layout(metadata["layout"]) == layout):
@@ -275,17 +290,62 @@ class TraceSession:
         if saved_id:
             self.info["run_id"] = saved_id  # the resumed run continues its own log and exports
 
-    def finish(self, step: int) -> Path | None:
-        """Final measurement and export; tells each sink the run ended."""
-        masks_path = self.export(step=step)
+    def finish(self, step: int, *, interrupted: str | None = None) -> Path | None:
+        """Final measurement and export; tells each sink the run ended.
+
+        ``interrupted``: why training stopped before its end (an exception, ``KeyboardInterrupt``); the
+        masks of the steps taken are written all the same, and the summary and ``end`` record say so."""
+        masks_path = self.export(step=step, interrupted=interrupted)
         if not self.is_main_process:
             return masks_path
         summary = self.last_summary or {}
+        marked = {"interrupted": True, "interrupted_by": interrupted} if interrupted else {}
         self._append({"event": "end", "time": time.time(), "step": step,
-                      "masks": str(masks_path) if masks_path else None})
+                      "masks": str(masks_path) if masks_path else None, **marked})
         for sink in list(self.sinks):
             self._attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
         return masks_path
+
+
+def interruption() -> str:
+    """Why the process is exiting early, as said at exit: the uncaught exception, if there is one."""
+    err = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught exception
+    return f"{type(err).__name__}: {err}" if err is not None else "the process exited before training ended"
+
+
+def several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def weights_fingerprint(tracker: GradTracker) -> str | None:
+    """A hash of the tracked parameters' names, shapes, dtypes and of the raw bits of their values (one
+    64-bit sum per parameter, read from the host once): tells apart the weights of two checkpoints.
+    ``None`` with several processes, where each holds another part (an elastic resume re-cuts them)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    named = tracker.named_parameters()
+    with torch.no_grad():
+        sums = [p.detach().reshape(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+            p.element_size()]).sum(dtype=torch.int64).cpu() for _, p in named]
+    digest = hashlib.sha256()
+    for (name, param), value in zip(named, sums, strict=True):
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{int(value)};".encode())
+    return digest.hexdigest()[:32]
+
+
+def _check_same_checkpoint(path: Path, metadata: dict[str, str], tracker: GradTracker, checkpoint: str,
+                           step: int | None) -> None:
+    """Refuse tracker state saved with other weights (or at another step) than the checkpoint resumed."""
+    saved_step = metadata.get("step")
+    if step is not None and saved_step is not None and int(saved_step) != step:
+        raise ValueError(f"{path}: tracker state of step {saved_step}, but the Trainer resumed step {step} "
+                         f"from {checkpoint}: it belongs to another checkpoint")
+    saved = metadata.get("weights_fingerprint")
+    current = weights_fingerprint(tracker) if saved else None
+    if saved and current and saved != current:
+        raise ValueError(f"{path}: this tracker state was saved with other weights than those the Trainer "
+                         f"resumed from {checkpoint} (run {metadata.get('run_id', '?')}): it belongs to "
+                         "another run's checkpoint, and continuing from it would give wrong masks")
 
 
 def _metadata(path: Path) -> dict[str, str]:

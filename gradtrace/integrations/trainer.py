@@ -4,7 +4,8 @@ A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.se
 
 - ``on_train_begin``: start tracking the trainable parameters the optimizer steps (after PEFT/accelerate
   wrapping; :mod:`gradtrace.integrations.parameters`);
-  when resuming, restore the tracker state saved with the checkpoint. Under DeepSpeed ZeRO-0/1/2 the
+  when resuming, restore the tracker state saved with the checkpoint the Trainer resumed from (refused
+  when it was saved with other weights: another run's). One run directory takes one callback at a time. Under DeepSpeed ZeRO-0/1/2 the
   gradient is applied and freed inside ``accelerator.backward``, before the two optimizer-step events
   below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.integrations.deepspeed`).
 - ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
@@ -14,13 +15,18 @@ A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.se
 - ``on_step_end`` / ``on_epoch_end``: measure and log on the trainer's logging steps (``logging_strategy``
   "steps" or "epoch").
 - ``on_save``: save tracker state, masks and summary into ``checkpoint-N/gradtrace/``.
-- ``on_train_end``: final masks and summary into the run directory.
+- ``on_train_end``: final masks and summary into the run directory. Training stopped by an exception
+  (``KeyboardInterrupt`` too) has no event: the masks of the steps taken are written at exit (``atexit``),
+  marked interrupted.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -30,7 +36,7 @@ from transformers import TrainerCallback
 from gradtrace.integrations import deepspeed as deepspeed_support
 from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
 from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption, several_processes
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.sinks.tensorboard import trainer_log_dir
@@ -38,6 +44,45 @@ from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
 CHECKPOINT_SUBDIR = "gradtrace"
+
+
+class _RunDirClaims:
+    """Which callback is writing into which run directory now, in this process.
+
+    Two callbacks with one directory (two on one trainer, or two trainers sharing an ``output_dir``) would
+    overwrite each other's log, masks and checkpoint state: the second is refused. A claim counts while
+    its training goes on: the same ``train()`` call (its ``TrainerState``), or another thread that is
+    still alive; a run interrupted earlier in this thread (a notebook cell stopped) holds nothing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders: dict[str, tuple[Any, Any, threading.Thread]] = {}
+
+    def claim(self, run_dir: str, callback: Any, state: Any) -> None:
+        key = os.path.realpath(run_dir)
+        with self._lock:
+            held = self._holders.get(key)
+            if held is not None and held[0] is not callback:
+                other, other_state, thread = held
+                if other_state is state or (thread is not threading.current_thread() and thread.is_alive()):
+                    where = "on this trainer" if other_state is state else f"in thread {thread.name!r}"
+                    raise ValueError(f"{run_dir} is already the run directory of another GradTraceCallback "
+                                     f"training now ({where}); both would overwrite the same log, masks and "
+                                     "checkpoint state: give each its own GradTraceCallback(output_dir=...)")
+            self._holders[key] = (callback, state, threading.current_thread())
+
+    def release(self, callback: Any) -> None:
+        with self._lock:
+            for key in [k for k, held in self._holders.items() if held[0] is callback]:
+                del self._holders[key]
+
+
+RUN_DIR_CLAIMS = _RunDirClaims()
+
+
+def _is_trainer(obj: Any) -> bool:
+    """A ``transformers.Trainer`` (TRL's trainers included), without importing the Trainer module."""
+    return any(c.__name__ == "Trainer" and c.__module__ == "transformers.trainer" for c in type(obj).__mro__)
 
 
 def _guarded(method):
@@ -76,7 +121,8 @@ class GradTraceCallback(TrainerCallback):
             any of :data:`~gradtrace.sinks.payload.BREAKDOWN_METRICS`; default the two sparsities. An unknown
             name is a ``ValueError`` here, not at the first logging step.
         resume_from: a checkpoint directory to restore tracker state from when the trainer resumes;
-            default ``<output_dir>/checkpoint-<global step>``, where the Trainer itself resumes from.
+            default the checkpoint the Trainer resumed from (``train(resume_from_checkpoint=...)``, any
+            path or ``True``). State saved with other weights than those resumed is refused.
         split: under DDP and DeepSpeed ZeRO-0/1/2 the ranks divide the tracking among them (each keeps the
             state of a share of the parameters; ZeRO-1/2: of its optimizer partition); ``False``: every rank
             tracks everything. See :class:`GradTracker`.
@@ -109,6 +155,8 @@ class GradTraceCallback(TrainerCallback):
         import warnings
 
         self._disabled = True
+        RUN_DIR_CLAIMS.release(self)
+        atexit.unregister(self._finish_interrupted)
         if self._deepspeed is not None:
             self._deepspeed.remove()
         warnings.warn(f"gradtrace: {where} failed ({type(err).__name__}: {err}); tracking is switched off for "
@@ -156,8 +204,11 @@ class GradTraceCallback(TrainerCallback):
             parameter_selection=describe_selection(not_stepped, None if deepspeed else optimizer),
         )
         run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
+        if state.is_world_process_zero:  # the main process writes; other ranks share its directory
+            RUN_DIR_CLAIMS.claim(str(run_dir), self, state)
         self.session = TraceSession(tracker, run_dir, sinks=self._sinks(args), info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
+        self._train_state = state
         if not deepspeed:
             self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
         if deepspeed:
@@ -169,10 +220,40 @@ class GradTraceCallback(TrainerCallback):
             self._deepspeed.wants_detail = lambda: self._logs_at(args, state.global_step + 1)
         resumed_from = None
         if state.global_step > 0:  # after attaching: under ZeRO-1/2 that decides which part each rank keeps
-            checkpoint = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            checkpoint, how = self._resumed_checkpoint(args, state)
             resumed_from = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
-            self.session.restore_state(resumed_from)
+            try:
+                self.session.restore_state(resumed_from, weights_from=checkpoint, step=state.global_step)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{err} (the checkpoint is {how})") from err
         self.session.start(step=state.global_step, resumed_from=resumed_from)
+        # transformers has no event for training that stops on an exception: the masks of the steps taken
+        # are written at exit instead (after the traceback), unless on_train_end comes first.
+        atexit.register(self._finish_interrupted)
+
+    def _resumed_checkpoint(self, args, state) -> tuple[str, str]:
+        """The checkpoint the Trainer resumed from, and how it was found (for messages).
+
+        transformers passes callbacks neither the trainer nor the checkpoint: ``train()`` resolves
+        ``resume_from_checkpoint`` (``True``: the newest in ``output_dir``; or any path, e.g. another run's)
+        into a local of its training loop. That local is read from the loop's frame, the one sure answer;
+        failing that, ``args.resume_from_checkpoint``, then ``<output_dir>/checkpoint-<global step>``. The
+        state found there must match the resumed weights (:meth:`TraceSession.restore_state`) anyway.
+        """
+        if self.resume_from:
+            return str(self.resume_from), f"{self.resume_from} (GradTraceCallback(resume_from=...))"
+        frame = sys._getframe(1)
+        while frame is not None:
+            if _is_trainer(frame.f_locals.get("self")) and isinstance(frame.f_locals.get("resume_from_checkpoint"), str):
+                path = frame.f_locals["resume_from_checkpoint"]
+                return path, f"{path}, the one the Trainer resumed from"
+            frame = frame.f_back
+        given = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(given, str) and os.path.isdir(given):
+            return given, f"{given}, from TrainingArguments.resume_from_checkpoint"
+        guess = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return guess, (f"{guess}, guessed from output_dir and the global step: the Trainer's own choice "
+                       "was not found")
 
     def _sinks(self, args) -> list:
         """The trackers to show the charts in: ``report_to`` (or the Trainer's), each into the Trainer's run."""
@@ -233,4 +314,29 @@ class GradTraceCallback(TrainerCallback):
         if self._deepspeed is not None:
             self._deepspeed.remove()
             self._deepspeed = None
-        self.session.finish(state.global_step)
+        atexit.unregister(self._finish_interrupted)
+        try:
+            self.session.finish(state.global_step)
+        finally:
+            RUN_DIR_CLAIMS.release(self)
+
+    def _finish_interrupted(self) -> None:
+        """At exit, when training stopped on an exception (or ``KeyboardInterrupt``, ``sys.exit``) before
+        ``on_train_end``: write the masks and summary of the steps taken, marked interrupted, and the run
+        log's ``end`` record saying why. Not under several processes: gathering the masks needs every rank,
+        which may be gone (the checkpoints keep theirs)."""
+        atexit.unregister(self._finish_interrupted)
+        if self._disabled or self.session is None:
+            return
+        reason = interruption()
+        if several_processes():
+            warnings.warn(f"gradtrace: training stopped ({reason}); under several processes the masks since "
+                          "the last checkpoint are not written at exit", GradTraceWarning, stacklevel=1)
+            return
+        try:
+            self.session.finish(self._train_state.global_step, interrupted=reason)
+        except Exception as err:
+            warnings.warn(f"gradtrace: writing the masks of the interrupted run failed ({type(err).__name__}: "
+                          f"{err})", GradTraceWarning, stacklevel=1)
+        finally:
+            RUN_DIR_CLAIMS.release(self)
