@@ -24,16 +24,16 @@ from gradtrace.anatomy.experts import ExpertLayout, expert_layout
 from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import cpu_measure, cpu_scan, reshard, sharding, slices
+from gradtrace.tracking import cpu_measure, cpu_scan, persistence, reshard, sharding, slices
 from gradtrace.tracking import split as splitting
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.state import (
     COUNTER_INDEX,
     COUNTER_REDUCE,
     COUNTERS,
-    EARLIER_COUNTER_COUNTS,
-    RETIRED_ACCUMULATORS,
+    allocate,
     enabled_accumulators,
+    state_bytes,
 )
 
 # Per-parameter counts produced by measure(); fractions are derived in gradtrace.tracking.summary.
@@ -166,21 +166,6 @@ class Measurement:
     # fused expert tensors: one count dict per expert (its slice along dim 0), same fields as per_param
     per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     experts: ExpertLayout = field(default_factory=ExpertLayout)
-
-
-def _drop_retired(tensors: dict[str, torch.Tensor], state: Mapping[str, Mapping[str, torch.Tensor]]
-                  ) -> set[tuple[str, str]]:
-    """Remove from a saved state (in place) the accumulators an older gradtrace kept and this one does not
-    (:data:`~gradtrace.tracking.state.RETIRED_ACCUMULATORS`); return the ``(accumulator, parameter)`` pairs
-    that then keep their freshly allocated value: the exact change detector's ``last_values`` (the
-    parameter's current values, which after a resume are the values after the saved step)."""
-    kept = set()
-    for key in [k for k in tensors if k.split("/", 1)[0] in RETIRED_ACCUMULATORS]:
-        name = key.split("/", 1)[1]
-        del tensors[key]
-        if name in state and "last_values" in state[name] and f"last_values/{name}" not in tensors:
-            kept.add(("last_values", name))
-    return kept
 
 
 class GradTracker:
@@ -475,29 +460,11 @@ class GradTracker:
         placements = getattr(param, "placements", None) if not sharding.is_zero3(param) else None
         return not placements or all(not p.is_shard() or p.dim == 0 for p in placements)
 
-    @property
-    def sharded(self) -> bool:
-        """Whether parameters are sharded across ranks (FSDP2, ZeRO-3) or their tracking is split among the
-        ranks (DDP, ZeRO-0/1/2), so counts are reduced and masks gathered."""
-        return self._group is not None
-
     # ------------------------------------------------------------------ set-up
     def _allocate(self, name: str, param: nn.Parameter, sample_start: int,
                   sample_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        local = self._held(name, param).detach()
-        numel = local.numel()
-        state: dict[str, torch.Tensor] = {}
-        for acc in self._accumulators:
-            if acc.name == "reference":
-                state[acc.name] = self._reference_copy(local)
-            elif acc.name == "last_values":
-                state[acc.name] = local.reshape(-1).clone()  # flat, as every per-element accumulator
-            else:
-                length = acc.length(numel, self.config, sample_start)
-                if sample_index is not None and acc.name in ("signed_sum", "abs_sum"):
-                    length = sample_index.numel()  # the listed elements of a non-contiguous shard
-                state[acc.name] = torch.zeros(length, dtype=acc.dtype(local.dtype), device=local.device)
-        return state
+        return allocate(self._accumulators, self._held(name, param).detach(), self.config, sample_start,
+                        None if sample_index is None else sample_index.numel())
 
     def _sampled(self, name: str, flat: torch.Tensor) -> torch.Tensor:
         """The elements of a parameter's flattened local data (or of a mask of it) that carry gradient sums."""
@@ -505,13 +472,6 @@ class GradTracker:
         if index is not None:
             return flat[_to(index, flat.device)]
         return flat[self._sample_start[name]:: self.config.stride]
-
-    def _reference_copy(self, local: torch.Tensor) -> torch.Tensor:
-        device = torch.device(self.config.reference_device)
-        copy = local.to(device, copy=True)
-        if device.type == "cpu" and local.device.type == "cuda":
-            copy = copy.pin_memory()  # lets measure() copy it back without a host sync
-        return copy
 
     @property
     def parameter_names(self) -> list[str]:
@@ -917,11 +877,7 @@ class GradTracker:
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume, as flat CPU tensors (``"{accumulator}/{parameter}"``)."""
-        tensors = {f"{key}/{name}": value.to("cpu", copy=True).contiguous()
-                   for name, state in self.state.items() for key, value in state.items()}
-        tensors["counters"] = self.counters.to("cpu", copy=True)  # a snapshot, also when counters live on the CPU
-        tensors["steps"] = torch.tensor([self.steps], dtype=torch.int64)
-        return tensors
+        return persistence.snapshot(self.state, self.counters, self.steps)
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], *, source: str = "tracker state") -> None:
@@ -929,46 +885,17 @@ class GradTracker:
 
         Everything is checked before anything is overwritten: a refused state leaves the tracker as it was.
         """
-        tensors = dict(tensors)
-        kept_as_is = _drop_retired(tensors, self.state)
-        saved_counters = tensors.get("counters")
-        if (isinstance(saved_counters, torch.Tensor) and saved_counters.dtype == torch.int64
-                and saved_counters.dim() == 1 and saved_counters.numel() in EARLIER_COUNTER_COUNTS):
-            # Saved by an older gradtrace: counters are only ever appended (state.COUNTERS), and those that
-            # did not exist then have counted nothing yet.
-            tensors["counters"] = torch.cat([saved_counters, saved_counters.new_zeros(
-                len(COUNTERS) - saved_counters.numel())])
-        for key, like in (("counters", self.counters), ("steps", torch.zeros(1, dtype=torch.int64))):
-            saved = tensors.get(key)
-            if not isinstance(saved, torch.Tensor) or saved.shape != like.shape or saved.dtype != like.dtype:
-                found = (f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor)
-                         else "missing" if saved is None else type(saved).__name__)
-                raise ValueError(f"{source}: {key!r} is {found}, expected {tuple(like.shape)} {like.dtype} "
-                                 "(saved by another gradtrace version, or damaged?)")
-        for name, state in self.state.items():
-            for key, value in state.items():
-                saved = tensors.get(f"{key}/{name}")
-                if (key, name) in kept_as_is:
-                    continue
-                if saved is None:
-                    raise ValueError(f"{source}: no {key!r} for parameter {name!r}; was it saved for another "
-                                     "model or with another TrackerConfig?")
-                if not isinstance(saved, torch.Tensor) or saved.shape != value.shape or saved.dtype != value.dtype:
-                    found = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else type(saved).__name__
-                    raise ValueError(f"{source}: {key!r} of {name!r} is {found}, "
-                                     f"expected {tuple(value.shape)} {value.dtype}")
-        expected = ({f"{key}/{name}" for name, state in self.state.items() for key in state
-                     if (key, name) not in kept_as_is} | {"counters", "steps"})
-        unexpected = sorted(set(tensors) - expected)
-        if unexpected:
-            raise ValueError(f"{source}: holds state for parameters this model does not track: {unexpected[:3]}")
-        for name, state in self.state.items():
-            for key, value in state.items():
-                if (key, name) not in kept_as_is:
-                    value.copy_(tensors[f"{key}/{name}"])
-        self._full_bitmaps.clear()
-        self.counters.copy_(tensors["counters"])
-        self.steps = int(tensors["steps"][0])
+        tensors, kept_as_is = persistence.check_saved(tensors, self.state, self.counters, source=source)
+        self._restore({name: {key: tensors[f"{key}/{name}"] for key in state if (key, name) not in kept_as_is}
+                       for name, state in self.state.items()}, tensors["counters"], int(tensors["steps"][0]))
+
+    def _restore(self, state: Mapping[str, Mapping[str, torch.Tensor]], counters: torch.Tensor, steps: int) -> None:
+        for name, saved in state.items():
+            for key, value in saved.items():
+                self.state[name][key].copy_(value)
+        self._full_bitmaps.clear()  # derived from the state
+        self.counters.copy_(counters)
+        self.steps = steps
 
     def layout(self) -> dict[str, tuple[int, int]] | None:
         """``{name: (start, length)}``: the run of each flattened parameter whose state this rank keeps, or
@@ -980,8 +907,12 @@ class GradTracker:
 
     @property
     def counts_summed(self) -> bool:
-        """Whether this rank's counters are its share of sums across ranks (sharded or split tracking)."""
+        """Whether this rank's counts are its share of sums across ranks: parameters sharded across ranks
+        (FSDP2, ZeRO-3) or their tracking split among the ranks (DDP, ZeRO-0/1/2), so counts are reduced
+        and masks gathered."""
         return self._group is not None
+
+    sharded = counts_summed  # the name integrations and reports use
 
     @torch.no_grad()
     def load_resharded(self, parts: list[reshard.SavedPart]) -> None:
@@ -992,50 +923,14 @@ class GradTracker:
         if layout is None:
             raise ValueError("this rank's shards are not contiguous runs of the parameters (Shard(1), 2-D "
                              "meshes): tracker state saved with another layout cannot be re-cut for them")
-        steps = {int(p.tensors["steps"][0]) for p in parts}
-        if len(steps) != 1:
-            raise ValueError(f"the saved ranks' tracker states are of different steps {sorted(steps)}")
-        names = set().union(*(p.layout for p in parts))
-        if names != set(self.state):
-            extra, missing = sorted(names - set(self.state)), sorted(set(self.state) - names)
-            raise ValueError(f"saved tracker state is for other parameters (not tracked here: {extra[:3]}; "
-                             f"not saved: {missing[:3]})")
-        new = {}
-        kept_as_is = set()
-        for part in parts:
-            kept_as_is |= _drop_retired(part.tensors, self.state)
-        for name in self._named:
-            start, length = layout[name]
-            numel = math.prod(self._tracked_shapes[name])
-            new[name] = {}
-            for key, value in self.state[name].items():
-                if (key, name) in kept_as_is:
-                    new[name][key] = value
-                    continue
-                got = reshard.cut(parts, name, key, numel, start, length, self.config.stride)
-                if got.numel() != value.numel() or got.dtype != value.dtype:
-                    raise ValueError(f"saved {key!r} of {name!r} does not fit this tracker: {got.numel()} "
-                                     f"{got.dtype}, expected {value.numel()} {value.dtype} (another TrackerConfig "
-                                     "or dtype?)")
-                new[name][key] = got.reshape(value.shape)
+        numels = {name: math.prod(shape) for name, shape in self._tracked_shapes.items()}
         keep_here = self._group is None or dist.get_rank(self._group) == 0
-        counters = reshard.counters(parts, keep_here=keep_here)
-        for name, state in self.state.items():
-            for key, value in state.items():
-                value.copy_(new[name][key])
-        self._full_bitmaps.clear()
-        self.counters.copy_(counters)
-        self.steps = steps.pop()
+        self._restore(*persistence.recut(parts, self.state, layout, numels, self.config.stride, keep_here=keep_here))
 
     def state_bytes(self) -> dict[str, int]:
         """Measured bytes of tracker state, split by where it lives (parameter device vs reference)."""
-        out = {"device": self.counters.numel() * self.counters.element_size(), "reference": 0}
-        for state in self.state.values():
-            for key, value in state.items():
-                out["reference" if key == "reference" else "device"] += value.numel() * value.element_size()
-        for index in self._sample_index.values():  # the sampled elements of non-contiguous shards
-            out["device"] += index.numel() * index.element_size()
-        return out
+        extra = sum(index.numel() * index.element_size() for index in self._sample_index.values())
+        return state_bytes(self.state, self.counters, extra)
 
     @property
     def numel(self) -> int:
