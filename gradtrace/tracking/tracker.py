@@ -10,7 +10,6 @@ This module knows nothing of transformers, TRL or W&B.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,9 +23,10 @@ from gradtrace.anatomy.experts import ExpertLayout, expert_layout
 from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import cpu_measure, cpu_scan, persistence, reshard, sharding, slices
+from gradtrace.tracking import persistence, reshard, sharding, slices
 from gradtrace.tracking import split as splitting
 from gradtrace.tracking.config import TrackerConfig
+from gradtrace.tracking.kernels import Backend, numpy_measure, torch_path
 from gradtrace.tracking.state import (
     COUNTER_INDEX,
     COUNTER_REDUCE,
@@ -51,56 +51,8 @@ COUNT_FIELDS: tuple[str, ...] = (
     "sampled_cancelled",  # sampled, gradient, unchanged, |Σg| <= ε Σ|g|
 )
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 _local = sharding.local
-
-
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``. Asynchronous only towards an accelerator: a device-to-host copy with
-    ``non_blocking=True`` returns before the data has arrived, and the CPU would read it unsynchronised."""
-    return tensor.to(device, non_blocking=device.type != "cpu")
-
-
-def _is_float8(dtype: torch.dtype) -> bool:
-    """float8 / float4 formats: no ``isfinite``, no arithmetic, no stable meaning of "storage-dtype delta"."""
-    return str(dtype).startswith(("torch.float8", "torch.float4"))
-
-
-def _raw_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The same memory viewed as integers of equal width, for bitwise comparison."""
-    return tensor.view(_INT_VIEW[tensor.element_size()])
-
-
-@functools.cache
-def _inf_bits(dtype: torch.dtype) -> int:
-    """The bit pattern of +inf in ``dtype``, as an integer of the same width."""
-    return int(torch.tensor(float("inf"), dtype=dtype).view(_INT_VIEW[dtype.itemsize]).item())
-
-
-def _scan_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's gradient in three facts: ``(nonzero, any_nonzero, all_finite)``.
-
-    ``nonzero`` is the elementwise mask ``grad != 0`` and ``any_nonzero`` its ``any()``, NaN/inf counted
-    as nonzero (the caller drops a gradient that is not ``all_finite``); the flags are 0-d booleans on
-    its device. For IEEE floats it works on the raw bits: with the sign cleared, a value is zero iff its
-    bits are 0 and finite iff they are below those of +inf, so one integer mask, one compare and one
-    max-reduction do it, several times cheaper than ``isfinite``/``ne`` on bf16, whose float ops
-    convert every element.
-    """
-    width = grad.element_size()
-    if not grad.is_floating_point() or width not in (2, 4, 8) or grad.dtype == torch.float8_e4m3fn:
-        nonzero = grad.ne(0)
-        return nonzero, nonzero.any(), torch.isfinite(grad).all()
-    bits = grad.view(_INT_VIEW[width])
-    magnitude = bits & torch.iinfo(bits.dtype).max  # clears the sign bit: -0.0 -> 0, -x -> x
-    if magnitude.numel() == 0:
-        nothing = magnitude.ne(0)
-        return nothing, nothing.any(), nothing.all()
-    peak = magnitude.amax()
-    return magnitude.ne(0), peak.ne(0), peak.lt(_inf_bits(grad.dtype))
-
+_to = torch_path.to_device
 
 class _StepFlags:
     """One step's per-parameter facts from the CPU path, combined on the host as they come."""
@@ -183,6 +135,9 @@ class GradTracker:
             than one rank, no parameter is sharded and every rank holds the same parameters (checked with
             one small all-gather, so every rank must build the tracker). ``False``: every rank tracks
             everything, alone (no collectives).
+        backend: the kernels (:class:`gradtrace.tracking.kernels.Backend`): ``"auto"`` (default) and
+            ``"numpy"`` take NumPy for the CPU tensors it supports, the torch path elsewhere; ``"torch"``
+            the torch path everywhere. Results are identical; only the speed differs.
 
     Under FSDP2 (parameters sharded as DTensors) each rank keeps state for its local shard only; then, as
     when tracking is split, :meth:`observe_gradients`, :meth:`measure` and :meth:`packed_masks` are
@@ -190,7 +145,8 @@ class GradTracker:
     """
 
     def __init__(self, model: nn.Module | Iterable[tuple[str, nn.Parameter]], config: TrackerConfig | None = None,
-                 *, layout_model: nn.Module | None = None, split: bool | None = None):
+                 *, layout_model: nn.Module | None = None, split: bool | None = None,
+                 backend: str | Backend = "auto"):
         self.config = config or TrackerConfig()
         named = model.named_parameters() if isinstance(model, nn.Module) else model
         self._params: list[tuple[str, nn.Parameter]] = _named_for_tracking(named)
@@ -229,10 +185,9 @@ class GradTracker:
                 if index is not None:
                     self._sample_index[name] = index
         self.steps = 0
-        # CPU gradients go through NumPy (gradtrace.tracking.cpu_scan); None forces the torch path everywhere.
-        self._cpu_scanner: cpu_scan.CpuScanner | None = cpu_scan.CpuScanner()
-        # CPU parameters are measured through NumPy (gradtrace.tracking.cpu_measure); False forces the torch path.
-        self._cpu_measure: bool = True
+        # Which kernels fold and measure each parameter (gradtrace.tracking.kernels): NumPy for CPU tensors,
+        # torch for the rest, unless told otherwise.
+        self._backend = Backend.of(backend)
         # Parameters whose gradient bitmap is all ones, so the CPU path stops rebuilding it. Derived from
         # the state (bits are only ever set), so it is forgotten when state is loaded.
         self._full_bitmaps: set[str] = set()
@@ -435,7 +390,7 @@ class GradTracker:
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
-        float8 = [f"{name} ({p.dtype})" for name, p in self._params if _is_float8(p.dtype)]
+        float8 = [f"{name} ({p.dtype})" for name, p in self._params if torch_path.is_float8(p.dtype)]
         if float8:
             raise ValueError(f"gradtrace cannot track float8/float4 parameters: {', '.join(float8[:5])}"
                              f"{' ...' if len(float8) > 5 else ''}. Track the higher-precision master weights "
@@ -472,6 +427,15 @@ class GradTracker:
         if index is not None:
             return flat[_to(index, flat.device)]
         return flat[self._sample_start[name]:: self.config.stride]
+
+    @property
+    def backend(self) -> str:
+        """The kernels in use: ``"auto"``, ``"torch"`` or ``"numpy"`` (settable, also to a ``Backend``)."""
+        return self._backend.name
+
+    @backend.setter
+    def backend(self, choice: str | Backend) -> None:
+        self._backend = Backend.of(choice)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -530,28 +494,28 @@ class GradTracker:
             state = self.state[name]
             sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
             listed = name in self._sample_index
-            if self._cpu_scanner is not None and cpu_scan.supports(grad):
+            if self._backend.scans(grad):
                 if name in shard_finite:
                     if host_shard_finite is None:
                         host_shard_finite = shard_finite["*"].tolist()
                     if not host_shard_finite[shard_finite[name]]:  # dropped whole, as in one process
                         host.add(False, False, grad.numel() * weight, None)
                         continue
-                folded = self._cpu_scanner.fold(grad, state["gradient_bits"], full=name in self._full_bitmaps,
+                folded = self._backend.scanner.fold(grad, state["gradient_bits"], full=name in self._full_bitmaps,
                                                 count=detail, sums=None if listed else sums, stride=stride,
                                                 sample_start=self._sample_start[name])
                 if folded.full:
                     self._full_bitmaps.add(name)
                 if listed and sums is not None and folded.finite:
-                    self._add_sums(name, grad, sums, None)
+                    torch_path.add_sums(self._sampled(name, grad.reshape(-1)), sums, None)
                 host.add(folded.any_nonzero, folded.finite, grad.numel() * weight, (folded.nonzero or 0) * weight)
                 continue
-            nonzero, has_nonzero, finite = _scan_gradient(grad)
+            nonzero, has_nonzero, finite = torch_path.scan_gradient(grad)
             if name in shard_finite:  # a NaN/inf in any rank's shard drops the whole parameter
                 finite = _to(shard_finite["*"][shard_finite[name]], grad.device).bool()
             state["gradient_bits"].bitwise_or_(pack_bits(nonzero).mul_(finite))  # NaN/inf: no bit at all
             if sums is not None:
-                self._add_sums(name, grad, sums, finite)
+                torch_path.add_sums(self._sampled(name, grad.reshape(-1)), sums, finite)
             nonzero_count = torch.count_nonzero(nonzero) if detail else None
             if detail and not weight:  # another rank counts this part
                 nonzero_count = nonzero_count.mul(0)
@@ -630,18 +594,9 @@ class GradTracker:
         bits = self.state[name]["gradient_bits"]
         if grad.device != bits.device:  # ZeRO-3 offload_optimizer: gradient partitions on the CPU, state not
             grad = _to(grad, bits.device)
-        if _is_float8(grad.dtype):
+        if torch_path.is_float8(grad.dtype):
             grad = grad.float()
         return grad
-
-    def _add_sums(self, name: str, grad: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],
-                  finite: torch.Tensor | None) -> None:
-        """Add the sampled elements of a gradient to the sums; ``finite`` (a 0-d flag) zeroes a dropped one."""
-        sampled = torch.nan_to_num(self._sampled(name, grad.reshape(-1)).float(), nan=0.0, posinf=0.0, neginf=0.0)
-        if finite is not None:
-            sampled.mul_(finite)
-        sums[0].add_(sampled)
-        sums[1].add_(sampled.abs_())
 
     def _shard_finite(self, grads: Mapping[str, torch.Tensor | None] | None) -> dict[str, Any]:
         """Whether each sharded parameter's gradient is finite on every rank: ``{name: position, "*": flags}``
@@ -660,10 +615,10 @@ class GradTracker:
             grad = self._local_gradient(name, self._named[name], grads)
             if grad is None or grad.numel() == 0:
                 flags.append(torch.ones((), dtype=torch.bool, device=self._collective_device))
-            elif self._cpu_scanner is not None and cpu_scan.supports(grad):  # NumPy on the raw bits
-                flags.append(torch.tensor(self._cpu_scanner.finite(grad), device=self._collective_device))
+            elif self._backend.scans(grad):  # NumPy on the raw bits
+                flags.append(torch.tensor(self._backend.scanner.finite(grad), device=self._collective_device))
             else:
-                flags.append(_to(_scan_gradient(grad)[2], self._collective_device))
+                flags.append(_to(torch_path.scan_gradient(grad)[2], self._collective_device))
         reduced = torch.stack(flags).to(torch.int32)
         dist.all_reduce(reduced, op=dist.ReduceOp.MIN, group=self._group)
         return {"*": reduced, **{name: i for i, name in enumerate(agreeing)}}
@@ -686,11 +641,11 @@ class GradTracker:
             self._check_dtype(name, values)
             weight = self._weight[name]  # counted on one rank only where several hold the same part
             last = state["last_values"]
-            if self._cpu_scanner is not None and cpu_scan.supports(values) and last.device == values.device:
-                changed_on_host += weight * self._cpu_scanner.fold_changes(values, last, state["ever_changed_bits"])
+            if self._backend.scans(values) and last.device == values.device:
+                changed_on_host += weight * self._backend.scanner.fold_changes(values, last, state["ever_changed_bits"])
                 continue
             flat = values.reshape(-1)
-            changed = _raw_bits(flat).ne(_raw_bits(last))  # bitwise: every change, a sign flip of 0 included
+            changed = torch_path.raw_bits(flat).ne(torch_path.raw_bits(last))  # bitwise: every change, a sign flip of 0 included
             or_pack_into(state["ever_changed_bits"], changed)
             last.copy_(flat)
             if weight:
@@ -703,14 +658,7 @@ class GradTracker:
     @torch.no_grad()
     def _update_masks(self, name: str, param: nn.Parameter, state: Mapping[str, torch.Tensor]):
         current = self._held(name, param).detach().reshape(-1)
-        reference = _to(state["reference"], current.device).reshape(-1)
-        updated = _raw_bits(current).ne(_raw_bits(reference))
-        delta = current - reference  # in the storage dtype, like the paper's script
-        updated_abs = delta.abs().le(self.config.abs_tolerance).logical_not_()
-        cur32, ref32 = current.float(), reference.float()
-        bound = torch.maximum(cur32.abs(), ref32.abs()).mul_(self.config.rel_tolerance)
-        updated_rel = (cur32 - ref32).abs().le(bound).logical_not_()
-        return updated, updated_abs, updated_rel
+        return torch_path.update_masks(current, _to(state["reference"], current.device).reshape(-1), self.config)
 
     @torch.no_grad()
     def measure(self) -> Measurement:
@@ -720,8 +668,8 @@ class GradTracker:
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
         count = torch.count_nonzero  # on a bool mask: no int64 copy, unlike .sum()
         rows, slice_blocks = [], []
-        # CPU parameters: chunked NumPy passes, host counts (gradtrace.tracking.cpu_measure), identical results.
-        fast = cpu_measure.CpuMeasurer(bins) if self._cpu_measure else None
+        # CPU parameters: chunked NumPy passes, host counts (gradtrace.tracking.kernels.numpy_measure), identical results.
+        fast = self._backend.measurer(bins)
         for name, param in self._params:
             state = self.state[name]
             local = self._held(name, param).detach()
@@ -734,7 +682,7 @@ class GradTracker:
                 continue
             listed = name in self._sample_index  # sampled elements by index: the torch path
             experts = self._expert_slices.get(name)
-            if fast is not None and not listed and cpu_measure.supports(local, state["reference"]):
+            if fast is not None and not listed and numpy_measure.supports(local, state["reference"]):
                 if experts is None:
                     row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
                 else:
@@ -834,7 +782,7 @@ class GradTracker:
         if cfg.ever_changed:
             kinds.append("ever_changed")
         out: dict[str, dict[str, PackedMask]] = {kind: {} for kind in kinds}
-        fast = cpu_measure.CpuMeasurer(cfg.histogram_bins) if self._cpu_measure else None
+        fast = self._backend.measurer(cfg.histogram_bins)
         for name, param in self._params:
             state = self.state[name]
             held = self._held(name, param)
@@ -859,13 +807,13 @@ class GradTracker:
         return out
 
     def _packed_held(self, name: str, param: nn.Parameter, held: torch.Tensor,
-                     fast: cpu_measure.CpuMeasurer | None) -> list[torch.Tensor]:
+                     fast: numpy_measure.CpuMeasurer | None) -> list[torch.Tensor]:
         """The packed masks of the part of a parameter this rank keeps (``held``: its data): the gradient
         bits as kept, the update masks from the CPU scan where it applies (packed as it goes, no boolean
         masks), and the ever-changed bits."""
         state = self.state[name]
         local = held.detach()
-        if fast is not None and cpu_measure.supports(local, state["reference"]):
+        if fast is not None and numpy_measure.supports(local, state["reference"]):
             update = fast.update_masks(local, state["reference"], state, self.config)
         else:
             update = [pack_bits(m) for m in self._update_masks(name, param, state)]
