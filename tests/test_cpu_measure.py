@@ -153,7 +153,7 @@ def build_tracker(dtype: torch.dtype, config: TrackerConfig, *, sample_start: in
         state = tracker.state[name]
         numel = param.numel()
         if config.tracks_sums and config.stride > 1:
-            tracker._sample_start[name] = sample_start
+            tracker._placements[name] = dataclasses.replace(tracker._placements[name], sample_start=sample_start)
             length = sampled_length(numel, config.stride, sample_start)
             state["signed_sum"] = torch.zeros(length)
             state["abs_sum"] = torch.zeros(length)

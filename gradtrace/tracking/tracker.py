@@ -20,13 +20,17 @@ import torch.distributed as dist
 from torch import nn
 
 from gradtrace.anatomy.experts import ExpertLayout, expert_layout
-from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
+from gradtrace.anatomy.parameter_names import tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import persistence, reshard, sharding, slices
-from gradtrace.tracking import split as splitting
+from gradtrace.tracking import parameter_set, persistence, reshard, sharding, slices
 from gradtrace.tracking.config import TrackerConfig
+from gradtrace.tracking.engines.base import Engine, Placement, Span
+from gradtrace.tracking.engines.local import LocalShards
+from gradtrace.tracking.engines.partitions import EnginePartitions
+from gradtrace.tracking.engines.split import SplitTracking, should_split
 from gradtrace.tracking.kernels import Backend, numpy_measure, torch_path
+from gradtrace.tracking.parameter_set import ParameterChanges, named_for_tracking
 from gradtrace.tracking.state import (
     COUNTER_INDEX,
     COUNTER_REDUCE,
@@ -69,41 +73,6 @@ class _StepFlags:
         else:  # dropped whole for this step
             self.some_nonfinite = True
             self.discarded += numel
-
-
-def _named_for_tracking(named: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
-    """The trainable parameters under the names gradtrace records (:func:`tracked_name`); when several
-    PEFT adapters are trainable at once their names keep the adapter's name, which alone tells them apart."""
-    pairs = [(name, p) for name, p in named if p.requires_grad]
-    names = [tracked_name(name) for name, _ in pairs]
-    if len(set(names)) != len(names):
-        names = [strip_wrapper_prefix(name) for name, _ in pairs]
-    if len(set(names)) != len(names):
-        raise ValueError("parameter names are not unique after removing wrapper prefixes")
-    return list(zip(names, (p for _, p in pairs), strict=True))
-
-
-@dataclass
-class ParameterChanges:
-    """How a model's trainable parameters differ from the tracked ones (see :meth:`GradTracker.compare_parameters`).
-
-    ``added``: names not tracked yet (unfrozen, a new param group); tracked from now on.
-    ``rebound``: a tracked name now holds another tensor of the same shape and dtype (``p = nn.Parameter(...)``);
-    its state continues, compared against the same start. ``restarted``: a tracked name whose shape or dtype
-    changed (``resize_token_embeddings``, a cast); its state restarts from the current values. A tracked
-    parameter that is no longer trainable simply stops receiving gradients and stays tracked.
-    """
-
-    added: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-    rebound: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-    restarted: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.rebound or self.restarted)
-
-    def describe(self) -> dict[str, list[str]]:
-        return {kind: [name for name, _ in getattr(self, kind)] for kind in ("added", "rebound", "restarted")
-                if getattr(self, kind)}
 
 
 @dataclass
@@ -149,41 +118,28 @@ class GradTracker:
                  backend: str | Backend = "auto"):
         self.config = config or TrackerConfig()
         named = model.named_parameters() if isinstance(model, nn.Module) else model
-        self._params: list[tuple[str, nn.Parameter]] = _named_for_tracking(named)
+        self._params: list[tuple[str, nn.Parameter]] = named_for_tracking(named)
         if not self._params:
             raise ValueError("GradTracker found no trainable parameters (requires_grad=True) to track")
         self._named = dict(self._params)
         self._check_trackable()
         self._accumulators = enabled_accumulators(self.config)
         self._primary = _local(self._params[0][1]).device
-        self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
-        self._group = (sharding.reduction_group([p for _, p in self._params if sharding.is_sharded(p)])
-                       if self._sharded_names else None)
-        # Split tracking: this rank's span of each replicated parameter (gradtrace.tracking.split); empty
-        # when every rank tracks everything. _straddling: parameters whose spans cut them across ranks.
-        self._spans: dict[str, splitting.Span] = {}
-        self._straddling: set[str] = set()
-        self._split_loads: list[int] = []
-        self._owners: dict[str, int] = {}  # the rank holding a split parameter whole, where one does
-        if self._group is None and self._should_split(split):
-            self._group = dist.group.WORLD
-            self._split_loads = [0] * dist.get_world_size()
-            self._assign(self._params)
+        # Who keeps which part of each parameter (gradtrace.tracking.engines): sharded parameters are kept
+        # as their local shards; replicated ones, under torch.distributed, divided among the ranks.
+        sharded = [p for _, p in self._params if sharding.is_sharded(p)]
+        if sharded:
+            self._engine: Engine = LocalShards(sharding.reduction_group(sharded))
+        elif should_split(split, self._params):
+            self._engine = SplitTracking(self._params)
+        else:
+            self._engine = LocalShards()
+        self._group = self._engine.group
         # Where collectives run (NCCL needs CUDA tensors even when the state is offloaded to the CPU).
         self._collective_device = (sharding.collective_device(self._group, self._primary)
                                    if self._group is not None else self._primary)
-        # 1 where this rank's local counts of a parameter enter the sums across ranks, 0 where another rank
-        # holds the same local part (a plain or replicated parameter in a sharded run, HSDP replicas).
-        self._weight = {name: self._counts_here(name, p) for name, p in self._params}
-        self._sample_start = {name: self._first_sample(name, p) for name, p in self._params}
-        # Shards that are no contiguous run of the full parameter (Shard(1), 2-D meshes) have their sampled
-        # elements listed; they take the torch path, which can gather them.
-        self._sample_index: dict[str, torch.Tensor] = {}
-        if self.config.tracks_sums:
-            for name, p in self._params:
-                index = sharding.sample_index(p, self.config.stride)
-                if index is not None:
-                    self._sample_index[name] = index
+        self._placements: dict[str, Placement] = {}
+        self._place(self._params)
         self.steps = 0
         # Which kernels fold and measure each parameter (gradtrace.tracking.kernels): NumPy for CPU tensors,
         # torch for the rest, unless told otherwise.
@@ -193,10 +149,7 @@ class GradTracker:
         self._full_bitmaps: set[str] = set()
         self._numel_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self._primary)
-        self.state: dict[str, dict[str, torch.Tensor]] = {
-            name: self._allocate(name, p, self._sample_start[name], self._sample_index.get(name))
-            for name, p in self._params
-        }
+        self.state: dict[str, dict[str, torch.Tensor]] = {name: self._allocate(name, p) for name, p in self._params}
         # Shapes at allocation: a parameter resized in place is recognised by them (compare_parameters).
         self._tracked_shapes = {name: sharding.full_shape(p) for name, p in self._params}
         # Fused MoE expert tensors (gradtrace.anatomy.experts) get per-expert counts from measure(). The
@@ -209,30 +162,15 @@ class GradTracker:
                       **shapes}
         self.experts: ExpertLayout = expert_layout(shapes).restricted_to(shapes.keys() & self.state.keys())
         self._expert_slices: dict[str, int] = {
-            name: count for name, count in self.experts.fused.items() if self._slices_measurable(name)
+            name: count for name, count in self.experts.fused.items() if self._placements[name].contiguous
         }
 
     # ------------------------------------------------------------------ the parameter set
     def compare_parameters(self, named: Iterable[tuple[str, nn.Parameter]]) -> ParameterChanges:
         """What differs between ``named`` (the parameters that should be tracked now, as given to the
         constructor) and the tracked ones; nothing is changed (see :meth:`apply_parameter_changes`)."""
-        tracked = dict(self._params)
-        changes = ParameterChanges()
-        for name, param in _named_for_tracking(named):
-            old = tracked.get(name)
-            if old is None:
-                changes.added.append((name, param))
-                continue
-            reference = self.state[name]["reference"]
-            held = _local(param) if name not in self._spans else param  # a span of the same shape is the same
-            same_layout = (sharding.full_shape(param) == self._tracked_shapes[name]
-                           and held.dtype == reference.dtype
-                           and (name in self._spans or held.numel() == reference.numel()))
-            if not same_layout:
-                changes.restarted.append((name, param))
-            elif param is not old:
-                changes.rebound.append((name, param))
-        return changes
+        references = {name: state["reference"] for name, state in self.state.items()}
+        return parameter_set.compare(named, self._named, self._placements, references, self._tracked_shapes)
 
     @torch.no_grad()
     def apply_parameter_changes(self, changes: ParameterChanges) -> dict[str, PackedMask]:
@@ -242,151 +180,63 @@ class GradTracker:
         before: dict[str, PackedMask] = {}
         index = {name: i for i, (name, _) in enumerate(self._params)}
         for name, param in changes.restarted:  # refused up front, before any state changes
-            if sharding.is_sharded(param) or sharding.is_sharded(self._params[index[name]][1]):
-                raise ValueError(f"parameter {name!r} changed shape or dtype while sharded: not supported")
-            if name in self._straddling and not self._split_loads:
-                raise ValueError(f"parameter {name!r} changed shape or dtype while its tracking is cut along "
-                                 "the engine's partitions (DeepSpeed ZeRO-1/2): not supported")
+            self._engine.check_restart(name, param, self._params[index[name]][1])
         for name, param in changes.rebound:
             self._params[index[name]] = (name, param)
         for name, param in changes.restarted:
             bits = self.state[name]["gradient_bits"]
             former = math.prod(self._tracked_shapes[name])
-            if name in self._spans:  # a collective: every rank restarts the same parameters, in the same order
-                bits = self._gather_held(name, bits, former)
+            if self._placements[name].span is not None:  # a collective: every rank restarts the same ones, in order
+                bits = self._engine.gather_packed(name, bits, former, self._collective_device)
             before[name] = PackedMask(bits.to("cpu", copy=True), self._tracked_shapes[name])
             self._params[index[name]] = (name, param)
-            if name in self._straddling:  # cut anew, the same way on every rank
-                world = len(self._split_loads)
-                spans = splitting.cut(param.numel(), world)
-                for rank, (old, new) in enumerate(zip(splitting.cut(former, world), spans, strict=True)):
-                    self._split_loads[rank] += new[1] - old[1]  # parameters added later balance on true sizes
-                self._spans[name] = spans[dist.get_rank()]
-            elif name in self._spans:  # the same owner tracks it on, whole
-                if self._split_loads:
-                    self._split_loads[self._owners[name]] += param.numel() - former
-                self._spans[name] = (0, param.numel()) if self._spans[name][1] else (0, 0)
+            self._engine.restart(name, former, param)
         for name, param in changes.added:
             self._params.append((name, param))
-        if self._split_loads:  # every rank adds the same parameters: the same assignment everywhere
-            self._assign(changes.added)
+        self._engine.add(changes.added)  # every rank adds the same parameters: the same division everywhere
         self._named = dict(self._params)
-        self._sharded_names = [name for name, p in self._params if sharding.is_sharded(p)]
         self._check_trackable()
+        self._place([*changes.rebound, *changes.restarted, *changes.added])
         for name, param in [*changes.restarted, *changes.added]:
-            self._weight[name] = self._counts_here(name, param)
-            self._sample_start[name] = self._first_sample(name, param)
-            index = sharding.sample_index(param, self.config.stride) if self.config.tracks_sums else None
-            self._sample_index.pop(name, None)
-            if index is not None:
-                self._sample_index[name] = index
             self._tracked_shapes[name] = sharding.full_shape(param)
-            self.state[name] = self._allocate(name, param, self._sample_start[name], index)
+            self.state[name] = self._allocate(name, param)
             self._full_bitmaps.discard(name)
             if (name, param) in changes.restarted:
                 self._expert_slices.pop(name, None)  # its expert layout is no longer known
         return before
 
-    # ------------------------------------------------------------------ split tracking
-    def _should_split(self, requested: bool | None) -> bool:
-        if requested is False or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            if requested:
-                raise ValueError("split=True needs an initialised torch.distributed world of more than one rank")
-            return False
-        if any(getattr(p, "placements", None) is not None for _, p in self._params):
-            return False  # Replicate-only DTensors: each rank's tensor is already its own part
-        replicated = splitting.replicated_everywhere(self._params, dist.group.WORLD)
-        if requested and not replicated:
-            raise ValueError("split=True: the ranks do not hold the same parameters (names, shapes, dtypes, "
-                             "values), so no rank can track another's")
-        return replicated
-
-    def _assign(self, named: list[tuple[str, nn.Parameter]]) -> None:
-        """Divide ``named`` among the ranks (gradtrace.tracking.split.divide), the same on every rank: each
-        whole to one rank, or, larger than a rank's share, cut into one span per rank."""
-        owners, cuts = splitting.divide([(name, p.numel()) for name, p in named], len(self._split_loads),
-                                        self._split_loads)
-        rank = dist.get_rank()
+    def _place(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Where each of ``named`` is kept (gradtrace.tracking.engines), and what the per-step path derives."""
         for name, param in named:
-            if name in cuts:
-                self._spans[name] = cuts[name][rank]
-                self._straddling.add(name)
-            else:
-                self._owners[name] = owners[name]
-                self._spans[name] = (0, param.numel()) if owners[name] == rank else (0, 0)
+            self._placements[name] = self._engine.place(name, param, self.config)
+        self._sample_indices = [pl.sample_index for pl in self._placements.values() if pl.sample_index is not None]
+        # Sharded and cut parameters, in the same order on every rank: their ranks agree on finiteness.
+        self._agreeing = ([name for name, _ in self._params if self._placements[name].sharded]
+                          + sorted(name for name, pl in self._placements.items() if pl.straddling))
 
-    def use_spans(self, spans: Mapping[str, splitting.Span]) -> None:
+    def use_spans(self, spans: Mapping[str, Span]) -> None:
         """Track, on this rank, only ``spans`` (``{name: (start, length)}`` in each flattened parameter) of
         split-tracked parameters: DeepSpeed ZeRO-1/2 hands each rank the fragments of its own optimizer
-        partition. Every rank calls it (one all-gather), before the first step; state restarts empty."""
-        if not self._spans or set(spans) != set(self._spans):
+        partition (gradtrace.tracking.engines.partitions). Every rank calls it (one all-gather), before the
+        first step; state restarts empty."""
+        if not isinstance(self._engine, SplitTracking) or set(spans) != set(self._engine.spans):
             raise ValueError("use_spans needs split tracking and a span for every tracked parameter")
         if self.steps:
             raise ValueError("use_spans must be called before the first observed step")
-        held = {name: length for name, (_, length) in spans.items() if length}
-        everyone: list = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(everyone, held, group=self._group)
-        self._spans = dict(spans)
-        self._split_loads = []  # the engine assigns parameters added later: none are expected
-        self._straddling = {name for part in everyone for name, length in part.items()
-                            if length < self._named[name].numel()}
-        ranks = dist.get_process_group_ranks(self._group)
-        self._owners = {name: ranks[r] for r, part in enumerate(everyone) for name, length in part.items()
-                        if length == self._named[name].numel()}
+        self._engine = EnginePartitions(spans, self._named)
+        self._place(self._params)
         for name, param in self._params:
-            self._sample_start[name] = self._first_sample(name, param)
-            self.state[name] = self._allocate(name, param, self._sample_start[name])
+            self.state[name] = self._allocate(name, param)
         self._full_bitmaps.clear()
 
     @property
-    def spans(self) -> dict[str, splitting.Span]:
+    def spans(self) -> dict[str, Span]:
         """This rank's span of each parameter when tracking is split (empty otherwise)."""
-        return dict(self._spans)
+        return {name: pl.span for name, pl in self._placements.items() if pl.span is not None}
 
     def _held(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """The part of ``param`` (or of a tensor laid out like it) whose state this rank keeps: its span
-        when tracking is split, else its local shard (:func:`gradtrace.tracking.sharding.local`)."""
-        span = self._spans.get(name)
-        if span is None:
-            return _local(param)
-        flat = param.reshape(-1)
-        return flat.narrow(0, *span) if flat.numel() != span[1] else flat
-
-    def _offset(self, name: str, param: torch.Tensor) -> int:
-        """Index, in the flattened full parameter, of the first element this rank keeps."""
-        span = self._spans.get(name)
-        return span[0] if span is not None else sharding.flat_offset(param)
-
-    def _counts_here(self, name: str, param: torch.Tensor) -> int:
-        """1 where this rank's counts of ``param`` enter the sums across ranks (see sharding.counts_here)."""
-        if self._group is None or name in self._spans:  # spans are disjoint: each counts its own
-            return 1
-        return 1 if sharding.counts_here(param, self._group) else 0
-
-    def _first_sample(self, name: str, param: torch.Tensor) -> int:
-        """First local index whose global flat index is a multiple of the stride (see sharding.sample_start)."""
-        span = self._spans.get(name)
-        return (-span[0]) % self.config.stride if span is not None else sharding.sample_start(param, self.config.stride)
-
-    def _keeps(self, name: str) -> bool:
-        """Whether this rank keeps any state for ``name`` (not so for another rank's split parameters)."""
-        span = self._spans.get(name)
-        return span is None or span[1] > 0
-
-    def _gather_held(self, name: str, bits: torch.Tensor | None, numel: int) -> torch.Tensor:
-        """The full bit-packed mask of a split parameter of ``numel`` elements from this rank's packed mask of
-        its span (a collective; spans on byte boundaries, see :meth:`_packs_its_span`)."""
-        owner = self._owners.get(name)
-        if owner is not None:
-            return splitting.broadcast_packed(bits, numel, owner, self._group, self._collective_device)
-        return splitting.gather_packed(bits, self._spans[name], numel, self._group, self._collective_device)
-
-    def _packs_its_span(self, name: str) -> bool:
-        """Whether this rank's masks of a split parameter can be packed on their own and placed: held whole
-        by one rank, or cut on byte boundaries (:func:`gradtrace.tracking.split.cut`), not DeepSpeed's
-        partition fragments, which start anywhere."""
-        start, length = self._spans[name]
-        return name in self._owners or start % 8 == 0 or length == 0
+        """The part of ``param`` (or of a tensor laid out like it) whose state this rank keeps."""
+        return self._placements[name].held(param)
 
     def _check_trackable(self) -> None:
         """Refuse, up front and naming them, parameters the tracker cannot measure."""
@@ -408,25 +258,18 @@ class GradTracker:
             cached = self._numel_cache[key] = torch.tensor(numels, dtype=torch.int64, device=self._primary)
         return cached
 
-    def _slices_measurable(self, name: str) -> bool:
-        """Per-expert slices need the local shard to be a contiguous run of the flattened full tensor:
-        true unsharded, under ZeRO-3 and FSDP2's ``Shard(0)``; not for a DTensor sharded on another dim."""
-        param = dict(self._params)[name]
-        placements = getattr(param, "placements", None) if not sharding.is_zero3(param) else None
-        return not placements or all(not p.is_shard() or p.dim == 0 for p in placements)
-
     # ------------------------------------------------------------------ set-up
-    def _allocate(self, name: str, param: nn.Parameter, sample_start: int,
-                  sample_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return allocate(self._accumulators, self._held(name, param).detach(), self.config, sample_start,
-                        None if sample_index is None else sample_index.numel())
+    def _allocate(self, name: str, param: nn.Parameter) -> dict[str, torch.Tensor]:
+        placement = self._placements[name]
+        index = placement.sample_index
+        return allocate(self._accumulators, placement.held(param).detach(), self.config, placement.sample_start,
+                        None if index is None else index.numel())
 
-    def _sampled(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+    def _sampled(self, placement: Placement, flat: torch.Tensor) -> torch.Tensor:
         """The elements of a parameter's flattened local data (or of a mask of it) that carry gradient sums."""
-        index = self._sample_index.get(name)
-        if index is not None:
-            return flat[_to(index, flat.device)]
-        return flat[self._sample_start[name]:: self.config.stride]
+        if placement.sample_index is not None:
+            return flat[_to(placement.sample_index, flat.device)]
+        return flat[placement.sample_start:: self.config.stride]
 
     @property
     def backend(self) -> str:
@@ -486,14 +329,16 @@ class GradTracker:
         any_nonzero, all_finite, numels, counts = [], [], [], []
         shard_finite = self._shard_finite(grads)
         host_shard_finite: list[int] | None = None
+        placements = self._placements
         for name, param in self._params:
-            grad = self._local_gradient(name, param, grads)  # asked for every parameter, in order (DeepSpeed)
-            if grad is None or not self._keeps(name):
+            placement = placements[name]
+            grad = self._local_gradient(name, placement, param, grads)  # asked for every one, in order (DeepSpeed)
+            if grad is None or not placement.keeps:
                 continue
-            weight = self._weight[name]
+            weight = placement.weight
             state = self.state[name]
             sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
-            listed = name in self._sample_index
+            listed = placement.sample_index is not None
             if self._backend.scans(grad):
                 if name in shard_finite:
                     if host_shard_finite is None:
@@ -503,11 +348,11 @@ class GradTracker:
                         continue
                 folded = self._backend.scanner.fold(grad, state["gradient_bits"], full=name in self._full_bitmaps,
                                                 count=detail, sums=None if listed else sums, stride=stride,
-                                                sample_start=self._sample_start[name])
+                                                sample_start=placement.sample_start)
                 if folded.full:
                     self._full_bitmaps.add(name)
                 if listed and sums is not None and folded.finite:
-                    torch_path.add_sums(self._sampled(name, grad.reshape(-1)), sums, None)
+                    torch_path.add_sums(self._sampled(placement, grad.reshape(-1)), sums, None)
                 host.add(folded.any_nonzero, folded.finite, grad.numel() * weight, (folded.nonzero or 0) * weight)
                 continue
             nonzero, has_nonzero, finite = torch_path.scan_gradient(grad)
@@ -515,7 +360,7 @@ class GradTracker:
                 finite = _to(shard_finite["*"][shard_finite[name]], grad.device).bool()
             state["gradient_bits"].bitwise_or_(pack_bits(nonzero).mul_(finite))  # NaN/inf: no bit at all
             if sums is not None:
-                torch_path.add_sums(self._sampled(name, grad.reshape(-1)), sums, finite)
+                torch_path.add_sums(self._sampled(placement, grad.reshape(-1)), sums, finite)
             nonzero_count = torch.count_nonzero(nonzero) if detail else None
             if detail and not weight:  # another rank counts this part
                 nonzero_count = nonzero_count.mul(0)
@@ -581,7 +426,7 @@ class GradTracker:
             counters[COUNTER_INDEX["density_nonzero"]] = 0
             counters[COUNTER_INDEX["density_step"]] = self.steps
 
-    def _local_gradient(self, name: str, param: nn.Parameter,
+    def _local_gradient(self, name: str, placement: Placement, param: nn.Parameter,
                         grads: Mapping[str, torch.Tensor | None] | None) -> torch.Tensor | None:
         """The gradient of ``param``'s local data, dense, where its state lives and in a dtype that can
         be scanned (float8 gradients are widened exactly: no ``isfinite`` for float8)."""
@@ -590,7 +435,7 @@ class GradTracker:
             return None
         if grad.is_sparse:
             grad = grad.to_dense()
-        grad = self._held(name, grad)
+        grad = placement.held(grad)
         bits = self.state[name]["gradient_bits"]
         if grad.device != bits.device:  # ZeRO-3 offload_optimizer: gradient partitions on the CPU, state not
             grad = _to(grad, bits.device)
@@ -607,12 +452,12 @@ class GradTracker:
         parameter, at the price of reading each sharded gradient once more. Replicas (HSDP) hold the same
         gradient, so the minimum over the whole reduction group is the minimum over the shards.
         """
-        agreeing = [*self._sharded_names, *sorted(self._straddling)]
+        agreeing = self._agreeing
         if not agreeing:
             return {}
         flags = []
         for name in agreeing:
-            grad = self._local_gradient(name, self._named[name], grads)
+            grad = self._local_gradient(name, self._placements[name], self._named[name], grads)
             if grad is None or grad.numel() == 0:
                 flags.append(torch.ones((), dtype=torch.bool, device=self._collective_device))
             elif self._backend.scans(grad):  # NumPy on the raw bits
@@ -633,13 +478,15 @@ class GradTracker:
             return
         step_changed = torch.zeros((), dtype=torch.int64, device=self._primary)
         changed_on_host = 0
+        placements = self._placements
         for name, param in self._params:
-            if not self._keeps(name):
+            placement = placements[name]
+            if not placement.keeps:
                 continue
             state = self.state[name]
-            values = self._held(name, param).detach()
+            values = placement.held(param).detach()
             self._check_dtype(name, values)
-            weight = self._weight[name]  # counted on one rank only where several hold the same part
+            weight = placement.weight  # counted on one rank only where several hold the same part
             last = state["last_values"]
             if self._backend.scans(values) and last.device == values.device:
                 changed_on_host += weight * self._backend.scanner.fold_changes(values, last, state["ever_changed_bits"])
@@ -671,23 +518,24 @@ class GradTracker:
         # CPU parameters: chunked NumPy passes, host counts (gradtrace.tracking.kernels.numpy_measure), identical results.
         fast = self._backend.measurer(bins)
         for name, param in self._params:
+            placement = self._placements[name]
             state = self.state[name]
-            local = self._held(name, param).detach()
+            local = placement.held(param).detach()
             self._check_dtype(name, local)
-            if not self._weight[name] or not self._keeps(name):  # another rank counts this part: nothing to add
+            if not placement.weight or not placement.keeps:  # another rank counts this part: nothing to add
                 rows.append(torch.zeros(len(COUNT_FIELDS), dtype=torch.int64, device=self._primary))
                 if name in self._expert_slices:  # the same layout of the summed vector on every rank
                     slice_blocks.append(torch.zeros(self._expert_slices[name], len(COUNT_FIELDS),
                                                     dtype=torch.int64, device=self._primary))
                 continue
-            listed = name in self._sample_index  # sampled elements by index: the torch path
+            listed = placement.sample_index is not None  # sampled elements by index: the torch path
             experts = self._expert_slices.get(name)
             if fast is not None and not listed and numpy_measure.supports(local, state["reference"]):
                 if experts is None:
-                    row = fast.row(local, state["reference"], state, cfg, sample_start=self._sample_start[name])
+                    row = fast.row(local, state["reference"], state, cfg, sample_start=placement.sample_start)
                 else:
                     row, packed = fast.row_and_masks(local, state["reference"], state, cfg,
-                                                     sample_start=self._sample_start[name])
+                                                     sample_start=placement.sample_start)
                     slice_blocks.append(self._slice_rows(name, param, packed))
                 rows.append(torch.tensor(row, dtype=torch.int64, device=self._primary))
                 continue
@@ -697,9 +545,9 @@ class GradTracker:
             zero = torch.zeros((), dtype=torch.int64, device=gradient.device)
             ever = popcount(state["ever_changed_bits"]) if cfg.ever_changed else zero
             if cfg.tracks_sums:
-                sampled_gradient = self._sampled(name, gradient)
+                sampled_gradient = self._sampled(placement, gradient)
                 signed, absolute = state["signed_sum"].abs(), state["abs_sum"]
-                unchanged = sampled_gradient & self._sampled(name, updated).logical_not()
+                unchanged = sampled_gradient & self._sampled(placement, updated).logical_not()
                 cancelled = unchanged & signed.le(absolute * cfg.cancel_epsilon)
                 ratio = (signed / absolute.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0, 1)
                 ratio.nan_to_num_(nan=1.0)  # inf / inf (both sums overflowed): the last bin, not a bad index
@@ -758,6 +606,7 @@ class GradTracker:
         """Per-expert counts of a fused expert tensor's local shard (gradtrace.tracking.slices), as an
         ``(experts, len(COUNT_FIELDS))`` tensor on the primary device, ready to be summed across ranks."""
         state = self.state[name]
+        placement = self._placements[name]
         experts = self._expert_slices[name]
         device = state["gradient_bits"].device
         masks = {"gradient": state["gradient_bits"]}
@@ -767,8 +616,8 @@ class GradTracker:
         sums = (state["signed_sum"], state["abs_sum"]) if self.config.tracks_sums else None
         full = math.prod(sharding.full_shape(param))
         return slices.slice_rows(masks, sums, config=self.config, slices=experts, slice_numel=full // experts,
-                                 offset=self._offset(name, param), local_numel=self._held(name, param).numel(),
-                                 sample_start=self._sample_start[name]).to(self._primary)
+                                 offset=placement.offset, local_numel=placement.numel,
+                                 sample_start=placement.sample_start).to(self._primary)
 
     @torch.no_grad()
     def packed_masks(self) -> dict[str, dict[str, PackedMask]]:
@@ -785,19 +634,20 @@ class GradTracker:
         fast = self._backend.measurer(cfg.histogram_bins)
         for name, param in self._params:
             state = self.state[name]
-            held = self._held(name, param)
+            placement = self._placements[name]
+            held = placement.held(param)
             numel = held.numel()
             self._check_dtype(name, held)
-            if name in self._spans and self._packs_its_span(name):  # split: packed here as if unsplit, then
-                mine = self._packed_held(name, param, held, fast) if self._keeps(name) else [None] * len(kinds)
-                packed = [self._gather_held(name, bits, param.numel()) for bits in mine]  # assembled
-            elif sharding.is_sharded(param) or name in self._spans:
+            if placement.packs_its_span:  # split: packed here as if unsplit, then assembled
+                mine = self._packed_held(name, param, held, fast) if placement.keeps else [None] * len(kinds)
+                packed = [self._engine.gather_packed(name, bits, param.numel(), self._collective_device)
+                          for bits in mine]
+            elif placement.sharded or placement.span is not None:
                 masks = [unpack_bits(state["gradient_bits"], numel), *self._update_masks(name, param, state)]
                 if cfg.ever_changed:
                     masks.append(unpack_bits(state["ever_changed_bits"], numel))
-                if name in self._spans:
-                    packed = [splitting.gather(m, self._spans[name], param.numel(), self._group,
-                                               self._collective_device) for m in masks]
+                if placement.span is not None:
+                    packed = [self._engine.gather(name, m, param.numel(), self._collective_device) for m in masks]
                 else:
                     packed = [pack_bits(sharding.gather_full(m, param)) for m in masks]
             else:
@@ -849,9 +699,10 @@ class GradTracker:
         """``{name: (start, length)}``: the run of each flattened parameter whose state this rank keeps, or
         ``None`` if some local shard is no contiguous run (``Shard(1)``, 2-D meshes): its state can then
         be loaded only by the same layout (see :meth:`load_resharded`)."""
-        if self._sample_index or not all(self._slices_measurable(name) for name in self._named):
+        placements = self._placements
+        if not all(pl.contiguous and pl.sample_index is None for pl in placements.values()):
             return None
-        return {name: (self._offset(name, p), self._held(name, p).numel()) for name, p in self._params}
+        return {name: (placements[name].offset, placements[name].numel) for name, _ in self._params}
 
     @property
     def counts_summed(self) -> bool:
@@ -877,9 +728,9 @@ class GradTracker:
 
     def state_bytes(self) -> dict[str, int]:
         """Measured bytes of tracker state, split by where it lives (parameter device vs reference)."""
-        extra = sum(index.numel() * index.element_size() for index in self._sample_index.values())
+        extra = sum(index.numel() * index.element_size() for index in self._sample_indices)
         return state_bytes(self.state, self.counters, extra)
 
     @property
     def numel(self) -> int:
-        return sum(self._held(name, p).numel() for name, p in self._params)
+        return sum(pl.numel for pl in self._placements.values())
