@@ -10,6 +10,7 @@ from torch import nn
 
 import gradtrace
 from gradtrace import GradTracker, TrackerConfig, load_masks
+from gradtrace.tracking.state import bytes_per_element
 from gradtrace.tracking.summary import summarize
 
 BF16 = torch.bfloat16
@@ -377,6 +378,9 @@ def test_state_bytes_per_mode_match_documentation():
         counters = tracker.counters.numel() * tracker.counters.element_size()
         assert math.isclose((measured["device"] - counters) / n, expected), config
         assert measured["reference"] == 4 * n
+        # the state table's declared cost (tracking.state.bytes_per_element) is what is allocated
+        assert math.isclose(bytes_per_element(config, torch.float32), expected), config
+        assert bytes_per_element(config, torch.float32, placement="reference") == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
