@@ -183,6 +183,11 @@ class GradTracker(Folding, Measuring):
         self._full_bitmaps.clear()
 
     @property
+    def placements(self) -> dict[str, Placement]:
+        """Where each parameter's kept part lies on this rank (gradtrace.tracking.engines.base.Placement)."""
+        return dict(self._placements)
+
+    @property
     def spans(self) -> dict[str, Span]:
         """This rank's span of each parameter when tracking is split (empty otherwise)."""
         return {name: pl.span for name, pl in self._placements.items() if pl.span is not None}
