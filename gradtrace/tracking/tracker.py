@@ -30,6 +30,7 @@ from gradtrace.tracking.engines.base import Engine, Placement, Span
 from gradtrace.tracking.engines.local import LocalShards
 from gradtrace.tracking.engines.partitions import EnginePartitions
 from gradtrace.tracking.engines.split import SplitTracking, should_split
+from gradtrace.tracking.engines.zero3 import Zero3Partitions
 from gradtrace.tracking.folding import Folding
 from gradtrace.tracking.kernels import Backend, torch_path
 from gradtrace.tracking.measuring import COUNT_FIELDS, Measurement, Measuring
@@ -82,7 +83,9 @@ class GradTracker(Folding, Measuring):
         # as their local shards; replicated ones, under torch.distributed, divided among the ranks.
         sharded = [p for _, p in self._params if sharding.is_sharded(p)]
         if sharded:
-            self._engine: Engine = LocalShards(sharding.reduction_group(sharded))
+            group = sharding.reduction_group(sharded)
+            zero3 = any(sharding.is_zero3(p) for p in sharded)
+            self._engine: Engine = Zero3Partitions(group) if zero3 else LocalShards(group)
         elif should_split(split, self._params):
             self._engine = SplitTracking(self._params)
         else:

@@ -1,7 +1,6 @@
 """Every rank keeps the state of what it holds: one process, or parameters sharded by the engine.
 
-A plain parameter is kept whole. A DTensor (FSDP2, HSDP, tensor parallelism) or a ZeRO-3 partition is
-kept as its local shard (:mod:`gradtrace.tracking.sharding`): its offset in the full parameter, its first
+A plain parameter is kept whole. A DTensor (FSDP2, HSDP, tensor parallelism) is kept as its local shard (:mod:`gradtrace.tracking.sharding`): its offset in the full parameter, its first
 sampled element, and whether its counts enter the sums (once per distinct local part) follow from it.
 """
 
