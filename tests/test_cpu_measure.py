@@ -1,4 +1,4 @@
-"""The CPU NumPy path of GradTracker.measure() and packed_masks() (gradtrace.tracking.cpu_measure) against the
+"""The CPU NumPy path of GradTracker.measure() and packed_masks() (gradtrace.tracking.kernels.numpy_measure) against the
 torch path, bit for bit: edge values, tolerance boundaries and rounding ties, every mode, chunk
 boundaries, a trained model; plus checks that a subtly wrong fast path would be caught."""
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradtrace import GradTracker, TrackerConfig
-from gradtrace.tracking import cpu_measure
+from gradtrace.tracking.kernels import numpy_measure as cpu_measure
 from gradtrace.tracking.state import sampled_length
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -153,7 +153,7 @@ def build_tracker(dtype: torch.dtype, config: TrackerConfig, *, sample_start: in
         state = tracker.state[name]
         numel = param.numel()
         if config.tracks_sums and config.stride > 1:
-            tracker._sample_start[name] = sample_start
+            tracker._placements[name] = dataclasses.replace(tracker._placements[name], sample_start=sample_start)
             length = sampled_length(numel, config.stride, sample_start)
             state["signed_sum"] = torch.zeros(length)
             state["abs_sum"] = torch.zeros(length)
@@ -174,9 +174,9 @@ def build_tracker(dtype: torch.dtype, config: TrackerConfig, *, sample_start: in
 
 
 def measure_both(tracker: GradTracker):
-    tracker._cpu_measure = False
+    tracker.backend = "torch"
     slow, slow_masks = tracker.measure(), tracker.packed_masks()
-    tracker._cpu_measure = True
+    tracker.backend = "numpy"
     fast, fast_masks = tracker.measure(), tracker.packed_masks()
     return slow, fast, slow_masks, fast_masks
 
@@ -375,7 +375,7 @@ def test_a_wrong_fast_path_would_be_caught(dtype, monkeypatch):
 
 
 def tracker_measure(tracker: GradTracker, *, fast: bool) -> dict:
-    tracker._cpu_measure = fast
+    tracker.backend = "numpy" if fast else "torch"
     return dataclasses.asdict(tracker.measure())
 
 

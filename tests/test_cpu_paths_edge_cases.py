@@ -1,6 +1,6 @@
-"""Review of the NumPy CPU fast paths (gradtrace.tracking.cpu_scan, gradtrace.tracking.cpu_measure) against the torch path.
+"""Review of the NumPy CPU fast paths (gradtrace.tracking.kernels) against the torch path.
 
-Each test feeds a fast tracker and a forced-torch one (``_cpu_scanner = None``, ``_cpu_measure = False``)
+Each test feeds a fast tracker and a torch-only one (``backend="torch"``)
 the same data and asks for the same state, counters, measurements and masks, on paths the tests of
 tests/test_tracker.py and tests/test_cpu_measure.py do not reach: gradient and parameter layouts, resume
 into a tracker whose bitmaps are full, shard sample starts at or past the shard's end; and a parameter
@@ -15,17 +15,14 @@ from torch import nn
 
 import gradtrace.tracking.sharding
 from gradtrace import TrackerConfig
-from gradtrace.tracking.cpu_scan import CpuScanner
+from gradtrace.tracking.kernels import Backend
+from gradtrace.tracking.kernels.numpy_scan import CpuScanner
 from gradtrace.tracking.tracker import GradTracker
 
 
 def _pair(params, config, chunk_elements: int | None = None):
-    fast, reference = GradTracker(params, config), GradTracker(params, config)
-    if chunk_elements is not None:
-        fast._cpu_scanner = CpuScanner(chunk_elements=chunk_elements)
-    reference._cpu_scanner = None
-    reference._cpu_measure = False
-    return fast, reference
+    fast = GradTracker(params, config, backend=Backend("numpy", chunk_elements=chunk_elements))
+    return fast, GradTracker(params, config, backend="torch")
 
 
 def _assert_same_state(fast: GradTracker, reference: GradTracker, where) -> None:

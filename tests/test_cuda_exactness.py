@@ -34,8 +34,7 @@ INT_VIEW = {4: torch.int32, 2: torch.int16}
 def tracker_on(case: str, model, config: TrackerConfig) -> GradTracker:
     tracker = GradTracker(model, config)
     if case == "cpu-torch":
-        tracker._cpu_scanner = None
-        tracker._cpu_measure = False
+        tracker.backend = "torch"
     return tracker
 
 

@@ -25,8 +25,8 @@ from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.masks_file import FORMAT, PackedMask
 from gradtrace.integrations.deepspeed import attach_to_deepspeed
 from gradtrace.tracking import sharding
+from gradtrace.tracking.kernels.torch_path import to_device as _to
 from gradtrace.tracking.state import COUNTER_INDEX
-from gradtrace.tracking.tracker import _to
 from tests.test_deepspeed import fake_zero_optimizer
 
 
@@ -263,7 +263,7 @@ def test_the_torch_path_reads_values_once_per_logging_step_and_never_in_a_step()
 
     model = linear(dtype=torch.float64)
     tracker = GradTracker(model, TrackerConfig(ever_changed=True, cancellation="full"))
-    tracker._cpu_scanner, tracker._cpu_measure = None, False  # the NumPy paths are for CPU tensors only
+    tracker.backend = "torch"  # the NumPy paths are for CPU tensors only
     step(model, tracker, 1)
     with RecordHostReads() as reads:
         step(model, tracker, 2)
@@ -274,24 +274,24 @@ def test_the_torch_path_reads_values_once_per_logging_step_and_never_in_a_step()
 
 
 def test_only_the_safe_helper_passes_non_blocking():
-    """Read by code: every ``non_blocking=`` in the package goes through ``tracker._to``."""
+    """Read by code: every ``non_blocking=`` in the package goes through ``torch_path.to_device``."""
     package = Path(gradtrace.__file__).parent
     offenders = []
     for path in package.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)] + [tree]:
-            if function is not tree and function.name == "_to" and path.name == "tracker.py":
+            if function is not tree and function.name == "to_device" and path.name == "torch_path.py":
                 continue
             body = function.body if function is tree else [function]
             for node in (n for statement in body for n in ast.walk(statement)):
                 if isinstance(node, ast.Call) and any(k.arg == "non_blocking" for k in node.keywords):
-                    if not (path.name == "tracker.py" and _inside_to(tree, node)):
+                    if not (path.name == "torch_path.py" and _inside_to(tree, node)):
                         offenders.append(f"{path.relative_to(package)}:{node.lineno}")
     assert offenders == []
 
 
 def _inside_to(tree: ast.Module, target: ast.AST) -> bool:
-    return any(isinstance(n, ast.FunctionDef) and n.name == "_to" and target in ast.walk(n) for n in ast.walk(tree))
+    return any(isinstance(n, ast.FunctionDef) and n.name == "to_device" and target in ast.walk(n) for n in ast.walk(tree))
 
 
 # --------------------------------------------------------------------------------- DeepSpeed offload (14)

@@ -78,3 +78,86 @@ def test_cli_runs_as_a_module():
     assert proc.returncode == 0, proc.stderr
     for command in ("demo", "report", "watch", "diff", "overlap", "rank"):
         assert command in proc.stdout
+
+
+# ------------------------------------------------------------------ module size, import cycles, engines
+MAX_LINES = {"tracking": 400}  # rooms whose modules are held to a size: one concept a module
+
+
+def test_modules_stay_small():
+    big = [f"{path.relative_to(PACKAGE)}: {n} lines"
+           for room, limit in MAX_LINES.items() for path in sorted((PACKAGE / room).rglob("*.py"))
+           if (n := len(path.read_text(encoding="utf-8").splitlines())) > limit]
+    assert big == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: Path, modules: set[str], packages: set[str]) -> set[str]:
+    """The gradtrace modules a module imports when it is imported (not inside functions: those are lazy).
+    Packages' ``__init__`` files are left out: Python runs them before their submodules, whatever imports
+    what, so they close no loop (``import gradtrace`` imports the tracker, which imports gradtrace.formats)."""
+    found = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                found.add(name if name in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {name for name in found if name in modules and name not in packages}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (``module -> imported modules``), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[module] = 2
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    packages = {name for name, p in paths.items() if p.name == "__init__.py"}
+    graph = {name: _top_level_imports(path, set(paths), packages) for name, path in paths.items()}
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_an_engine_is_one_module_on_the_base():
+    """Each engine module under tracking/engines builds placements by subclassing the base, and knows no
+    other part of the tracker than the engines, the sharding helpers, split cutting and the config."""
+    from gradtrace.tracking.engines.base import Engine
+
+    allowed = {"gradtrace.tracking.engines", "gradtrace.tracking.sharding", "gradtrace.tracking.split",
+               "gradtrace.tracking.config", "gradtrace.tracking"}
+    engines = PACKAGE / "tracking" / "engines"
+    for path in sorted(engines.glob("*.py")):
+        if path.name in ("__init__.py", "base.py"):
+            continue
+        module = __import__(_module_name(path), fromlist=["*"])
+        defined = [v for v in vars(module).values()
+                   if isinstance(v, type) and issubclass(v, Engine) and v.__module__ == module.__name__]
+        assert defined, f"{path.name} defines no Engine"
+        imported = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+                    and n.module and n.module.startswith("gradtrace")}
+        wrong = {m for m in imported if not any(m == a or m.startswith("gradtrace.tracking.engines") for a in allowed)}
+        assert wrong == set(), f"{path.name} imports {sorted(wrong)}"

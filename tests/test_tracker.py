@@ -10,6 +10,7 @@ from torch import nn
 
 import gradtrace
 from gradtrace import GradTracker, TrackerConfig, load_masks
+from gradtrace.tracking.state import bytes_per_element
 from gradtrace.tracking.summary import summarize
 
 BF16 = torch.bfloat16
@@ -198,7 +199,7 @@ def test_an_all_nan_step_through_trace_is_nonfinite_not_zero(tmp_path, cpu_path)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracer = gradtrace.trace(model, optimizer, tmp_path, log_every=3, wandb=False, strict=True)
     if not cpu_path:
-        tracer.tracker._cpu_scanner = None
+        tracer.tracker.backend = "torch"
     for step in range(3):
         loss = model(torch.randn(3, 4)).sum()
         (loss * float("nan") if step == 1 else loss).backward()
@@ -267,7 +268,7 @@ def test_ever_changed_sees_changes_a_byte_signature_would_miss(dtype, start, end
     param = nn.Parameter(torch.full((3,), start, dtype=dtype))
     tracker = GradTracker([("p", param)], TrackerConfig(ever_changed=True))
     if not cpu_path:
-        tracker._cpu_scanner = None
+        tracker.backend = "torch"
     with torch.no_grad():
         param[1] = end
     tracker.observe_update()
@@ -283,7 +284,7 @@ def test_ever_changed_after_one_adam_step_equals_the_update_mask(cpu_path):
     layer = nn.Linear(512, 512, bias=False).to(torch.bfloat16)
     tracker = GradTracker(layer, TrackerConfig(ever_changed=True))
     if not cpu_path:
-        tracker._cpu_scanner = None
+        tracker.backend = "torch"
     start = layer.weight.detach().clone()
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
     layer(torch.randn(8, 512, dtype=torch.bfloat16)).float().square().sum().backward()
@@ -377,12 +378,15 @@ def test_state_bytes_per_mode_match_documentation():
         counters = tracker.counters.numel() * tracker.counters.element_size()
         assert math.isclose((measured["device"] - counters) / n, expected), config
         assert measured["reference"] == 4 * n
+        # the state table's declared cost (tracking.state.bytes_per_element) is what is allocated
+        assert math.isclose(bytes_per_element(config, torch.float32), expected), config
+        assert bytes_per_element(config, torch.float32, placement="reference") == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_bit_level_gradient_scan_equals_the_float_definition(dtype):
     """The raw-bits scan gives exactly (g != 0), any(g != 0) and all(finite)."""
-    from gradtrace.tracking.tracker import _scan_gradient
+    from gradtrace.tracking.kernels.torch_path import scan_gradient as _scan_gradient
 
     finfo = torch.finfo(dtype)
     edge = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), finfo.max,
@@ -454,13 +458,13 @@ def _edge_gradients(dtype: torch.dtype, sizes: tuple[int, ...], steps: int, seed
 def test_cpu_fast_path_equals_the_torch_path(dtype, config):
     """The NumPy chunked CPU path leaves exactly the state and counters the device-agnostic torch path does:
     odd sizes, chunk boundaries (a 40-element chunk: not a multiple of the stride), full bitmaps, NaN/inf."""
-    from gradtrace.tracking.cpu_scan import CpuScanner
+    from gradtrace.tracking.kernels import Backend
 
     sizes = (1, 9, 13, 40, 1001, 2049)
     params = [(f"p{i}", nn.Parameter(torch.zeros(n, dtype=dtype))) for i, n in enumerate(sizes)]
     fast, reference = GradTracker(params, config), GradTracker(params, config)
-    fast._cpu_scanner = CpuScanner(chunk_elements=40)
-    reference._cpu_scanner = None  # the torch path
+    fast.backend = Backend("numpy", chunk_elements=40)
+    reference.backend = "torch"
     for step, grads in enumerate(_edge_gradients(dtype, sizes, steps=7)):
         named = {name: g for (name, _), g in zip(params, grads, strict=True)}
         if step == 5:
@@ -483,7 +487,7 @@ def test_cpu_fast_path_equals_the_torch_path(dtype, config):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cpu_fold_samples_from_any_start(dtype):
     """Sampled sums start at a shard's offset (``sample_start``), chunk by chunk, as the torch slice does."""
-    from gradtrace.tracking.cpu_scan import CpuScanner
+    from gradtrace.tracking.kernels.numpy_scan import CpuScanner
 
     grad = (torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     for start, stride, chunk in [(0, 64, 40), (5, 7, 40), (63, 64, 128), (999, 3, 8), (1200, 64, 40)]:
@@ -501,15 +505,15 @@ def test_cpu_fold_samples_from_any_start(dtype):
 def test_cpu_change_detector_equals_the_torch_path(dtype):
     """``ever_changed`` mode: the NumPy path leaves the same signatures, bits and counts as the torch path,
     for one-ULP steps, sign flips across zero and untouched elements, across 40-element chunk boundaries."""
-    from gradtrace.tracking.cpu_scan import CpuScanner
+    from gradtrace.tracking.kernels import Backend
 
     generator = torch.Generator().manual_seed(3)
     sizes = (1, 13, 40, 1001)
     params = [(f"p{i}", nn.Parameter(torch.randn(n, generator=generator).to(dtype))) for i, n in enumerate(sizes)]
     config = TrackerConfig(cancellation="off", ever_changed=True)
     fast, reference = GradTracker(params, config), GradTracker(params, config)
-    fast._cpu_scanner = CpuScanner(chunk_elements=40)
-    reference._cpu_scanner = None
+    fast.backend = Backend("numpy", chunk_elements=40)
+    reference.backend = "torch"
     for step in range(5):
         with torch.no_grad():
             for _, p in params:
@@ -525,3 +529,17 @@ def test_cpu_change_detector_equals_the_torch_path(dtype):
                 assert torch.equal(fast.state[name][key], reference.state[name][key]), (step, name, key)
         assert torch.equal(fast.counters, reference.counters), step
     assert 0 < int(fast.counters[gradtrace.tracking.state.COUNTER_INDEX["changed_elements_total"]]) < 5 * sum(sizes)
+
+
+def test_backend_is_a_public_choice_and_a_wrong_one_is_named():
+    """``backend=`` picks the kernels; an unknown name is refused naming the choices, before anything runs."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'torch', 'numpy', not 'gpu'"):
+        GradTracker(model, backend="gpu")
+    tracker = GradTracker(model, backend="torch")
+    assert tracker.backend == "torch"
+    tracker.backend = "numpy"
+    assert tracker.backend == "numpy"
+    with pytest.raises(ValueError, match="backend must be"):
+        tracker.backend = "cuda"
+    assert tracker.backend == "numpy"

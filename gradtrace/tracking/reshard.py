@@ -23,10 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from gradtrace.formats.bitpack import pack_bits, unpack_bits
-from gradtrace.tracking.state import ACCUMULATORS, COUNTER_INDEX, COUNTER_REDUCE
-
-_KIND = {acc.name: ("bits" if acc.name.endswith("_bits") else "sampled" if acc.name.endswith("_sum") else "elements")
-         for acc in ACCUMULATORS}
+from gradtrace.tracking.state import ACCUMULATOR, COUNTER_INDEX, COUNTER_REDUCE
 
 
 @dataclass
@@ -48,7 +45,7 @@ def cut(parts: list[SavedPart], name: str, key: str, numel: int, start: int, len
         stride: int) -> torch.Tensor:
     """The state ``key`` of the run ``[start, start + length)`` of parameter ``name`` (``numel`` elements),
     assembled from the saved parts that hold pieces of it."""
-    kind = _KIND[key]
+    kind = ACCUMULATOR[key].kind  # how the accumulator is laid out over a run: the state table says
     pieces = [(p.layout[name], p.tensors.get(f"{key}/{name}"), p.source) for p in parts if name in p.layout]
     if not pieces or any(t is None for _, t, _ in pieces):
         raise ValueError(f"saved tracker state holds no {key!r} for parameter {name!r} (another model or "

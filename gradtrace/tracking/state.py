@@ -18,7 +18,9 @@ from gradtrace.formats.bitpack import packed_length
 from gradtrace.tracking.config import TrackerConfig
 
 Reduce = Literal["or", "sum", "none"]
+Kind = Literal["bits", "sampled", "elements"]
 Placement = Literal["param", "reference"]
+Init = Literal["zeros", "copy"]
 
 
 def sampled_length(numel: int, stride: int, start: int = 0) -> int:
@@ -28,31 +30,64 @@ def sampled_length(numel: int, stride: int, start: int = 0) -> int:
 
 @dataclass(frozen=True)
 class Accumulator:
-    """One per-parameter state tensor."""
+    """One per-parameter state tensor, and everything that handles it reads from here.
+
+    ``kind`` says how it is laid out over the part of a parameter a rank keeps: ``"bits"``, one bit per
+    element, bit-packed; ``"sampled"``, one value per sampled element (global flat index a multiple of the
+    stride); ``"elements"``, one value per element. Allocation, checkpoint re-cutting
+    (:mod:`gradtrace.tracking.reshard`) and :meth:`GradTracker.state_bytes` follow it.
+    """
 
     name: str
+    kind: Kind
     reduce: Reduce  # across data-parallel ranks: bitwise OR, SUM, or identical on every rank
-    length: Callable[[int, TrackerConfig, int], int]  # (local numel, config, sample start) -> elements
-    dtype: Callable[[torch.dtype], torch.dtype]
+    dtype: torch.dtype | None  # None: the parameter's own dtype
     enabled: Callable[[TrackerConfig], bool]
-    placement: Placement = "param"
+    placement: Placement = "param"  # beside the parameter, or on config.reference_device
+    init: Init = "zeros"  # or a copy of the kept values
+    flat: bool = True  # False: shaped like the kept values (the reference copy, as it was always saved)
     doc: str = ""
+
+    def length(self, numel: int, config: TrackerConfig, sample_start: int = 0) -> int:
+        """Elements of this accumulator for a kept run of ``numel`` elements whose first sample is at
+        ``sample_start``."""
+        if self.kind == "bits":
+            return packed_length(numel)
+        if self.kind == "sampled":
+            return sampled_length(numel, config.stride, sample_start)
+        return numel
+
+    def dtype_for(self, param_dtype: torch.dtype) -> torch.dtype:
+        return self.dtype if self.dtype is not None else param_dtype
+
+
+def _always(config: TrackerConfig) -> bool:
+    return True
+
+
+def _sums(config: TrackerConfig) -> bool:
+    return config.tracks_sums
+
+
+def _ever_changed(config: TrackerConfig) -> bool:
+    return config.ever_changed
 
 
 ACCUMULATORS: tuple[Accumulator, ...] = (
-    Accumulator("gradient_bits", "or", lambda n, c, s: packed_length(n), lambda d: torch.uint8,
-                lambda c: True, doc="bit i set once element i received a finite nonzero gradient"),
-    Accumulator("signed_sum", "sum", lambda n, c, s: sampled_length(n, c.stride, s), lambda d: torch.float32,
-                lambda c: c.tracks_sums, doc="sum of finite gradients, on the sampled elements"),
-    Accumulator("abs_sum", "sum", lambda n, c, s: sampled_length(n, c.stride, s), lambda d: torch.float32,
-                lambda c: c.tracks_sums, doc="sum of |finite gradients|, on the sampled elements"),
-    Accumulator("ever_changed_bits", "or", lambda n, c, s: packed_length(n), lambda d: torch.uint8,
-                lambda c: c.ever_changed, doc="bit i set once an optimizer step changed element i"),
-    Accumulator("last_values", "none", lambda n, c, s: n, lambda d: d,
-                lambda c: c.ever_changed, doc="each element's value after the last step (exact change detector)"),
-    Accumulator("reference", "none", lambda n, c, s: n, lambda d: d,
-                lambda c: True, placement="reference", doc="the element's value when tracking began"),
+    Accumulator("gradient_bits", "bits", "or", torch.uint8, _always,
+                doc="bit i set once element i received a finite nonzero gradient"),
+    Accumulator("signed_sum", "sampled", "sum", torch.float32, _sums,
+                doc="sum of finite gradients, on the sampled elements"),
+    Accumulator("abs_sum", "sampled", "sum", torch.float32, _sums,
+                doc="sum of |finite gradients|, on the sampled elements"),
+    Accumulator("ever_changed_bits", "bits", "or", torch.uint8, _ever_changed,
+                doc="bit i set once an optimizer step changed element i"),
+    Accumulator("last_values", "elements", "none", None, _ever_changed, init="copy",
+                doc="each element's value after the last step (exact change detector)"),
+    Accumulator("reference", "elements", "none", None, _always, placement="reference", init="copy", flat=False,
+                doc="the element's value when tracking began"),
 )
+ACCUMULATOR = {acc.name: acc for acc in ACCUMULATORS}
 
 # Tracker-wide counters, kept on the device as one int64 vector so a step adds to them without any
 # host sync. "sum": local to this rank's shards, summed across ranks when measured; "none": already
@@ -89,5 +124,38 @@ def bytes_per_element(config: TrackerConfig, param_dtype: torch.dtype, *, placem
     total = 0
     for acc in enabled_accumulators(config):
         if acc.placement == placement:
-            total += acc.length(n, config, 0) * torch.empty((), dtype=acc.dtype(param_dtype)).element_size()
+            total += acc.length(n, config) * torch.empty((), dtype=acc.dtype_for(param_dtype)).element_size()
     return total / n
+
+
+def allocate(accumulators: list[Accumulator], held: torch.Tensor, config: TrackerConfig, sample_start: int,
+             sampled: int | None = None) -> dict[str, torch.Tensor]:
+    """Fresh state for the kept values ``held`` (detached): zeros, or copies of the values, each where its
+    accumulator's placement says. ``sampled``: the number of listed sampled elements of a shard that is no
+    contiguous run (they replace the stride count)."""
+    numel = held.numel()
+    reference_device = torch.device(config.reference_device)
+    state: dict[str, torch.Tensor] = {}
+    for acc in accumulators:
+        device = reference_device if acc.placement == "reference" else held.device
+        if acc.init == "copy":
+            copy = held.to(device, copy=True)
+            if device.type == "cpu" and held.device.type == "cuda":
+                copy = copy.pin_memory()  # lets measure() copy it back without a host sync
+            state[acc.name] = copy.reshape(-1) if acc.flat else copy
+            continue
+        length = sampled if acc.kind == "sampled" and sampled is not None else acc.length(numel, config, sample_start)
+        state[acc.name] = torch.zeros(length, dtype=acc.dtype_for(held.dtype), device=device)
+    return state
+
+
+def state_bytes(state: dict[str, dict[str, torch.Tensor]], counters: torch.Tensor, extra_device: int = 0
+                ) -> dict[str, int]:
+    """Measured bytes of tracker state, by where each accumulator's placement puts it: ``"device"`` (beside
+    the parameter, with the counters and ``extra_device``) or ``"reference"``."""
+    out = {"device": counters.numel() * counters.element_size() + extra_device, "reference": 0}
+    for kept in state.values():
+        for key, value in kept.items():
+            where = "reference" if ACCUMULATOR[key].placement == "reference" else "device"
+            out[where] += value.numel() * value.element_size()
+    return out

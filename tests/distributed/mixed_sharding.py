@@ -168,7 +168,8 @@ def tensors_case(out: str, case: str, layouts: dict, nan_at: dict, config: Track
                 local.copy_(placed.to_local() if hasattr(placed, "to_local") else placed)
         tracker.observe_update()
         single.observe_update()
-    write(out, case, tracker, single, {"listed_samples": sorted(getattr(tracker, "_sample_index", {}))})
+    write(out, case, tracker, single, {"listed_samples": sorted(name for name, placement in tracker.placements.items()
+                                                          if placement.sample_index is not None)})
 
 
 def main(out: str) -> None:

@@ -39,7 +39,7 @@ import torch
 
 from gradtrace.formats.bitpack import count_set_bits
 from gradtrace.tracking.config import TrackerConfig
-from gradtrace.tracking.cpu_scan import RAW_BITS, ScratchBuffers
+from gradtrace.tracking.kernels.numpy_scan import RAW_BITS, ScratchBuffers
 
 # Bytes of the parameter per chunk (as many of the reference): 64 Ki bf16/fp16 or 32 Ki fp32 elements,
 # whose working set (the two slices, three float32 arrays, two boolean masks: 0.7-1.1 MiB) stays in a
