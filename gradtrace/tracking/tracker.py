@@ -473,7 +473,7 @@ class GradTracker:
     def _slices_measurable(self, name: str) -> bool:
         """Per-expert slices need the local shard to be a contiguous run of the flattened full tensor:
         true unsharded, under ZeRO-3 and FSDP2's ``Shard(0)``; not for a DTensor sharded on another dim."""
-        param = dict(self._params)[name]
+        param = self._named[name]
         placements = getattr(param, "placements", None) if not sharding.is_zero3(param) else None
         return not placements or all(not p.is_shard() or p.dim == 0 for p in placements)
 
