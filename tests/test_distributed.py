@@ -37,7 +37,22 @@ def launch(script: str, *args: str, processes: int, cwd: Path, env_extra: dict |
     else:
         command = [sys.executable, str(SCRIPTS / script), *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.returncode == 0, failure_report(script, result)
+    # a rank that aborts at exit (SIGABRT after its work is written) must not pass unnoticed either
+    assert "terminate called" not in result.stderr, failure_report(script, result)
+
+
+def failure_report(script: str, result: subprocess.CompletedProcess) -> str:
+    """What a failed launch said, the failing ranks first: torchrun's summary of which rank ended how
+    (exit code or signal), each rank's own last lines (``[rankN]:`` prefixed), then the output's tail."""
+    lines = result.stderr.splitlines()
+    summary = lines[next((i for i, line in enumerate(lines) if "Failures:" in line), len(lines)):]
+    ranks = sorted({line.split("]:", 1)[0] + "]" for line in lines if line.startswith("[rank")})
+    per_rank = ["\n".join([f"--- {rank} (last lines) ---", *[line for line in lines if line.startswith(rank)][-25:]])
+                for rank in ranks]
+    return "\n".join([f"{script} exited with {result.returncode}", "--- torchrun's summary ---", *summary[:40],
+                      *per_rank, "--- stdout (tail) ---", result.stdout[-2000:],
+                      "--- stderr (tail) ---", result.stderr[-4000:]])
 
 
 def assert_same_masks(actual_path: Path, expected_path: Path) -> None:

@@ -118,9 +118,9 @@ def main(out: str, stage: int, dtype: str, force_fp16: bool) -> None:
             "signed_sums": gathered, "reference": reference, "skipped_steps": engine.skipped_steps,
         }, os.path.join(out, "result.pt"))
     handle.remove()
-    end_process_group()
 
 
 if __name__ == "__main__":
     os.makedirs(sys.argv[1], exist_ok=True)
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3], "force-fp16" in sys.argv[4:])
+    end_process_group()  # after main: its trainer, model and tracker are gone

@@ -52,8 +52,8 @@ def main(out: str, stage: int | None, batch: int) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
         json.dump({"sharded": callback.tracker.sharded, "fused": sorted(callback.tracker.experts.fused)}, stream)
-    end_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2]), int(sys.argv[3]))
+    end_process_group()  # after main: its trainer, model and tracker are gone

@@ -49,8 +49,8 @@ def main(out: str, batch: int) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"world_size": world, "optimizer_steps": callback.tracker.steps}, handle)
-    end_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    end_process_group()  # after main: its trainer, model and tracker are gone

@@ -173,10 +173,10 @@ def main(out: str, stage: int | None, batch: int, accumulation: int, strict: boo
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
         json.dump(record, stream)
-    end_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
          strict="lenient" not in sys.argv[5:], offload="offload" in sys.argv[5:],
          overflow="bf16-overflow" in sys.argv[5:], extra=tuple(sys.argv[5:]))
+    end_process_group()  # after main: its trainer, model and tracker are gone
