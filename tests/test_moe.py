@@ -301,6 +301,8 @@ def test_an_unidentified_expert_dimension_is_said_once_and_training_goes_on(tmp_
     log = read_run_log(tmp_path)
     note = log["info"]["experts"]["note"]
     assert "layers.0.mlp.experts.down_proj" in note and "per matrix only" in note
-    assert (tmp_path / "log.jsonl").read_text().count("no identifiable expert dimension") == 1  # once
+    # once at the start, and in every summary as a warning that views and trackers show
+    assert all(r["anatomy_warnings"] == [note] for r in log["logs"])
+    assert (tmp_path / "log.jsonl").read_text().count("no identifiable expert dimension") == 1 + len(log["logs"])
     assert [r["step"] for r in log["logs"]] == [1, 2] and all("per_expert" not in r for r in log["logs"])
     assert log["logs"][-1]["per_matrix"]["layers.0.mlp.experts.down_proj"]["gradient_sparsity"] == 0

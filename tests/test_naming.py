@@ -24,7 +24,7 @@ from gradtrace.anatomy.naming import kind_of, layer_of
     ("transformer.h.5.mlp.c_proj.weight", 5, "down"),
     ("transformer.h.5.ln_1.weight", 5, "norm"),
     ("transformer.wte.weight", None, "embed"),
-    ("encoder.blocks.4.weird_thing.weight", 4, "weird_thing"),
+    ("encoder.blocks.4.weird_thing.weight", 4, "encoder.weird_thing"),  # an encoder stack is a tower
 ])
 def test_layer_and_kind(name, layer, kind):
     assert layer_of(name) == layer

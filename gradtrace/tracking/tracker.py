@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradtrace.anatomy.experts import ExpertLayout, expert_layout
+from gradtrace.anatomy.experts import ExpertLayout, config_expert_counts, expert_layout
 from gradtrace.anatomy.parameter_names import strip_wrapper_prefix, tracked_name
 from gradtrace.formats.bitpack import or_pack_into, pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
@@ -269,7 +269,8 @@ class GradTracker:
         if whole is not None:
             shapes = {**{tracked_name(n): sharding.full_shape(p) for n, p in whole.named_parameters()},
                       **shapes}
-        self.experts: ExpertLayout = expert_layout(shapes).restricted_to(shapes.keys() & self.state.keys())
+        declared = config_expert_counts(getattr(whole if whole is not None else model, "config", None))
+        self.experts: ExpertLayout = expert_layout(shapes, declared).restricted_to(shapes.keys() & self.state.keys())
         self._expert_slices: dict[str, int] = {
             name: count for name, count in self.experts.fused.items() if self._slices_measurable(name)
         }
