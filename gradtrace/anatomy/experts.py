@@ -29,8 +29,16 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradtrace.anatomy.naming import (ATTENTION_PARENTS, ROUTED_EXPERTS, expert_kind, inside_block, is_routed_expert,
-                                      kind_of, layer_key, with_tower)
+from gradtrace.anatomy.naming import (
+    ATTENTION_PARENTS,
+    ROUTED_EXPERTS,
+    expert_kind,
+    inside_block,
+    is_routed_expert,
+    kind_of,
+    layer_key,
+    with_tower,
+)
 
 # Config fields that say how many routed experts a MoE layer holds, across transformers architectures.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
@@ -201,10 +209,15 @@ def _fused_experts(name: str, shape: tuple[int, ...], shapes, declared, in_lists
     module = name.rpartition(".")[0]
     inside_experts = ROUTED_EXPERTS in name.split(".")[:-1]
     if len(shape) >= 3:
-        if _router(module, shape[0], shapes, in_lists, exclude=name) is not None:
+        router = _router(module, shape[0], shapes, in_lists, exclude=name)
+        # beside a projection of its width, a convolution is no expert: without the config's count, only
+        # a router named so says E (LongCat's router also scores its zero-computation experts)
+        if router is not None and (not declared or shape[0] in declared or _named_router(router)):
             return shape[0]
         return shape[0] if inside_experts and shape[0] in declared else None
     if not inside_experts:
+        return None
+    if name.endswith(".weight"):  # a Linear's weight (a router), not a tensor of the experts module itself
         return None
     # 2-D inside an experts module: per-expert biases (E, 2·I) or stacked weights (E·I, H), DBRX
     candidates = [e for e in (*declared, *_router_widths(module, shapes, in_lists)) if e > 1 and shape[0] % e == 0]
@@ -244,12 +257,16 @@ def _router_widths(module: str, shapes, in_lists) -> list[int]:
     return []
 
 
+def _named_router(name: str) -> bool:
+    return any(word in name.split(".") for word in _ROUTER_WORDS)
+
+
 def _router(module: str, experts: int, shapes, in_lists, exclude: str = "") -> str | None:
     """The router of the MoE block holding ``module``: a 2-D weight near it whose output width is
     ``experts``, one named like a router first."""
     for scope in _scopes(module):
         matching = [n for n, width in _router_candidates(scope, shapes, in_lists, exclude) if width == experts]
         if matching:
-            named = [n for n in matching if any(w in n.split(".") for w in _ROUTER_WORDS)]
+            named = [n for n in matching if _named_router(n)]
             return (named or matching)[0]
     return None

@@ -57,6 +57,7 @@ _KIND_BY_MODULE = {
     "w1": "gate", "w3": "up", "w2": "down", "v1": "up",  # Mixtral / DBRX (w1, v1, w2)
     "wi": "up", "wo": "down", "wi_0": "gate", "wi_1": "up",  # T5 / Switch-Transformers
     "input_linear": "gate_up", "output_linear": "down",  # JetMoE / Granite-MoE
+    "linear_gate": "gate",  # HY-V4 checkpoints' shared experts (gate_proj live)
     "gate_up_proj": "gate_up", "c_fc": "up", "fc1": "up", "dense_h_to_4h": "up",
     "fc2": "down", "dense_4h_to_h": "down",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "tok_embeddings": "embed",
