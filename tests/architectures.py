@@ -33,6 +33,21 @@ EXTRA = {
 }
 
 
+# Architectures whose live run is checked but whose save_pretrained checkpoints diff differently from the
+# live run, not yet explained (the live numbers equal the structural reference; see the test).
+DIFF_UNEXPLAINED = {
+    "sarvam_moe": "per-expert update sparsity of the checkpoints above the live run's",
+    "kolibri1": "per-expert update sparsity of the checkpoints above the live run's",
+    "bailing_hybrid": "per-expert update sparsity of the checkpoints above the live run's",
+    "zaya": "its router kind's update sparsity differs between the checkpoints and the live run",
+}
+
+# Architectures whose tiny build is still too slow for CI on 2 cores, and why.
+TOO_SLOW = {
+    "mistral_large4": "its vision tower ignores the tiny sizes: about 70 s to build and train on 2 CPU cores",
+}
+
+
 def _declares_experts(config_class: type, seen: frozenset = frozenset()) -> bool:
     if not dataclasses.is_dataclass(config_class) or config_class in seen:
         return False

@@ -34,12 +34,12 @@ def test_moe_router_and_fused_experts(arch):
 
 def test_shared_experts_mla_sinks_and_qk_norms_have_their_own_kinds():
     qwen2 = {n: kind_of(n) for n in _shapes(moe_models.qwen2_moe())}
-    assert qwen2["model.layers.0.mlp.shared_expert.gate_proj.weight"] == "shared_expert.gate"
+    assert qwen2["model.layers.0.mlp.shared_expert.gate_proj.weight"] == "shared_expert.gate_up"
     assert qwen2["model.layers.0.mlp.shared_expert.down_proj.weight"] == "shared_expert.down"
     assert qwen2["model.layers.0.mlp.shared_expert_gate.weight"] == "shared_expert.router"
     deepseek = {n: kind_of(n) for n in _shapes(moe_models.deepseek_v3())}
     assert deepseek["model.layers.0.mlp.gate_proj.weight"] == "gate"  # the dense first layer
-    assert deepseek["model.layers.1.mlp.shared_experts.gate_proj.weight"] == "shared_expert.gate"
+    assert deepseek["model.layers.1.mlp.shared_experts.gate_proj.weight"] == "shared_expert.gate_up"
     assert [deepseek[f"model.layers.1.self_attn.{m}.weight"] for m in
             ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "q_a_layernorm", "kv_a_layernorm")] == [
         "q_a", "q_b", "kv_a", "kv_b", "q_a_norm", "kv_a_norm"]

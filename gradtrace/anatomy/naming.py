@@ -8,8 +8,8 @@
 - ``kind_of``: a module kind shared across architectures (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
   ``down``, ``embed``, ``norm``, ``lm_head``...). MoE blocks: ``router`` (never ``gate``), routed expert
   projections ``expert.gate_up`` / ``expert.down`` (fused 3-D tensors and per-expert module lists
-  alike), shared experts ``shared_expert.gate`` ...; attention variants: DeepSeek MLA's ``q_a`` / ``q_b``
-  / ``kv_a`` / ``kv_b``, gpt-oss ``sinks``, ``q_norm`` / ``k_norm`` apart from the layer norms. Kinds of
+  alike; gate and up are one kind, fused or not), shared experts ``shared_expert.gate_up`` ...;
+  attention variants: DeepSeek MLA's ``q_a`` / ``q_b`` / ``kv_a`` / ``kv_b``, gpt-oss ``sinks``, ``q_norm`` / ``k_norm`` apart from the layer norms. Kinds of
   other towers carry the tower (``vision.gate``), so a VLM's vision MLP is never mixed with the text MLP.
 - ``expert_of``: the expert index of a per-expert module list (``experts.7.w1.weight`` -> 7); fused 3-D
   expert tensors are found with their shapes, in :mod:`gradtrace.anatomy.experts`.
@@ -58,6 +58,7 @@ _KIND_BY_MODULE = {
     "wi": "up", "wo": "down", "wi_0": "gate", "wi_1": "up",  # T5 / Switch-Transformers
     "input_linear": "gate_up", "output_linear": "down",  # JetMoE / Granite-MoE
     "linear_gate": "gate",  # HY-V4 checkpoints' shared experts (gate_proj live)
+    "w13": "gate_up",  # Inkling checkpoints' fused routed experts
     "gate_up_proj": "gate_up", "c_fc": "up", "fc1": "up", "dense_h_to_4h": "up",
     "fc2": "down", "dense_4h_to_h": "down",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "tok_embeddings": "embed",
@@ -80,8 +81,8 @@ _MOE_PARENTS = _MLP_PARENTS | {"block_sparse_moe", "moe"}
 ROUTED_EXPERTS = "experts"
 ROUTER = "router"
 _SHARED_EXPERTS = {"shared_expert", "shared_experts", "shared_mlp"}  # Hunyuan / Granite: shared_mlp
-# Routed experts' gate and up projections are one kind: fused live (``gate_up_proj``), separate in a
-# checkpoint saved per expert (``gate_proj`` / ``up_proj``), and the views must match.
+# Experts' (routed and shared) gate and up projections are one kind: fused live (``gate_up_proj``),
+# separate in a checkpoint saved per expert (``gate_proj`` / ``up_proj``), and the views must match.
 _EXPERT_KINDS = {"gate": "gate_up", "up": "gate_up"}
 # The router's score-correction bias (DeepSeek-V3 ``gate.e_score_correction_bias``, Ernie 4.5
 # ``moe_statics.e_score_correction_bias``): part of the router, not a module of its own.
@@ -177,7 +178,8 @@ def expert_kind(name: str) -> str:
     if leaf in ("weight", "bias") and len(parts) >= 2:
         base, bias = parts[-2], leaf == "bias"
     else:
-        base, bias = leaf.removesuffix("_bias"), leaf.endswith("_bias")
+        # gpt-oss ``gate_up_proj_bias``; vLLM-style checkpoints ``w13_weight`` / ``w2_weight`` (Inkling)
+        base, bias = leaf.removesuffix("_bias").removesuffix("_weight"), leaf.endswith("_bias")
     kind = _KIND_BY_MODULE.get(base, base)
     kind = f"expert.{_EXPERT_KINDS.get(kind, kind)}"
     return f"{kind}.bias" if bias else kind
@@ -213,7 +215,7 @@ def _block_kind(parts: list[str]) -> str:
     elif is_routed_expert(".".join(parts)):
         kind = f"expert.{_EXPERT_KINDS.get(kind, kind)}"
     elif any(p in _SHARED_EXPERTS for p in parts[:-2]):
-        kind = f"shared_expert.{kind}"
+        kind = f"shared_expert.{_EXPERT_KINDS.get(kind, kind)}"
     elif owner == "shared_expert_gate":  # Qwen2-MoE: sigmoid gate of the shared expert's output
         kind = "shared_expert.router"
     return f"{kind}.bias" if leaf == "bias" else kind
