@@ -34,12 +34,12 @@ def test_moe_router_and_fused_experts(arch):
 
 def test_shared_experts_mla_sinks_and_qk_norms_have_their_own_kinds():
     qwen2 = {n: kind_of(n) for n in _shapes(moe_models.qwen2_moe())}
-    assert qwen2["model.layers.0.mlp.shared_expert.gate_proj.weight"] == "shared_expert.gate"
+    assert qwen2["model.layers.0.mlp.shared_expert.gate_proj.weight"] == "shared_expert.gate_up"
     assert qwen2["model.layers.0.mlp.shared_expert.down_proj.weight"] == "shared_expert.down"
     assert qwen2["model.layers.0.mlp.shared_expert_gate.weight"] == "shared_expert.router"
     deepseek = {n: kind_of(n) for n in _shapes(moe_models.deepseek_v3())}
     assert deepseek["model.layers.0.mlp.gate_proj.weight"] == "gate"  # the dense first layer
-    assert deepseek["model.layers.1.mlp.shared_experts.gate_proj.weight"] == "shared_expert.gate"
+    assert deepseek["model.layers.1.mlp.shared_experts.gate_proj.weight"] == "shared_expert.gate_up"
     assert [deepseek[f"model.layers.1.self_attn.{m}.weight"] for m in
             ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "q_a_layernorm", "kv_a_layernorm")] == [
         "q_a", "q_b", "kv_a", "kv_b", "q_a_norm", "kv_a_norm"]
@@ -83,7 +83,8 @@ def test_per_expert_module_lists_map_to_the_same_view():
              for layer in (0, 1) for e in range(4) for w in ("w1", "w2", "w3")]
     routers = {f"model.layers.{layer}.block_sparse_moe.gate.weight": (4, 16) for layer in (0, 1)}
     shapes = {**{n: (8, 16) for n in names}, **routers}
-    assert kind_of(names[0]) == "expert.gate" and kind_of(names[1]) == "expert.down" and expert_of(names[4]) == 1
+    # gate and up are one kind, as the fused gate_up_proj of the live model
+    assert kind_of(names[0]) == "expert.gate_up" and kind_of(names[1]) == "expert.down" and expert_of(names[4]) == 1
     assert kind_of("model.layers.0.block_sparse_moe.gate.weight") == "router"
     layout = expert_layout(shapes)
     assert layout.fused == {} and layout.listed == {n: expert_of(n) for n in names}

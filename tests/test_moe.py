@@ -6,11 +6,13 @@ masks (read at ``on_pre_optimizer_step``) and a copy of the starting weights, cu
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
 from datasets import Dataset
+from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
@@ -24,6 +26,8 @@ from gradtrace.masks.overlap import pair_overlap
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.slices import slice_rows
 from gradtrace.tracking.tracker import COUNT_FIELDS, GradTracker
+from gradtrace.views.report import write_report
+from gradtrace.views.watch import LogFollower, render
 from tests import moe_models
 from tests.conftest import assert_masks_equal_reference
 
@@ -301,6 +305,15 @@ def test_an_unidentified_expert_dimension_is_said_once_and_training_goes_on(tmp_
     log = read_run_log(tmp_path)
     note = log["info"]["experts"]["note"]
     assert "layers.0.mlp.experts.down_proj" in note and "per matrix only" in note
-    assert (tmp_path / "log.jsonl").read_text().count("no identifiable expert dimension") == 1  # once
+    # once at the start, and in every summary as a warning that views and trackers show
+    assert all(r["anatomy_warnings"] == [note] for r in log["logs"])
+    assert (tmp_path / "log.jsonl").read_text().count("no identifiable expert dimension") == 1 + len(log["logs"])
     assert [r["step"] for r in log["logs"]] == [1, 2] and all("per_expert" not in r for r in log["logs"])
+    # visible where people look: the watch dashboard and the HTML report
+    follower = LogFollower(tmp_path)
+    follower.poll()
+    console = Console(record=True, file=io.StringIO(), width=200)
+    console.print(render(follower, width=200))
+    assert "no identifiable expert dimension" in console.export_text()
+    assert "no identifiable expert dimension" in write_report([tmp_path], tmp_path / "report").read_text()
     assert log["logs"][-1]["per_matrix"]["layers.0.mlp.experts.down_proj"]["gradient_sparsity"] == 0

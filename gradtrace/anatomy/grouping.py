@@ -33,9 +33,10 @@ def by_layer(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
     return {key: groups[key] for key in sorted(groups, key=layer_sort_key)}
 
 
-def by_kind(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
-    """Counts summed per module kind (``q``, ``down``, ``router``, ``expert.down``, ``vision.q``...)."""
-    return dict(sorted(sum_by_group(per_param, kind_of).items()))
+def by_kind(per_param: Mapping[str, Counts], kind: Callable[[str], str] = kind_of) -> dict[str, dict[str, float]]:
+    """Counts summed per module kind (``q``, ``down``, ``router``, ``expert.down``, ``vision.q``...);
+    ``kind``: the model's own (:meth:`gradtrace.anatomy.experts.ExpertLayout.kind`), else from names."""
+    return dict(sorted(sum_by_group(per_param, kind).items()))
 
 
 def by_tower(per_param: Mapping[str, Counts]) -> dict[str, dict[str, float]]:
@@ -63,20 +64,22 @@ EXTREME_EXPERTS = 3
 
 
 def by_expert(per_param: Mapping[str, Counts], per_slice: Mapping[str, Sequence[Counts]],
-              listed: Mapping[str, int]) -> dict[str, dict[str, float]]:
+              listed: Mapping[str, int], groups: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
     """Counts summed per routed expert, keyed ``"<layer>/<expert>"`` (layers in order, then experts).
 
     ``per_slice`` holds, for each fused expert tensor, one count mapping per expert (its slice along
     dim 0); ``listed`` maps the parameters of per-expert module lists to their expert index, whose
-    counts come from ``per_param``. An expert's entry sums all its tensors (gate/up, down, biases).
+    counts come from ``per_param``; ``groups`` maps expert tensors to their MoE group (default: their
+    layer key). An expert's entry sums all its tensors (gate/up, down, biases).
     """
-    groups: dict[tuple[str, int], dict] = {}
+    groups = groups or {}
+    sums: dict[tuple[str, int], dict] = {}
     for name, slices in per_slice.items():
-        layer = layer_key(name)
+        layer = groups.get(name) or layer_key(name)
         for expert, counts in enumerate(slices):
-            _add(groups.setdefault((layer, expert), {}), counts)
+            _add(sums.setdefault((layer, expert), {}), counts)
     for name, expert in listed.items():
         if name in per_param:
-            _add(groups.setdefault((layer_key(name), expert), {}), per_param[name])
-    ordered = sorted(groups, key=lambda k: (layer_sort_key(k[0]), k[1]))
-    return {expert_key(layer, expert): groups[(layer, expert)] for layer, expert in ordered}
+            _add(sums.setdefault((groups.get(name) or layer_key(name), expert), {}), per_param[name])
+    ordered = sorted(sums, key=lambda k: (layer_sort_key(k[0]), k[1]))
+    return {expert_key(layer, expert): sums[(layer, expert)] for layer, expert in ordered}

@@ -8,8 +8,8 @@
 - ``kind_of``: a module kind shared across architectures (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
   ``down``, ``embed``, ``norm``, ``lm_head``...). MoE blocks: ``router`` (never ``gate``), routed expert
   projections ``expert.gate_up`` / ``expert.down`` (fused 3-D tensors and per-expert module lists
-  alike), shared experts ``shared_expert.gate`` ...; attention variants: DeepSeek MLA's ``q_a`` / ``q_b``
-  / ``kv_a`` / ``kv_b``, gpt-oss ``sinks``, ``q_norm`` / ``k_norm`` apart from the layer norms. Kinds of
+  alike; gate and up are one kind, fused or not), shared experts ``shared_expert.gate_up`` ...;
+  attention variants: DeepSeek MLA's ``q_a`` / ``q_b`` / ``kv_a`` / ``kv_b``, gpt-oss ``sinks``, ``q_norm`` / ``k_norm`` apart from the layer norms. Kinds of
   other towers carry the tower (``vision.gate``), so a VLM's vision MLP is never mixed with the text MLP.
 - ``expert_of``: the expert index of a per-expert module list (``experts.7.w1.weight`` -> 7); fused 3-D
   expert tensors are found with their shapes, in :mod:`gradtrace.anatomy.experts`.
@@ -29,11 +29,20 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\
 
 # Module names that open a tower other than the language decoder. The projector is checked first: a
 # Qwen2.5-VL merger lives inside ``model.visual`` but belongs to neither tower.
-_PROJECTOR_PARTS = {"merger", "multi_modal_projector", "mm_projector", "connector", "visual_projection"}
+# Qwen3-VL's deepstack mergers, Llama 4's vision adapter and LLaVA-OneVision's image_newline feed the
+# decoder too: projectors, not blocks of the vision tower.
+_PROJECTOR_PARTS = {"merger", "multi_modal_projector", "mm_projector", "connector", "visual_projection",
+                    "deepstack_merger_list", "vision_adapter", "image_newline"}
+# An encoder-decoder's two stacks are towers too (``encoder.3`` / ``decoder.3``, like ``vision.3``): their
+# blocks with the same index are different blocks. Checked in name order, so a vision tower's own
+# ``vision_model.encoder`` stays in the vision tower.
 _TOWER_PARTS = {
     "visual": "vision", "vision_tower": "vision", "vision_model": "vision", "vision_encoder": "vision",
     "audio_tower": "audio", "audio_model": "audio", "audio_encoder": "audio",
+    "encoder": "encoder", "decoder": "decoder",
 }
+# Towers in the order their blocks are listed after the language decoder's.
+_TOWER_ORDER = {"encoder": 0, "decoder": 1}
 LANGUAGE = "language"
 PROJECTOR = "projector"
 
@@ -45,7 +54,11 @@ _KIND_BY_MODULE = {
     "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "Wqkv": "qkv", "qkv": "qkv",
     "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
-    "w1": "gate", "w3": "up", "w2": "down",
+    "w1": "gate", "w3": "up", "w2": "down", "v1": "up",  # Mixtral / DBRX (w1, v1, w2)
+    "wi": "up", "wo": "down", "wi_0": "gate", "wi_1": "up",  # T5 / Switch-Transformers
+    "input_linear": "gate_up", "output_linear": "down",  # JetMoE / Granite-MoE
+    "linear_gate": "gate",  # HY-V4 checkpoints' shared experts (gate_proj live)
+    "w13": "gate_up",  # Inkling checkpoints' fused routed experts
     "gate_up_proj": "gate_up", "c_fc": "up", "fc1": "up", "dense_h_to_4h": "up",
     "fc2": "down", "dense_4h_to_h": "down",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "tok_embeddings": "embed",
@@ -58,13 +71,22 @@ _KIND_BY_MODULE = {
 # low-rank latents, and move differently from the residual-stream norms.
 _SPECIAL_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm", "q_a_layernorm": "q_a_norm",
                   "kv_a_layernorm": "kv_a_norm"}
-_ATTENTION_PARENTS = {"attn", "self_attn", "attention", "self_attention"}
+# Attention modules, cross-attention included: their output projection is ``o`` whatever it is called.
+ATTENTION_PARENTS = {"attn", "self_attn", "attention", "self_attention", "cross_attention", "encoder_attn",
+                     "crossattention", "EncDecAttention", "SelfAttention"}
 _MLP_PARENTS = {"mlp", "feed_forward", "ffn"}
 # The MoE block's scoring layer: Mixtral/Qwen-MoE/DeepSeek ``mlp.gate`` (a Linear named "gate"),
 # gpt-oss ``mlp.router``, older Mixtral ``block_sparse_moe.gate``.
 _MOE_PARENTS = _MLP_PARENTS | {"block_sparse_moe", "moe"}
 ROUTED_EXPERTS = "experts"
-_SHARED_EXPERTS = {"shared_expert", "shared_experts"}
+ROUTER = "router"
+_SHARED_EXPERTS = {"shared_expert", "shared_experts", "shared_mlp"}  # Hunyuan / Granite: shared_mlp
+# Experts' (routed and shared) gate and up projections are one kind: fused live (``gate_up_proj``),
+# separate in a checkpoint saved per expert (``gate_proj`` / ``up_proj``), and the views must match.
+_EXPERT_KINDS = {"gate": "gate_up", "up": "gate_up"}
+# The router's score-correction bias (DeepSeek-V3 ``gate.e_score_correction_bias``, Ernie 4.5
+# ``moe_statics.e_score_correction_bias``): part of the router, not a module of its own.
+_ROUTER_BIASES = {"e_score_correction_bias"}
 
 
 def _parts(name: str) -> list[str]:
@@ -97,14 +119,21 @@ def layer_key(name: str) -> str | None:
     return str(layer) if tower == LANGUAGE else f"{tower}.{layer}"
 
 
-def layer_sort_key(key: str) -> tuple[int, str, int, str]:
-    """Order layer keys: the decoder's blocks by index, then other towers' blocks, then the projector."""
-    if key.isdigit():
-        return 0, "", int(key), ""
-    tower, _, index = key.partition(".")
-    if index.isdigit():
-        return 1, tower, int(index), ""
-    return 2, key, 0, ""
+def inside_block(path: str) -> bool:
+    """Whether a module path lies strictly inside one block (``model.layers.3.mlp``, not ``model.layers.3``)."""
+    match = _LAYER_RE.search(".".join(_parts(path)))
+    return match is not None and match.end() < len(".".join(_parts(path)))
+
+
+def layer_sort_key(key: str) -> tuple[int, int, str, int, str]:
+    """Order layer keys: the language decoder's blocks by index, then other towers' blocks (encoder,
+    decoder, then by name), then the projector; a suffix (``"3.attn"``) after its block."""
+    parts = key.split(".")
+    if parts[0].isdigit():
+        return 0, 0, "", int(parts[0]), ".".join(parts[1:])
+    if len(parts) > 1 and parts[1].isdigit():
+        return 1, _TOWER_ORDER.get(parts[0], 2), parts[0], int(parts[1]), ".".join(parts[2:])
+    return 2, 0, key, 0, ""
 
 
 def expert_of(name: str) -> int | None:
@@ -123,15 +152,37 @@ def expert_of(name: str) -> int | None:
 def is_routed_expert(name: str) -> bool:
     """Whether the parameter belongs to a MoE block's routed experts (fused or a module list)."""
     parts = _parts(name)
-    return ROUTED_EXPERTS in parts[:-1] and not any(p in _SHARED_EXPERTS for p in parts)
+    return (ROUTED_EXPERTS in parts[:-1] and ROUTER not in parts[:-1]
+            and not any(p in _SHARED_EXPERTS for p in parts))
 
 
 def kind_of(name: str) -> str:
     """Module kind of a parameter, e.g. ``"q"``, ``"down"``, ``"norm"``, ``"router"``, ``"expert.down"``;
     LoRA adds a suffix (``"q.lora_A"``), towers other than the decoder a prefix (``"vision.q"``)."""
-    kind = _block_kind(_parts(name))
+    return with_tower(name, _block_kind(_parts(name)))
+
+
+def with_tower(name: str, kind: str) -> str:
+    """``kind`` as the parameter's tower names it: prefixed unless it is in the language decoder."""
     tower = tower_of(name)
     return kind if tower == LANGUAGE else f"{tower}.{kind}"
+
+
+def expert_kind(name: str) -> str:
+    """The kind of a routed expert's tensor, known to be one (from the structure):
+    ``expert.gate_up``, ``expert.down``, ``...bias``. A fused tensor is named by its own name
+    (``experts.down_proj``, DBRX ``experts.mlp.w2``) or, as a Linear's weight, by its module's
+    (``input_linear.weight``)."""
+    parts = _parts(name)
+    leaf = parts[-1]
+    if leaf in ("weight", "bias") and len(parts) >= 2:
+        base, bias = parts[-2], leaf == "bias"
+    else:
+        # gpt-oss ``gate_up_proj_bias``; vLLM-style checkpoints ``w13_weight`` / ``w2_weight`` (Inkling)
+        base, bias = leaf.removesuffix("_bias").removesuffix("_weight"), leaf.endswith("_bias")
+    kind = _KIND_BY_MODULE.get(base, base)
+    kind = f"expert.{_EXPERT_KINDS.get(kind, kind)}"
+    return f"{kind}.bias" if bias else kind
 
 
 def _block_kind(parts: list[str]) -> str:
@@ -144,22 +195,27 @@ def _block_kind(parts: list[str]) -> str:
     if len(parts) < 2:
         return parts[0] if parts else ""
     leaf, owner = parts[-1], parts[-2]
-    if owner == ROUTED_EXPERTS:
-        # fused expert tensors are the module's own parameters: experts.gate_up_proj, ..._bias
-        bias = leaf.endswith("_bias")
-        kind = _KIND_BY_MODULE.get(leaf.removesuffix("_bias"), leaf.removesuffix("_bias"))
-        return f"expert.{kind}.bias" if bias else f"expert.{kind}"
+    if leaf in _ROUTER_BIASES:
+        return "router.score_bias"
+    if is_routed_expert(".".join(parts)) and ROUTER not in parts and (
+            owner == ROUTED_EXPERTS or leaf not in ("weight", "bias")):
+        # fused expert tensors are a module's own parameters: experts.gate_up_proj, ..._bias, DBRX experts.mlp.w1
+        return expert_kind(".".join(parts))
     if leaf == "sinks":  # gpt-oss: a learned per-head attention sink logit
         return "sinks"
+    if leaf not in ("weight", "bias") and (len(parts) == 2 or owner in _PROJECTOR_PARTS | {"model"}):
+        return leaf  # a bare parameter of the model (LLaVA-OneVision image_newline)
     if owner in _SPECIAL_NORMS:
         return _SPECIAL_NORMS[owner]
     if "norm" in owner.lower() or owner.startswith("ln"):
         return "norm"
     kind = _module_kind(owner, parts)
-    if is_routed_expert(".".join(parts)):
-        kind = f"expert.{kind}"
+    if ROUTER in parts[:-1] or (owner == "wg" and len(parts) > 2 and parts[-3] == "gate"):
+        kind = "router"  # DBRX / JetMoE router.layer, Switch / NLLB-MoE router.classifier, Hunyuan gate.wg
+    elif is_routed_expert(".".join(parts)):
+        kind = f"expert.{_EXPERT_KINDS.get(kind, kind)}"
     elif any(p in _SHARED_EXPERTS for p in parts[:-2]):
-        kind = f"shared_expert.{kind}"
+        kind = f"shared_expert.{_EXPERT_KINDS.get(kind, kind)}"
     elif owner == "shared_expert_gate":  # Qwen2-MoE: sigmoid gate of the shared expert's output
         kind = "shared_expert.router"
     return f"{kind}.bias" if leaf == "bias" else kind
@@ -176,7 +232,7 @@ def _module_kind(owner: str, parts: list[str]) -> str:
         return "patch_embed"
     # GPT-2 uses c_proj for both attention output and MLP down projection: the parent decides.
     if owner in {"c_proj", "dense", "out_proj", "proj"}:
-        if parent in _ATTENTION_PARENTS:
+        if parent in ATTENTION_PARENTS:
             return "o"
         if parent in _MLP_PARENTS:
             return "down"

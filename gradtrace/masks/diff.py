@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from gradtrace.anatomy.experts import expert_layout
+from gradtrace.anatomy.experts import ExpertLayout, config_expert_counts, expert_layout
 from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, by_tower, total
 from gradtrace.formats.bitpack import pack_bits
 from gradtrace.formats.dtypes import INT_VIEW, TORCH_NAME
@@ -390,6 +390,7 @@ class DiffResult:
     seconds: float = 0.0  # wall time of this run
     per_slice: dict[str, list[dict[str, int]]] = field(default_factory=dict)  # fused expert tensors, per expert
     listed_experts: dict[str, int] = field(default_factory=dict)  # per-expert module lists: name -> expert
+    experts: ExpertLayout = field(default_factory=ExpertLayout)  # the checkpoint's anatomy: groups and kinds
 
     @property
     def tolerances(self) -> list[Criterion]:
@@ -410,9 +411,9 @@ class DiffResult:
         (``"expert"``: ``"<layer>/<expert>"`` of MoE checkpoints, empty for dense ones)."""
         return {"global": {"all": total(self.per_tensor)},
                 "layer": by_layer(self.per_tensor),
-                "kind": by_kind(self.per_tensor),
+                "kind": by_kind(self.per_tensor, self.experts.kind),
                 "tower": by_tower(self.per_tensor),
-                "expert": by_expert(self.per_tensor, self.per_slice, self.listed_experts),
+                "expert": by_expert(self.per_tensor, self.per_slice, self.listed_experts, self.experts.groups),
                 "matrix": dict(self.per_tensor)}
 
     @property
@@ -454,6 +455,8 @@ class DiffResult:
             for k, v in groups["matrix"].items()}
         result["skipped"] = self.skipped
         result["notes"] = self.notes
+        if self.experts.warnings:  # an unrecognised MoE layout, apart from the notes: views show it
+            result["anatomy_warnings"] = list(self.experts.warnings)
         return result
 
     def to_json(self) -> str:
@@ -522,9 +525,10 @@ def diff_checkpoints(
                         backoff=backoff, timeout=timeout) as pair:
         notes = list(pair.notes)
         identities = [s.identity for s in pair.sources]
-        experts = expert_layout({spec.name: spec.shape for spec in pair.specs if spec.is_float})
-        if experts.note:
-            notes.append(experts.note)
+        # read like a live run: the tensors' shapes and the config's expert count name every tensor alike
+        declared = tuple(sorted({n for s in pair.sources for n in config_expert_counts(s.config())}))
+        experts = expert_layout({spec.name: spec.shape for spec in pair.specs if spec.is_float}, declared)
+        notes.extend(experts.warnings)
         state = None
         done: dict[str, tuple[dict[str, int], dict[str, PackedMask]]] = {}
         if resume is not None:
@@ -571,7 +575,8 @@ def diff_checkpoints(
     if skipped:
         notes.append(f"skipped {len(skipped)} non-float tensors (e.g. {skipped[0]['name']!r}, {skipped[0]['dtype']})")
     result = DiffResult(str(base), str(tuned), criteria, per_tensor, specs, skipped, notes, per_slice=per_slice,
-                        listed_experts=experts.listed, bytes_read=bytes_read, seconds=time.perf_counter() - started)
+                        listed_experts=experts.listed, experts=experts, bytes_read=bytes_read,
+                        seconds=time.perf_counter() - started)
     if masks_out is not None:
         if not masks:
             raise CheckpointDiffError(f"{base} vs {tuned}: no floating-point tensors to write masks for")

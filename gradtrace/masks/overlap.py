@@ -169,15 +169,15 @@ def pair_slice_counts(a: Mapping[str, PackedMask], b: Mapping[str, PackedMask],
 
 def _grouped(per_param: Mapping[str, Mapping[str, int]], a: Mapping[str, PackedMask] | None = None,
              b: Mapping[str, PackedMask] | None = None) -> dict[str, Any]:
+    layout = expert_layout({name: mask.shape for name, mask in a.items()}) if a is not None else ExpertLayout()
     out = {
         "global": overlap_stats(total(per_param)),
         "per_layer": {k: overlap_stats(v) for k, v in by_layer(per_param).items()},
-        "per_kind": {k: overlap_stats(v) for k, v in by_kind(per_param).items()},
+        "per_kind": {k: overlap_stats(v) for k, v in by_kind(per_param, layout.kind).items()},
         "per_tower": {k: overlap_stats(v) for k, v in by_tower(per_param).items()},
     }
     if a is not None and b is not None:
-        layout = expert_layout({name: mask.shape for name, mask in a.items()})
-        experts = by_expert(per_param, pair_slice_counts(a, b, layout), layout.listed)
+        experts = by_expert(per_param, pair_slice_counts(a, b, layout), layout.listed, layout.groups)
         if experts:
             out["per_expert"] = {k: overlap_stats(v) for k, v in experts.items()}
     return out

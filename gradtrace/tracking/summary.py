@@ -113,7 +113,8 @@ def summarize(measurement: Measurement, *, step: int | None = None,
     if cfg.ever_changed:
         global_["last_step_changed_fraction"] = counters["last_step_changed"] / numel if steps else 0.0
         global_["mean_step_changed_fraction"] = counters["changed_elements_total"] / (numel * steps) if steps else 0.0
-    per_expert = by_expert(per_param, per_slice, measurement.experts.listed)
+    layout = measurement.experts
+    per_expert = by_expert(per_param, per_slice, layout.listed, layout.groups)
     global_.update(expert_headline(per_expert))
     bins = len(measurement.cancellation_histogram)
     summary = {
@@ -121,7 +122,7 @@ def summarize(measurement: Measurement, *, step: int | None = None,
         "optimizer_steps": steps,
         "global": global_,
         "per_layer": {str(layer): fractions(c, **tol) for layer, c in by_layer(per_param).items()},
-        "per_kind": {kind: fractions(c, **tol) for kind, c in by_kind(per_param).items()},
+        "per_kind": {kind: fractions(c, **tol) for kind, c in by_kind(per_param, layout.kind).items()},
         "per_matrix": {name: {**fractions(c, **tol), "numel": c["numel"]} for name, c in per_param.items()},
         "per_expert": {key: {**fractions(c, **tol), "numel": c["numel"]} for key, c in per_expert.items()},
         "cancellation_histogram": {
@@ -129,6 +130,8 @@ def summarize(measurement: Measurement, *, step: int | None = None,
             "counts": list(measurement.cancellation_histogram),
         },
     }
+    if layout.warnings:  # an unrecognised MoE layout: every view and tracker shows these
+        summary["anatomy_warnings"] = list(layout.warnings)
     if per_expert:
         summary["expert_extremes"] = expert_extremes(per_expert)
     else:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradtrace.anatomy.experts import ExpertLayout, expert_layout
+from gradtrace.anatomy.experts import ExpertLayout, config_expert_counts, expert_layout
 from gradtrace.anatomy.parameter_names import tracked_name
 from gradtrace.formats.masks_file import PackedMask
 from gradtrace.tracking import parameter_set, persistence, reshard, sharding
@@ -116,7 +116,8 @@ class GradTracker(Folding, Measuring):
         if whole is not None:
             shapes = {**{tracked_name(n): sharding.full_shape(p) for n, p in whole.named_parameters()},
                       **shapes}
-        self.experts: ExpertLayout = expert_layout(shapes).restricted_to(shapes.keys() & self.state.keys())
+        declared = config_expert_counts(getattr(whole if whole is not None else model, "config", None))
+        self.experts: ExpertLayout = expert_layout(shapes, declared).restricted_to(shapes.keys() & self.state.keys())
         self._expert_slices: dict[str, int] = {
             name: count for name, count in self.experts.fused.items() if self._placements[name].contiguous
         }

@@ -527,6 +527,16 @@ def _info_table_html(runs: Sequence[RunData]) -> str:
     return f'<table id="info"><tr>{head}</tr>\n' + "\n".join(rows) + "</table>"
 
 
+def anatomy_warnings_html(runs: Sequence[RunData]) -> str:
+    """Each run's ``anatomy_warnings`` (an unrecognised MoE layout) as a visible paragraph; ``""`` if none."""
+    out = []
+    for run in runs:
+        for warning in (run.final or {}).get("anatomy_warnings") or []:
+            out.append(f'<p style="color:#b00"><b>{html.escape(run.label)}: model anatomy:</b> '
+                       f"{html.escape(warning)}</p>")
+    return "".join(out)
+
+
 def _unique_labels(runs: list[RunData]) -> None:
     seen: dict[str, int] = {}
     for run in runs:
@@ -572,7 +582,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     sections.append('<p class="note">Fractions are of tracked elements. Update sparsity = share of elements '
                     "bitwise unchanged in their storage dtype (the _abs/_rel variants: within an absolute / "
                     "relative tolerance); gradient sparsity = share that never received a nonzero gradient.</p>")
-    sections.append("<h2>Runs</h2>" + _info_table_html(runs))
+    sections.append("<h2>Runs</h2>" + _info_table_html(runs) + anatomy_warnings_html(runs))
     sections.append("<h2>At the end</h2>" + _global_table_html(runs))
 
     sections.append("<h2>Over training</h2>" + image_html(add("curves.png", curves_figure(runs)), "curves"))

@@ -157,6 +157,9 @@ def render(follower: LogFollower, *, width: int = 100) -> Group:
     parts: list[Any] = [Panel(header, title="gradtrace watch", title_align="left")]
     if latest is None:
         return Group(*parts)
+    warnings = anatomy_warnings_panel(latest)
+    if warnings is not None:
+        parts.append(warnings)
     current = latest.get("global") or {}
     by_step = follower.history
     steps = sorted(by_step)
@@ -217,6 +220,15 @@ def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[st
         text.append(f"\n  layer {layer.rjust(width)}  ")
         text.append(cells, style="cyan")
     return text
+
+
+def anatomy_warnings_panel(summary: Mapping[str, Any]) -> Panel | None:
+    """The summary's ``anatomy_warnings`` (an unrecognised MoE layout: experts with no per-expert view),
+    in a red panel under the header; ``None`` when there are none."""
+    warnings = summary.get("anatomy_warnings") or []
+    if not warnings:
+        return None
+    return Panel(Text("\n".join(warnings), style="red"), title="model anatomy", title_align="left")
 
 
 def watch(run_dir: str | os.PathLike, *, once: bool = False, interval: float = 1.0,
