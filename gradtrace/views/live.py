@@ -113,11 +113,16 @@ class LayerStepHistory:
         return LayerStepImage(**vars(image), metric=metric, steps=tuple(steps))
 
 
-def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
-    """PNG per metric of the current layer x step heatmaps (empty when the model has no numbered layers)."""
+def layer_step_images(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, LayerStepImage]:
+    """The current layer x step heatmap per metric (empty when the model has no numbered layers)."""
     if not history.layers():
         return {}
-    return {metric: history.render(metric).png for metric in metrics}
+    return {metric: history.render(metric) for metric in metrics}
+
+
+def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
+    """PNG per metric of the current layer x step heatmaps (empty when the model has no numbered layers)."""
+    return {metric: image.png for metric, image in layer_step_images(history, metrics).items()}
 
 
 def layer_kind_image(summary: Mapping[str, Any], metric: str = "update_sparsity") -> GridImage:
