@@ -118,7 +118,7 @@ def draw_grid(values: Any, rows: Sequence[str], columns: Sequence[str], *, title
     for fraction in np.linspace(0.0, 1.0, 5):
         y = _TOP + (1.0 - fraction) * (height - 1)
         draw.line((bar_left + _BAR_W, y, bar_left + _BAR_W + 3, y), fill=INK)
-        write(image, (bar_left + _BAR_W + 6, y), percent(vmin + fraction * span), size=10, anchor="lm")
+        write(image, (bar_left + _BAR_W + 6, y), percent(vmin + fraction * (vmax - vmin)), size=10, anchor="lm")
     if annotate:
         for (row, column), value in np.ndenumerate(data):
             if math.isfinite(value):
