@@ -36,8 +36,9 @@ def test_pixels_change_exactly_where_a_layer_changed(metric):
     before, after = LayerStepHistory(), LayerStepHistory()
     for step in steps:
         before.add(summary(step, 64))
-        # same run, except layer 37's value at step 30 (absorbed: below the maximum, so the scale stays)
-        after.add(summary(step, 64, ("37", metric, 0.9 if metric == "update_sparsity" else 0.001)
+        # same run, except layer 37's value at step 30, inside the others' range (the colour scale is fit
+        # to the data, so it stays: 0.3..0.8, and 5% of that for absorbed)
+        after.add(summary(step, 64, ("37", metric, 0.55 if metric == "update_sparsity" else 0.02)
                           if step == 30 else None))
     image_before, image_after = before.render(metric), after.render(metric)
     changed = np.argwhere((pixels(image_before.png) != pixels(image_after.png)).any(axis=2))
@@ -49,7 +50,7 @@ def test_pixels_change_exactly_where_a_layer_changed(metric):
     assert xs.min() >= int(x0) - 1 and xs.max() <= int(x0 + cell_w) + 1
     assert ys.min() >= int(y0) - 1 and ys.max() <= int(y0 + cell_h) + 1
     # and every cell of the new image shows its own value (colours computed independently)
-    records = [summary(s, 64, ("37", metric, 0.9 if metric == "update_sparsity" else 0.001) if s == 30 else None)
+    records = [summary(s, 64, ("37", metric, 0.55 if metric == "update_sparsity" else 0.02) if s == 30 else None)
                for s in steps]
     assert_layer_step_image(pixels(image_after.png), records, metric)
 
@@ -91,3 +92,20 @@ def test_default_scalars_have_no_per_layer_series_and_one_render_serves_every_si
     first = charts.frame(record)
     assert charts.frame(record) is first  # a second sink gets the same frame, not a second render
     assert sorted(first.images) == sorted(f"gradtrace_layer_step/{m}" for m in LAYER_STEP_METRICS)  # no per_matrix: no layer x kind
+
+
+def test_the_colour_scale_fits_a_narrow_spread():
+    """Layers between 13.0% and 14.2% read as different colours, and the image says the range."""
+    history = LayerStepHistory()
+    values = {step: {str(i): 0.130 + 0.012 * ((i + step) % 4) / 3 for i in range(4)} for step in (1, 2)}
+    for step, per_layer in values.items():
+        history.add({"step": step, "per_layer": {layer: {"update_sparsity": v} for layer, v in per_layer.items()}})
+    image = history.render("update_sparsity")
+    everything = [v for per_layer in values.values() for v in per_layer.values()]
+    assert (image.vmin, image.vmax) == (min(everything), max(everything))
+    shown = pixels(image.png)
+    colours = {tuple(shown[y, x]) for layer in image.layers for step in image.steps
+               for x, y in [image.cell_center(layer, step)]}
+    assert len(colours) == 4  # the four distinct values, four colours (on 0..100% they were one)
+    assert_layer_step_image(shown, [{"step": s, "per_layer": {k: {"update_sparsity": v} for k, v in p.items()}}
+                                    for s, p in values.items()], "update_sparsity")

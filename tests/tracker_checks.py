@@ -17,8 +17,9 @@ from matplotlib import colormaps
 from gradtrace.views.live import LayerStepHistory
 
 
-def expected_rgb(value: float, vmax: float) -> np.ndarray:
-    return np.round(np.asarray(colormaps["viridis"](value / vmax)[:3]) * 255)
+def expected_rgb(value: float, vmax: float, vmin: float = 0.0) -> np.ndarray:
+    fraction = (value - vmin) / (vmax - vmin) if vmax > vmin else 0.0
+    return np.round(np.asarray(colormaps["viridis"](fraction)[:3]) * 255)
 
 
 def assert_layer_step_image(logged: np.ndarray, records: Sequence[dict[str, Any]], metric: str) -> None:
@@ -32,7 +33,9 @@ def assert_layer_step_image(logged: np.ndarray, records: Sequence[dict[str, Any]
     assert list(geometry.layers) == layers and list(geometry.steps) == [int(r["step"]) for r in records]
     values = [r["per_layer"][layer][metric] for r in records for layer in layers
               if r["per_layer"][layer].get(metric) is not None]
-    vmax = 1.0 if metric in ("update_sparsity", "gradient_sparsity") else (max(values) if max(values) > 0 else 1.0)
+    # the colour scale is fit to the data: its smallest to largest value, as the image says
+    vmin, vmax = min(values), max(values)
+    assert (geometry.vmin, geometry.vmax) == (vmin, vmax)
     for record in records:
         for layer in layers:
             value = record["per_layer"][layer].get(metric)
@@ -40,7 +43,7 @@ def assert_layer_step_image(logged: np.ndarray, records: Sequence[dict[str, Any]
                 continue
             x, y = geometry.cell_center(layer, int(record["step"]))
             got = logged[y, x, :3].astype(float)
-            assert np.abs(got - expected_rgb(value, vmax)).max() <= 2, (metric, record["step"], layer, value, got)
+            assert np.abs(got - expected_rgb(value, vmax, vmin)).max() <= 2, (metric, record["step"], layer, value, got)
 
 
 def png_shape(png: bytes) -> tuple[int, int]:

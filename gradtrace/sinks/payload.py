@@ -30,6 +30,10 @@ At the end, trackers with artifacts (W&B, trackio) get the same one, built by :f
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +140,36 @@ def masks_artifact(artifact_class: Any, name: str, run_dir: str | Path, metadata
     return artifact
 
 
+def file_stem(key: str) -> str:
+    """A chart key as a file name a person can read (``gradtrace_layer_step~update_sparsity``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", key.replace("/", "~"))
+
+
 @dataclass
 class Frame:
-    """Everything a tracker shows for one logging step; images are PNG bytes, by key."""
+    """Everything a tracker shows for one logging step; images are PNG bytes, by key, drawn once.
+
+    ``pixels`` holds the same images as RGB arrays and :meth:`png_file` as files, so each tracker takes
+    the form it stores without decoding or encoding them again (a PNG encode per tracker and image cost
+    more than drawing it).
+    """
 
     step: int
     scalars: dict[str, float]
     images: dict[str, bytes] = field(default_factory=dict)
     histogram: tuple[list[int], list[float]] | None = None
+    pixels: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # where png_file writes; one folder per frame
+
+    def png_file(self, key: str) -> Path:
+        """The PNG of ``key`` as a file, written at the first ask (the trackers that take a path copy it)."""
+        if self.folder is None:
+            raise ValueError("this frame has no folder for image files (made outside LiveCharts)")
+        path = self.folder / f"{file_stem(key)}+step+{self.step}.png"
+        if not path.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.images[key])
+        return path
 
 
 class LiveCharts:
@@ -174,6 +200,18 @@ class LiveCharts:
             raise ValueError(f"layer_step_metrics: unknown metric(s) {unknown}; choose from {BREAKDOWN_METRICS}")
         self.history = LayerStepHistory()
         self._last: tuple[int, int, Frame] | None = None  # (id(summary), step, frame): one render per step
+        self._files: Path | None = None  # image files of the current and previous frame (trackers copy them)
+
+    def _frame_folder(self, step: int) -> Path:
+        """A fresh folder for this frame's image files; the frame before the previous one's is removed."""
+        if self._files is None:
+            self._files = Path(tempfile.mkdtemp(prefix="gradtrace-frames-"))
+            weakref.finalize(self, shutil.rmtree, self._files, True)
+        if self._last is not None and self._last[2].folder is not None:
+            for old in self._files.iterdir():
+                if old != self._last[2].folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        return self._files / f"{step}-{id(object())}"
 
     def frame(self, summary: Mapping[str, Any]) -> Frame:
         """The frame of ``summary`` (rendered once per summary, however many sinks ask)."""
@@ -185,16 +223,19 @@ class LiveCharts:
                       scalars=scalar_payload(summary, per_layer_curves=self.per_layer_curves,
                                              kind_metrics=self.kind_metrics))
         if self.heatmaps:
-            from gradtrace.views.live import expert_image, layer_kind_image, layer_step_pngs
+            from gradtrace.views.live import expert_image, layer_kind_image, layer_step_images
 
-            for metric, png in layer_step_pngs(self.history, self.layer_step_metrics).items():
-                frame.images[f"{LAYER_STEP_SECTION}/{metric}"] = png
+            drawn = {f"{LAYER_STEP_SECTION}/{metric}": image
+                     for metric, image in layer_step_images(self.history, self.layer_step_metrics).items()}
             if summary.get("per_matrix"):
                 for metric in HEATMAP_METRICS:
-                    frame.images[f"{HEATMAP_SECTION}/{metric}"] = layer_kind_image(summary, metric).png
+                    drawn[f"{HEATMAP_SECTION}/{metric}"] = layer_kind_image(summary, metric)
             if summary.get("per_expert"):  # MoE models: layer x expert, one image per metric
                 for metric in HEATMAP_METRICS:
-                    frame.images[f"{HEATMAP_SECTION}/expert_{metric}"] = expert_image(summary, metric).png
+                    drawn[f"{HEATMAP_SECTION}/expert_{metric}"] = expert_image(summary, metric)
+            frame.images = {key: image.png for key, image in drawn.items()}
+            frame.pixels = {key: image.pixels for key, image in drawn.items()}
+            frame.folder = self._frame_folder(step)
         self._last = (id(summary), step, frame)
         return frame
 

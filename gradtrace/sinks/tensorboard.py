@@ -9,7 +9,6 @@ per-matrix table as text (TEXT). TensorBoard has no artifacts: the masks file st
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,15 @@ def trainer_log_dir(output_dir: str | os.PathLike) -> str:
     if candidates:
         return str(max(candidates, key=lambda d: d.stat().st_mtime))
     return str(runs / "gradtrace")
+
+
+def png_summary(tag: str, png: bytes, height: int, width: int) -> Any:
+    """An image event holding ``png`` as it is: ``SummaryWriter.add_image`` takes pixels and encodes them
+    again (slowly, at PIL's default compression), while the event stores PNG bytes anyway."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
 class TensorBoardSink:
@@ -63,15 +71,14 @@ class TensorBoardSink:
 
     def log(self, summary: dict[str, Any], step: int) -> None:
         import numpy as np
-        from PIL import Image
 
         writer = self._open()
         frame = self.charts.frame(summary)
         for key, value in frame.scalars.items():
             writer.add_scalar(key, value, step)
         for key, png in frame.images.items():
-            pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-            writer.add_image(key, pixels, step, dataformats="HWC")
+            height, width = frame.pixels[key].shape[:2]
+            writer._get_file_writer().add_summary(png_summary(key, png, height, width), step)  # noqa: SLF001
         if frame.histogram is not None:
             counts, edges = frame.histogram
             # add_histogram_raw wants bucket right edges and min/max/sum/sum of squares of the values;

@@ -17,7 +17,6 @@ the sink then resumes that run by project and name (``resume="must"``), logs the
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,13 +59,12 @@ class TrackioSink:
         if run is None:
             return
         import trackio
-        from PIL import Image
 
         self._seen = (run.project, run.name)
         frame = self.charts.frame(summary)
         payload: dict[str, Any] = dict(frame.scalars)
-        for key, png in frame.images.items():
-            payload[key] = trackio.Image(Image.open(io.BytesIO(png)).convert("RGB"), caption=f"step {step}")
+        for key in frame.images:  # from the frame's PNG file: trackio copies it (from pixels it would encode again)
+            payload[key] = trackio.Image(str(frame.png_file(key)), caption=f"step {step}")
         if frame.histogram is not None:
             import numpy as np
 

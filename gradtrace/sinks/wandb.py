@@ -14,7 +14,6 @@ raises the session switches the sink off with one warning.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -99,13 +98,12 @@ class WandbSink:
             return
         import numpy as np
         import wandb
-        from PIL import Image
 
         self._define_metrics(run)
         frame = self.charts.frame(summary)
         payload: dict[str, Any] = dict(frame.scalars)
-        for key, png in frame.images.items():
-            payload[key] = wandb.Image(Image.open(io.BytesIO(png)), caption=f"step {frame.step}")
+        for key in frame.images:  # from the frame's PNG file: W&B copies it (from pixels it would encode again)
+            payload[key] = wandb.Image(str(frame.png_file(key)), caption=f"step {frame.step}")
         if frame.histogram is not None:
             counts, edges = frame.histogram
             payload[HISTOGRAM_KEY] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))

@@ -21,14 +21,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gradtrace.views.raster import GridImage, draw_grid, grid_image
+from gradtrace.views.raster import GridImage, draw_grid, grid_image, percent
 from gradtrace.views.report import evolution_steps, expert_grid, layer_kind_grid
 
-# Metrics that are fractions of all elements and read on a fixed 0..1 scale; the others (cancelled,
-# absorbed, changed without gradient: usually a few %) are scaled to their largest value so far.
-FIXED_SCALE = ("gradient_sparsity", "update_sparsity")
 MAX_COLUMNS = 120  # past this many logging steps, columns are spread evenly over the run (first and last kept)
 _PANEL_W, _ROW_PX, _MIN_PANEL_H, _MAX_PANEL_H = 600, 14, 160, 900  # pixels
+
+
+def colour_range(data: Any) -> tuple[float, float]:
+    """The colour scale of a layer x step image: its data's smallest to largest finite value.
+
+    A fixed 0..100% scale drew a run whose layers all sit between 13.0% and 14.2% as one flat colour; fit
+    to the data, the differences between layers and steps show, and the title and colour bar print the
+    range. All equal (or nothing finite): the scale is that value (or 0) to itself, drawn in the bottom colour.
+    """
+    import numpy as np
+
+    finite = np.asarray(data, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 0.0
+    return float(finite.min()), float(finite.max())
 
 
 def _layer_sort_key(layer: str) -> tuple[int, int | str]:
@@ -101,23 +114,25 @@ class LayerStepHistory:
         at = {step: index for index, step in enumerate(self.steps)}
         data = np.array([[self._values[at[step]].get(layer, {}).get(metric, math.nan) for step in steps]
                          for layer in layers], dtype=float)  # NaN, inf: drawn blank
-        finite = data[np.isfinite(data)]
-        vmin, vmax = 0.0, 1.0
-        if metric not in FIXED_SCALE:
-            vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-
+        vmin, vmax = colour_range(data)
         name = metric.replace("_", " ")
         image = draw_grid(data, layers, [str(s) for s in steps], vmin=vmin, vmax=vmax, column_label="step",
-                          title=title or f"{name} per layer, steps {steps[0]} to {steps[-1]}", width=_PANEL_W,
+                          title=title or f"{name} per layer, steps {steps[0]} to {steps[-1]} "
+                                         f"(colour: {percent(vmin)} to {percent(vmax)})", width=_PANEL_W,
                           height=min(max(_MIN_PANEL_H, _ROW_PX * len(layers)), _MAX_PANEL_H))
         return LayerStepImage(**vars(image), metric=metric, steps=tuple(steps))
 
 
-def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
-    """PNG per metric of the current layer x step heatmaps (empty when the model has no numbered layers)."""
+def layer_step_images(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, LayerStepImage]:
+    """The current layer x step heatmap per metric (empty when the model has no numbered layers)."""
     if not history.layers():
         return {}
-    return {metric: history.render(metric).png for metric in metrics}
+    return {metric: history.render(metric) for metric in metrics}
+
+
+def layer_step_pngs(history: LayerStepHistory, metrics: Sequence[str]) -> dict[str, bytes]:
+    """PNG per metric of the current layer x step heatmaps (empty when the model has no numbered layers)."""
+    return {metric: image.png for metric, image in layer_step_images(history, metrics).items()}
 
 
 def layer_kind_image(summary: Mapping[str, Any], metric: str = "update_sparsity") -> GridImage:

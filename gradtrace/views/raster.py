@@ -12,10 +12,11 @@ report keeps matplotlib, where its layout matters more than its speed.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 CMAP = "viridis"
@@ -36,6 +37,9 @@ class GridImage:
     box: tuple[float, float, float, float]  # cell area: left, top, right, bottom
     vmin: float
     vmax: float
+    # The same picture as an (height, width, 3) uint8 array: trackers that take pixels get them without
+    # decoding the PNG again (one decode per tracker and image was a third of a logging step's cost).
+    pixels: Any = field(repr=False, compare=False)
 
     def cell_box(self, row: int, column: int) -> tuple[float, float, float, float]:
         """Pixel box (left, top, right, bottom) of the cell at ``row``, ``column`` (indices)."""
@@ -44,7 +48,9 @@ class GridImage:
         return left + column * width, top + row * height, left + (column + 1) * width, top + (row + 1) * height
 
 
+@functools.lru_cache(maxsize=8)
 def font(size: int) -> Any:
+    """Pillow's font at ``size`` (loaded once: loading it took a millisecond per label)."""
     from PIL import ImageFont
 
     try:
@@ -71,7 +77,7 @@ def draw_grid(values: Any, rows: Sequence[str], columns: Sequence[str], *, title
     from PIL import Image, ImageDraw
 
     data = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
-    small, label_font = font(10), font(11)
+    small = font(10)
     row_labels_w = max((small.getlength(r) for r in rows), default=0)
     left = int(max(45, row_labels_w + 14))
     column_labels_h = (max((small.getlength(c) for c in columns), default=0) + 8) if vertical_columns else 16
@@ -93,48 +99,72 @@ def draw_grid(values: Any, rows: Sequence[str], columns: Sequence[str], *, title
     draw = ImageDraw.Draw(image)
     draw.rectangle((left - 1, _TOP - 1, left + width, _TOP + height), outline=INK)
     draw.rectangle((bar_left - 1, _TOP - 1, bar_left + _BAR_W, _TOP + height), outline=INK)
-    draw.text((left + width / 2, _TOP / 2), title, fill=INK, font=font(12), anchor="mm")
+    write(image, (left + width / 2, _TOP / 2), title, size=12, anchor="mm")
     cell_w, cell_h = width / len(columns), height / len(rows)
     every = max(1, math.ceil(len(rows) / _MAX_ROW_LABELS))
     for row in range(0, len(rows), every):
-        draw.text((left - 5, _TOP + (row + 0.5) * cell_h), rows[row], fill=INK, font=small, anchor="rm")
-    draw.text((left - 5, _TOP - 4), row_label, fill=INK, font=label_font, anchor="rb")
+        write(image, (left - 5, _TOP + (row + 0.5) * cell_h), rows[row], size=10, anchor="rm")
+    write(image, (left - 5, _TOP - 4), row_label, size=11, anchor="rb")
     every = 1 if vertical_columns else max(1, math.ceil(len(columns) / _MAX_COLUMN_LABELS))
     for column in range(0, len(columns), every):
         x = left + (column + 0.5) * cell_w
         draw.line((x, _TOP + height, x, _TOP + height + 3), fill=INK)
         if vertical_columns:
-            _vertical_text(image, columns[column], (x, _TOP + height + 5), small)
+            _vertical_text(image, columns[column], (x, _TOP + height + 5), 10)
         else:
-            draw.text((x, _TOP + height + 5), columns[column], fill=INK, font=small, anchor="mt")
+            write(image, (x, _TOP + height + 5), columns[column], size=10, anchor="mt")
     if column_label:
-        draw.text((left + width / 2, image.height - 6), column_label, fill=INK, font=label_font, anchor="mb")
+        write(image, (left + width / 2, image.height - 6), column_label, size=11, anchor="mb")
     for fraction in np.linspace(0.0, 1.0, 5):
         y = _TOP + (1.0 - fraction) * (height - 1)
         draw.line((bar_left + _BAR_W, y, bar_left + _BAR_W + 3, y), fill=INK)
-        draw.text((bar_left + _BAR_W + 6, y), percent(vmin + fraction * span), fill=INK, font=small, anchor="lm")
+        write(image, (bar_left + _BAR_W + 6, y), percent(vmin + fraction * (vmax - vmin)), size=10, anchor="lm")
     if annotate:
         for (row, column), value in np.ndenumerate(data):
             if math.isfinite(value):
                 red, green, blue = (int(c) for c in cells[row, column])
                 light = 0.299 * red + 0.587 * green + 0.114 * blue > 127  # dark text on light cells
-                draw.text((left + (column + 0.5) * cell_w, _TOP + (row + 0.5) * cell_h), f"{100 * value:.0f}",
-                          fill=(0, 0, 0) if light else (255, 255, 255), font=small, anchor="mm")
+                write(image, (left + (column + 0.5) * cell_w, _TOP + (row + 0.5) * cell_h), f"{100 * value:.0f}",
+                      size=10, anchor="mm", fill=(0, 0, 0) if light else (255, 255, 255))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # fast: these images are re-sent at every logging step
+    pixels = np.asarray(image)
+    pixels.flags.writeable = False  # shared by every tracker of the step
     return GridImage(png=buffer.getvalue(), rows=tuple(rows), columns=tuple(columns),
-                     box=(float(left), float(_TOP), float(left + width), float(_TOP + height)), vmin=vmin, vmax=vmax)
+                     box=(float(left), float(_TOP), float(left + width), float(_TOP + height)), vmin=vmin, vmax=vmax,
+                     pixels=pixels)
 
 
-def _vertical_text(image: Any, text: str, top_center: tuple[float, float], text_font: Any) -> None:
-    """Write ``text`` rotated to read top to bottom, centred on ``top_center``'s x, starting at its y."""
+@functools.lru_cache(maxsize=4096)
+def _text_mask(text: str, size: int, anchor: str, vertical: bool) -> tuple[Any, int, int]:
+    """``text`` rendered once as a coverage mask, and its offset from the anchor point.
+
+    The labels (layers, kinds, steps, the values written in cells) repeat from one logging step to the
+    next; rendering each through FreeType again was most of a heatmap's drawing time.
+    """
     from PIL import Image, ImageDraw
 
-    length = int(text_font.getlength(text)) + 2
-    label = Image.new("RGB", (length, 14), (255, 255, 255))
-    ImageDraw.Draw(label).text((0, 7), text, fill=INK, font=text_font, anchor="lm")
-    label = label.rotate(-90, expand=True)
-    image.paste(label, (int(top_center[0] - label.width / 2), int(top_center[1])))
+    text_font = font(size)
+    left, top, right, bottom = text_font.getbbox(text, anchor=anchor)
+    mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=text_font, anchor=anchor)
+    if vertical:  # read top to bottom, hanging from the anchor point
+        mask = mask.rotate(-90, expand=True)
+        return mask, -mask.width // 2, 0
+    return mask, left, top
+
+
+def write(image: Any, xy: tuple[float, float], text: str, *, size: int, anchor: str = "la",
+          fill: tuple[int, int, int] = INK) -> None:
+    """Write ``text`` at ``xy`` (Pillow's ``anchor``) in ``fill``, from the cached mask."""
+    mask, left, top = _text_mask(text, size, anchor, False)
+    image.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
+
+
+def _vertical_text(image: Any, text: str, top_center: tuple[float, float], size: int) -> None:
+    """Write ``text`` rotated to read top to bottom, centred on ``top_center``'s x, starting at its y."""
+    mask, left, top = _text_mask(text, size, "lm", True)
+    image.paste(INK, (round(top_center[0]) + left, round(top_center[1]) + top), mask)
 
 
 def grid_image(grid: Any, *, title: str, column_label: str, vertical_columns: bool = False) -> GridImage:
