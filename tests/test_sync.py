@@ -147,3 +147,27 @@ def test_patch_encodings_decode_to_the_same_changes():
         patch.encode("dense")
     with pytest.raises(KeyError, match="'b'"):
         Patch(patch.tensors).apply({"a": engine["a"]})
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_per_step_and_window_match_the_gathered_weights(tmp_path, mode):
+    """2 gloo processes: per-step and window fractions (summed over FSDP2's shards) equal those of the
+    full weights gathered and cast to bf16 after every step."""
+    from tests.test_distributed import launch
+
+    launch("loop_sync.py", mode, str(tmp_path / mode), processes=2, cwd=tmp_path)
+    weights = torch.load(tmp_path / mode / "weights.pt")
+    saved = json.loads((tmp_path / mode / "sections.json").read_text())
+    assert saved["sharded"] == (mode == "fsdp2")
+    numel = sum(t.numel() for t in weights[0].values())
+    every = saved["sections"][0]["sync_every"]
+    for step, section in enumerate(saved["sections"], start=1):
+        masks = {n: changed(weights[step - 1][n], weights[step][n]) for n in weights[step]}
+        assert_sync_section(section, "step_changed", masks)
+        window_end = step - step % every
+        if window_end:
+            window = {n: changed(weights[window_end - every][n], weights[window_end][n]) for n in weights[0]}
+            assert_sync_section(section, "window_changed", window)
+        assert section["step_bytes"]["dense"] == 2 * numel  # the shards' bytes add up to the whole
+        assert section["step_bytes"]["indices_values"] == sum(int(m.sum()) for m in masks.values()) * (4 + 2)
