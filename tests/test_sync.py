@@ -171,3 +171,40 @@ def test_distributed_per_step_and_window_match_the_gathered_weights(tmp_path, mo
             assert_sync_section(section, "window_changed", window)
         assert section["step_bytes"]["dense"] == 2 * numel  # the shards' bytes add up to the whole
         assert section["step_bytes"]["indices_values"] == sum(int(m.sum()) for m in masks.values()) * (4 + 2)
+
+
+def test_per_expert_fractions_of_a_fused_moe(tmp_path):
+    """Qwen3-MoE's fused expert tensors: each routed expert's per-step changed fraction is that of its
+    slice along dim 0 (plus nothing else: its tensors are fused), as counted from the cast weights."""
+    import gradtrace
+    from gradtrace.anatomy.naming import layer_key
+    from tests.moe_models import VOCAB, qwen3_moe
+
+    torch.manual_seed(0)
+    model = qwen3_moe()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracer = gradtrace.trace(model, optimizer, tmp_path, log_every=1, wandb=False, strict=True,
+                             sync_dtype="bfloat16")
+    params = dict(tracer.tracker.named_parameters())
+    before = {n: p.detach().to(torch.bfloat16).clone() for n, p in params.items()}
+    batch = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        after = {n: p.detach().to(torch.bfloat16).clone() for n, p in params.items()}
+        expected: dict[str, list[int]] = {}
+        for name, tensor in after.items():
+            if ".experts." in name and tensor.shape[0] == 8:
+                rows = changed(before[name], tensor).reshape(8, -1)
+                for expert in range(8):
+                    entry = expected.setdefault(f"{layer_key(name)}/{expert}", [0, 0])
+                    entry[0] += int(rows[expert].sum())
+                    entry[1] += rows.shape[1]
+        section = tracer.session.last_summary["sync"]
+        assert {k: v["step_changed"] for k, v in section["per_expert"].items()} == \
+            {k: c / n for k, (c, n) in expected.items()}
+        fractions = [c / n for c, n in expected.values()]
+        assert min(fractions) < max(fractions)  # top-1 routing: some experts got no token, others did
+        before = after
+    tracer.finish()
