@@ -97,7 +97,7 @@ def test_fp32_weights_bf16_autocast_per_step_and_window_in_bf16(base_path, tmp_p
     section = summary["sync"]
     assert section["dtype"] == "bfloat16" and section["sync_every"] == EVERY
     numel = sum(p.numel() for p in check.params.values())
-    assert section["host_bytes"] == 2 * 2 * numel  # previous + last sync, 2 B each
+    assert section["host_bytes"] == 3 * 2 * numel  # after and before the step, and the last sync: 2 B each
     assert section["step_best_encoding"] == min(section["step_bytes"], key=section["step_bytes"].get)
     assert section["step_bytes"]["dense"] == 2 * numel
     # cumulative and per-step kept apart: the cumulative update_sparsity is its own number
@@ -108,7 +108,7 @@ def test_bf16_weights_storage_dtype(base_path, tmp_path):
     callback, check = _run(base_path, tmp_path, dtype=torch.bfloat16, sync_dtype="storage", bf16_autocast=False)
     assert check.checked_steps == STEPS
     assert callback.summary["sync"]["dtype"] == "storage"
-    assert callback.summary["sync"]["host_bytes"] == 2 * 2 * sum(p.numel() for p in check.params.values())
+    assert callback.summary["sync"]["host_bytes"] == 3 * 2 * sum(p.numel() for p in check.params.values())
 
 
 def test_off_by_default_and_bad_arguments_are_clear(base_path, tmp_path):

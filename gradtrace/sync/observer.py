@@ -2,8 +2,9 @@
 
 After every optimizer step :meth:`SyncObserver.observe` casts each tracked parameter to the sync dtype
 (``bfloat16``: the cast the engine receives; ``None``: as stored), copies it to the host, and compares it
-bitwise with the previous step's copy (:func:`~gradtrace.sync.patch.diff_tensor`). The previous values are
-kept on the host in the sync dtype: ``numel x itemsize`` bytes (2 B per parameter in bf16), twice that
+bitwise with the previous step's copy. The previous values are
+kept on the host in the sync dtype, in two buffers that take turns (after / before the latest step, so its
+patch can be built on demand): ``2 x numel x itemsize`` bytes (4 B per parameter in bf16), three copies
 with ``sync_every > 1`` (the values at the last sync as well); :attr:`SyncObserver.host_bytes` says how
 many. Off unless asked for (``sync_dtype=``).
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from gradtrace.anatomy.experts import expert_layout
 from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, total
-from gradtrace.sync.patch import ENCODINGS, SPARSE_ENCODINGS, Patch, cast, diff_tensor, sync_dtype
+from gradtrace.sync.patch import ENCODINGS, SPARSE_ENCODINGS, Patch, diff_tensor, raw_bits, sync_dtype
 
 _NAMED_FIELDS = ("numel", "step_changed", "window_changed")
 
@@ -41,6 +42,11 @@ class SyncObserver:
 
     ``dtype``: ``"bfloat16"`` (or any floating dtype) or ``"storage"`` / ``None``; ``every``: the sync
     interval in optimizer steps (the window of ``window_changed``).
+
+    Per step it only copies each parameter into a host buffer in the sync dtype (no allocation: two
+    buffers take turns) and counts the changed elements chunk by chunk; the patch itself (indices and
+    values) is built when asked for (:attr:`patch`, and the byte counts at logging steps). The window's
+    patch is built at each sync step.
     """
 
     def __init__(self, named: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype | str | None = "bfloat16",
@@ -54,12 +60,19 @@ class SyncObserver:
         layout = expert_layout({name: tuple(p.shape) for name, p in self.named})
         self.fused = {} if self.sharded else dict(layout.fused)  # a shard holds no whole expert slices
         self.listed = dict(layout.listed)
-        self.previous = {name: self._host_copy(p) for name, p in self.named}
-        self.synced = {name: t.clone() for name, t in self.previous.items()} if every > 1 else self.previous
+        self.previous = self._buffers()  # the values after the latest step
+        self._snapshot_into(self.previous)
+        self._before = self._buffers()  # the values before it (the other buffer of the pair)
+        self.synced = self._buffers() if every > 1 else None  # the values at the last sync
+        if self.synced is not None:
+            for name, buffer in self.synced.items():
+                buffer.copy_(self.previous[name])
         self.steps = 0
         self.window_end_step = 0
-        self.patch: Patch | None = None  # the latest step's patch
-        self.window_patch: Patch | None = None  # the latest window's (every k steps)
+        self.step_counts: dict[str, np.ndarray] = {}  # name -> changed elements per slice (1 slice if not fused)
+        self.window_counts: dict[str, np.ndarray] = {}
+        self._patch: Patch | None = None
+        self._window_patch: Patch | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -67,30 +80,56 @@ class SyncObserver:
 
     @property
     def host_bytes(self) -> int:
-        """Bytes of host memory this observer keeps (previous values, and the last sync's)."""
-        copies = 2 if self.every > 1 else 1
+        """Bytes of host memory this observer keeps: the values after and before the latest step, and
+        with ``every > 1`` those at the last sync (2 or 3 x numel x the sync dtype's itemsize)."""
+        copies = 3 if self.every > 1 else 2
         return copies * sum(t.numel() * t.element_size() for t in self.previous.values())
 
-    def _host_copy(self, param: torch.Tensor) -> torch.Tensor:
-        value = cast(_local(param), self.dtype)
-        # The stored dtype on the host would alias the parameter itself: take a copy.
-        return value.to("cpu", copy=True) if value.data_ptr() == _local(param).data_ptr() else value.cpu()
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {name: torch.empty(tuple(_local(p).shape), dtype=self.dtype or p.dtype, device="cpu")
+                for name, p in self.named}
+
+    def _snapshot_into(self, buffers: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.named:
+                buffers[name].copy_(_local(p).detach())  # the cast (and device-to-host copy) in one
+
+    def _count(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = {}
+        for name in after:
+            slices = self.fused.get(name, 1)
+            out[name] = count_changed(before[name], after[name], slices)
+        return out
 
     def observe(self) -> None:
-        """After an optimizer step: what it changed, and at every ``every``-th step what the window did."""
-        current = {name: self._host_copy(p) for name, p in self.named}
-        self.patch = Patch({name: diff_tensor(self.previous[name], current[name]) for name in sorted(current)})
+        """After an optimizer step: count what it changed, and at every ``every``-th step what the window did."""
+        self._before, self.previous = self.previous, self._before
+        self._snapshot_into(self.previous)
+        self.step_counts = self._count(self._before, self.previous)
+        self._patch = None
         self.steps += 1
-        if self.every == 1:
-            self.previous = self.synced = current
-            self.window_patch, self.window_end_step = self.patch, self.steps
-            return
-        self.previous = current
-        if self.steps % self.every == 0:
-            self.window_patch = Patch({name: diff_tensor(self.synced[name], current[name])
-                                       for name in sorted(current)})
-            self.synced = {name: t.clone() for name, t in current.items()}
+        if self.synced is None:
+            self.window_counts, self.window_end_step = self.step_counts, self.steps
+        elif self.steps % self.every == 0:
+            self.window_counts = self._count(self.synced, self.previous)
+            self._window_patch = Patch({name: diff_tensor(self.synced[name], self.previous[name])
+                                        for name in sorted(self.previous)})
+            for name, buffer in self.synced.items():
+                buffer.copy_(self.previous[name])
             self.window_end_step = self.steps
+
+    @property
+    def patch(self) -> Patch | None:
+        """The latest step's patch (``None`` before the first step), built on first use."""
+        if self._patch is None and self.steps:
+            self._patch = Patch({name: diff_tensor(self._before[name], self.previous[name])
+                                 for name in sorted(self.previous)})
+        return self._patch
+
+    @property
+    def window_patch(self) -> Patch | None:
+        """The latest complete window's patch (the last ``every`` steps up to ``window_end_step``)."""
+        return self.patch if self.synced is None else self._window_patch
 
     # ------------------------------------------------------------------ numbers
     def _counts(self) -> tuple[dict[str, dict[str, int]], dict[str, list[dict[str, int]]]]:
@@ -98,20 +137,16 @@ class SyncObserver:
         per_param, per_slice = {}, {}
         for name, _ in self.named:
             numel = self.previous[name].numel()
-            step = self.patch.tensors[name] if self.patch else None
-            window = self.window_patch.tensors[name] if self.window_patch else None
-            per_param[name] = {"numel": numel, "step_changed": step.changed if step else 0,
-                               "window_changed": window.changed if window else 0}
+            step = self.step_counts.get(name)
+            window = self.window_counts.get(name)
+            per_param[name] = {"numel": numel, "step_changed": int(step.sum()) if step is not None else 0,
+                               "window_changed": int(window.sum()) if window is not None else 0}
             if name in self.fused:
                 experts = self.fused[name]
-                width = numel // experts
-                rows = np.zeros((experts, 3), dtype=np.int64)
-                rows[:, 0] = width
-                for column, part in ((1, step), (2, window)):
-                    if part is not None and part.changed:
-                        rows[:, column] = np.bincount(part.indices.numpy().astype(np.int64) // width,
-                                                      minlength=experts)
-                per_slice[name] = [dict(zip(_NAMED_FIELDS, map(int, row), strict=True)) for row in rows]
+                per_slice[name] = [{"numel": numel // experts,
+                                    "step_changed": int(step[e]) if step is not None else 0,
+                                    "window_changed": int(window[e]) if window is not None else 0}
+                                   for e in range(experts)]
         if self.sharded and dist.is_available() and dist.is_initialized():
             names = sorted(per_param)
             table = torch.tensor([[per_param[n][f] for f in _NAMED_FIELDS] for n in names], dtype=torch.int64)
@@ -172,6 +207,19 @@ class SyncObserver:
         if per_expert:
             section["per_expert"] = {key: self._fractions(c) for key, c in per_expert.items()}
         return section
+
+
+def count_changed(before: torch.Tensor, after: torch.Tensor, slices: int = 1, chunk: int = 1 << 16) -> np.ndarray:
+    """Elements whose bits differ, per equal slice of the flattened tensors (host tensors of one dtype),
+    compared chunk by chunk in NumPy so the temporaries stay in cache."""
+    a, b = raw_bits(before.reshape(-1)).numpy(), raw_bits(after.reshape(-1)).numpy()
+    width = a.size // slices
+    counts = np.zeros(slices, dtype=np.int64)
+    for s in range(slices):
+        for i in range(s * width, (s + 1) * width, chunk):
+            j = min(i + chunk, (s + 1) * width)
+            counts[s] += np.count_nonzero(a[i:j] != b[i:j])
+    return counts
 
 
 def _best(sizes: dict[str, int] | None) -> str | None:

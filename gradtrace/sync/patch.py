@@ -35,12 +35,21 @@ def _bytes_of(tensor: torch.Tensor) -> bytes:
     return raw_bits(tensor.detach().contiguous().cpu()).numpy().tobytes()
 
 
+def _gaps_and_widths(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gaps between sorted flat indices (the first from 0) and each one's LEB128 length in bytes."""
+    gaps = np.diff(indices.astype(np.uint64), prepend=np.uint64(0))
+    bits = np.zeros(gaps.shape, dtype=np.int64)  # significant bits, exactly (no float rounding)
+    for shift in (32, 16, 8, 4, 2, 1):
+        high = (gaps >> np.uint64(bits + shift)) > 0
+        bits = np.where(high, bits + shift, bits)
+    return gaps, bits // 7 + 1
+
+
 def varint_deltas(indices: np.ndarray) -> bytes:
     """Gaps between sorted flat indices (the first from 0) as unsigned LEB128 varints, vectorized."""
     if indices.size == 0:
         return b""
-    gaps = np.diff(indices.astype(np.uint64), prepend=np.uint64(0))
-    width = np.maximum(1, (np.floor(np.log2(np.maximum(gaps, 1).astype(np.float64))).astype(np.int64) // 7) + 1)
+    gaps, width = _gaps_and_widths(indices)
     longest = int(width.max())
     shifts = (7 * np.arange(longest, dtype=np.uint64))[None, :]
     groups = ((gaps[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
@@ -109,7 +118,7 @@ class TensorPatch:
         if encoding == "indices_values":
             return self.changed * self.indices.element_size() + values
         if encoding == "delta_indices_values":
-            return len(varint_deltas(self.indices.numpy())) + values
+            return int(_gaps_and_widths(self.indices.numpy())[1].sum()) + values  # what varint_deltas writes
         if encoding == "bitmap_values":
             return (self.numel + 7) // 8 + values
         if encoding == "changed_tensors":
