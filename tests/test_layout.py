@@ -16,12 +16,13 @@ ALLOWED = {
     "formats": set(),
     "anatomy": {"formats"},
     "tracking": {"formats", "anatomy"},
+    "sync": {"formats", "anatomy"},
     "views": {"formats", "anatomy"},
     "masks": {"formats", "anatomy"},
     "sinks": {"formats", "anatomy", "views"},
-    "integrations": {"formats", "anatomy", "tracking", "sinks"},
-    "demo": {"formats", "anatomy", "tracking", "views", "masks", "sinks", "integrations"},
-    "cli": {"formats", "anatomy", "tracking", "views", "masks", "sinks", "integrations", "demo"},
+    "integrations": {"formats", "anatomy", "tracking", "sync", "sinks"},
+    "demo": {"formats", "anatomy", "tracking", "sync", "views", "masks", "sinks", "integrations"},
+    "cli": {"formats", "anatomy", "tracking", "sync", "views", "masks", "sinks", "integrations", "demo"},
 }
 
 

@@ -38,6 +38,7 @@ from gradtrace.integrations.run_info import run_info
 from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption, several_processes
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
+from gradtrace.sync.observer import SyncObserver
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
@@ -86,6 +87,7 @@ class Tracer:
 
     def _after_step(self) -> None:
         self.session.tracker.observe_update()
+        self.session.observe_sync()
         if self.log_every and self.step % self.log_every == 0:
             self.session.log(self.step)
 
@@ -133,7 +135,8 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
           report_to: str | list[str] | None = None, wandb: bool = True, heatmaps: bool = True,
           per_layer_curves: bool = False, layer_step_metrics: Iterable[str] = LAYER_STEP_METRICS,
           strict: bool = False, is_main_process: bool = True,
-          split: bool | None = None, **info: Any) -> Tracer:
+          split: bool | None = None, sync_dtype: str | None = None, sync_every: int = 1,
+          **info: Any) -> Tracer:
     """Start tracking ``model``'s trainable parameters that ``optimizer`` steps, through its steps.
 
     ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer`` after ``accelerator.prepare``): the
@@ -145,7 +148,8 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     MLflow and trackio, each only while you have a run of it open. ``wandb=False`` leaves W&B out;
     ``heatmaps`` / ``per_layer_curves`` / ``layer_step_metrics`` as for :class:`~gradtrace.GradTraceCallback`. Under DDP every rank
     calls ``trace`` and the ranks divide the tracking among them (``split``, see :class:`GradTracker`). Extra keyword
-    arguments (e.g. ``max_grad_norm=1.0``) are recorded in the run's info.
+    arguments (e.g. ``max_grad_norm=1.0``) are recorded in the run's info. ``sync_dtype`` /
+    ``sync_every``: the weight-sync budget, as for :class:`~gradtrace.GradTraceCallback` (default off).
     """
     # First: an unknown layer_step_metrics name fails here, before any tracker state is allocated (and
     # is never taken for a run-info keyword).
@@ -163,6 +167,8 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     info = run_info(tracker, optimizer, parameter_selection=describe_selection(not_stepped, optimizer), **info)
     session = TraceSession(tracker, output_dir, sinks=sinks, info=info, strict=strict,
                            is_main_process=is_main_process)
+    if sync_dtype is not None:  # the weight-sync budget (gradtrace.sync)
+        session.sync = SyncObserver(tracker.named_parameters(), sync_dtype, every=sync_every)
     tracer = Tracer(session, optimizer, log_every)
     session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
     return tracer

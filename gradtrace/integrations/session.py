@@ -29,6 +29,7 @@ from gradtrace.formats.masks_file import save_masks
 from gradtrace.formats.run_dir import EARLIER_RUNS_DIR, MASKS_NAME, STATE_NAME, SUMMARY_NAME
 from gradtrace.formats.run_log import RunLog
 from gradtrace.sinks.base import Sink
+from gradtrace.sync.observer import SyncObserver, headline
 from gradtrace.tracking.reshard import SavedPart
 from gradtrace.tracking.summary import summarize
 from gradtrace.tracking.tracker import GradTracker
@@ -60,6 +61,8 @@ class TraceSession:
         # unchanged is reported as zero_lr, not as cancelled or absorbed (tracking.summary).
         self.zero_lr_parameters: set[str] = set(tracker.parameter_names)
         self._parameter_fingerprint: tuple | None = None
+        # weight-sync budget (gradtrace.sync): per-step changes in the sync dtype; off unless set
+        self.sync: SyncObserver | None = None
 
     # ------------------------------------------------------------------ failure policy
     def warn_once(self, key: str, message: str) -> None:
@@ -148,6 +151,30 @@ class TraceSession:
         summary["global"]["zero_lr_steps"] = self.zero_lr_steps
         return summary
 
+    # ------------------------------------------------------------------ weight-sync budget
+    def observe_sync(self) -> None:
+        """After an optimizer step: what it changed in the sync dtype (if ``sync`` is set). On failure
+        warn once and stop observing (its state no longer matches the weights); training goes on."""
+        if self.sync is None:
+            return
+        try:
+            self.sync.observe()
+        except Exception as err:
+            if self.strict:
+                raise
+            self.sync = None
+            self.warn_once("sync", f"the weight-sync observer failed ({type(err).__name__}: {err}); it is "
+                           "switched off, training and the rest of the tracking continue")
+
+    def _with_sync(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Add the ``sync`` section (per-step / per-window fractions and bytes) and its headline curves."""
+        if self.sync is not None:
+            section = self._attempt("sync-summary", "summarizing the weight-sync budget", self.sync.summary)
+            if section is not None:
+                summary["sync"] = section
+                summary["global"].update(headline(section))
+        return summary
+
     # ------------------------------------------------------------------ events
     def start(self, *, step: int = 0, resumed_from: str | None = None) -> None:
         record = {"event": "start", "time": time.time(), "step": step, "info": self.info}
@@ -159,6 +186,7 @@ class TraceSession:
         """Measure now (one host sync), append to the run log and send to every sink."""
         summary = self._with_zero_lr_steps(summarize(self.tracker.measure(), step=step,
                                                      zero_lr=self.zero_lr_parameters))
+        summary = self._with_sync(summary)
         self.last_summary = summary
         if not self.is_main_process:
             return summary

@@ -40,6 +40,8 @@ from gradtrace.integrations.session import GradTraceWarning, TraceSession, inter
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.sinks.tensorboard import trainer_log_dir
+from gradtrace.sync.observer import SyncObserver
+from gradtrace.sync.patch import sync_dtype as parse_sync_dtype
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
@@ -126,6 +128,11 @@ class GradTraceCallback(TrainerCallback):
         split: under DDP and DeepSpeed ZeRO-0/1/2 the ranks divide the tracking among them (each keeps the
             state of a share of the parameters; ZeRO-1/2: of its optimizer partition); ``False``: every rank
             tracks everything. See :class:`GradTracker`.
+        sync_dtype: measure the weight-sync budget (:mod:`gradtrace.sync`): what each optimizer step changes
+            bitwise in this dtype (``"bfloat16"``: the cast an inference engine receives; ``"storage"``: as
+            stored), and the patch bytes per encoding. Keeps the previous values on the host (2 B per
+            parameter in bf16). Default ``None``: off.
+        sync_every: the sync interval in optimizer steps, for the ``window_changed`` fraction and bytes.
         strict: raise instead of warning when gradtrace itself fails (for tests).
     """
 
@@ -134,7 +141,8 @@ class GradTraceCallback(TrainerCallback):
                  heatmaps: bool = True, per_layer_curves: bool = False,
                  layer_step_metrics: Iterable[str] = LAYER_STEP_METRICS,
                  resume_from: str | os.PathLike | None = None, split: bool | None = None,
-                 strict: bool = False, **config_kwargs: Any):
+                 strict: bool = False, sync_dtype: str | None = None, sync_every: int = 1,
+                 **config_kwargs: Any):
         if config is not None and config_kwargs:
             raise TypeError("pass either config=TrackerConfig(...) or its fields as keywords, not both")
         self.config = config or TrackerConfig(**config_kwargs)
@@ -147,6 +155,8 @@ class GradTraceCallback(TrainerCallback):
         self.resume_from = resume_from
         self.split = split
         self.strict = strict
+        parse_sync_dtype(sync_dtype)  # an unknown dtype fails here, not at the first step
+        self.sync_dtype, self.sync_every = sync_dtype, sync_every
         self.session: TraceSession | None = None
         self._disabled = False
         self._deepspeed: deepspeed_support.DeepSpeedHandle | None = None  # hook in the engine's step
@@ -209,6 +219,11 @@ class GradTraceCallback(TrainerCallback):
         self.session = TraceSession(tracker, run_dir, sinks=self._sinks(args), info=info, strict=self.strict,
                                     is_main_process=state.is_world_process_zero)
         self._train_state = state
+        if self.sync_dtype is not None and deepspeed:  # its parameters are flat partitions: not measured
+            self.session.warn_once("sync", "sync_dtype is not supported under DeepSpeed yet; the weight-sync "
+                                   "budget is not measured in this run")
+        elif self.sync_dtype is not None:  # the weight-sync budget (gradtrace.sync)
+            self.session.sync = SyncObserver(tracker.named_parameters(), self.sync_dtype, every=self.sync_every)
         if not deepspeed:
             self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
         if deepspeed:
@@ -279,6 +294,7 @@ class GradTraceCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._deepspeed is None:
             self.session.tracker.observe_update()
+        self.session.observe_sync()
 
     def _logs_at(self, args, step: int) -> bool:
         """Whether ``step`` will be a logging step (then the step's gradient density is counted too)."""
