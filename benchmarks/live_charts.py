@@ -43,15 +43,20 @@ def summaries(layers: int, steps: int) -> list[dict]:
     generator = torch.Generator().manual_seed(1)
     out = []
     for step in range(1, steps + 1):
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < 0.02)
-        tracker.observe_gradients()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(p.grad, alpha=-1e-2)
-        tracker.observe_update()
+        sparse_step(model, tracker, generator, density=0.02)
         out.append(summarize(tracker.measure(), step=step))
     return out
+
+
+def sparse_step(model: torch.nn.Module, tracker: GradTracker, generator: torch.Generator, *, density: float) -> None:
+    """One synthetic SGD step whose gradient is nonzero on about ``density`` of the elements, traced."""
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < density)
+    tracker.observe_gradients()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad, alpha=-1e-2)
+    tracker.observe_update()
 
 
 def matplotlib_layer_step_png(history: LayerStepHistory, metric: str) -> bytes:

@@ -31,6 +31,7 @@ _STORE = Path(tempfile.mkdtemp(prefix="gradtrace-bench-"))
 os.environ.setdefault("TRACKIO_DIR", str(_STORE / "trackio"))  # trackio fixes its folder at import
 
 import torch  # noqa: E402
+from live_charts import sparse_step  # noqa: E402  (beside this script: benchmarks/live_charts.py)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -146,13 +147,7 @@ def main() -> None:
         times[f"{name} alone"], times[f"{name} gradtrace"] = [], []
     generator = torch.Generator().manual_seed(1)
     for step in range(1, args.steps + 1):
-        for p in model.parameters():  # sparse gradients: a few % of elements
-            p.grad = torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < 0.05)
-        tracker.observe_gradients()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(p.grad, alpha=-1e-2)
-        tracker.observe_update()
+        sparse_step(model, tracker, generator, density=0.05)  # sparse gradients: a few % of elements
         summary: dict = {}
         times["measure"].append(timed(lambda: summary.update(summarize(tracker.measure(), step=step))))  # noqa: B023
         times["drawing"].append(timed(lambda: charts.frame(summary)))  # noqa: B023

@@ -60,6 +60,7 @@ class TraceSession:
         # Tracked parameters whose param group had lr 0 at every step so far: what they received and kept
         # unchanged is reported as zero_lr, not as cancelled or absorbed (tracking.summary).
         self.zero_lr_parameters: set[str] = set(tracker.parameter_names)
+        self._parameter_by_name: dict[str, Any] | None = None  # built on the first step with a group at lr 0
         self._parameter_fingerprint: tuple | None = None
         # weight-sync budget (gradtrace.sync): per-step changes in the sync dtype; off unless set
         self.sync: SyncObserver | None = None
@@ -113,6 +114,7 @@ class TraceSession:
             return
         step = self.tracker.steps
         before = self.tracker.apply_parameter_changes(changes)
+        self._parameter_by_name = None  # rebound or new tensors
         self.zero_lr_parameters |= {name for name, _ in [*changes.added, *changes.restarted]}  # no step yet
         record: dict[str, Any] = {"step": step, **changes.describe()}
         if before and self.is_main_process:
@@ -143,9 +145,13 @@ class TraceSession:
         if all(lr != 0 for lr, _ in groups):  # the common case: no per-parameter work
             self.zero_lr_parameters.clear()
             return
-        positive = {id(p) for lr, params in groups if lr != 0 for p in params}
-        names = {id(p): name for name, p in self.tracker.named_parameters()}
-        self.zero_lr_parameters -= {names[i] for i in positive if i in names}
+        # Only the parameters still at lr 0 so far are looked at (usually a small, shrinking set); one held by
+        # no group at lr 0 (a positive-lr group, or master copies the model does not hold) has been stepped.
+        at_zero = {id(p) for lr, params in groups if lr == 0 for p in params}
+        if self._parameter_by_name is None:
+            self._parameter_by_name = dict(self.tracker.named_parameters())
+        self.zero_lr_parameters = {name for name in self.zero_lr_parameters
+                                   if id(self._parameter_by_name.get(name)) in at_zero}
 
     def _with_zero_lr_steps(self, summary: dict[str, Any]) -> dict[str, Any]:
         summary["global"]["zero_lr_steps"] = self.zero_lr_steps
