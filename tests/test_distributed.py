@@ -27,7 +27,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(script: str, *args: str, processes: int, cwd: Path, env_extra: dict | None = None) -> None:
+def launch(script: str, *args: str, processes: int, cwd: Path,
+           env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
            **(env_extra or {})}
     env.pop("WORLD_SIZE", None)
@@ -36,10 +37,19 @@ def launch(script: str, *args: str, processes: int, cwd: Path, env_extra: dict |
                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPTS / script), *args]
     else:
         command = [sys.executable, str(SCRIPTS / script), *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as hung:  # say what the ranks had printed before they stopped
+        result = subprocess.CompletedProcess(command, "timed out after 300 s", _text(hung.stdout), _text(hung.stderr))
+        raise AssertionError(failure_report(script, result)) from None
     assert result.returncode == 0, failure_report(script, result)
     # a rank that aborts at exit (SIGABRT after its work is written) must not pass unnoticed either
     assert "terminate called" not in result.stderr, failure_report(script, result)
+    return result
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def failure_report(script: str, result: subprocess.CompletedProcess) -> str:

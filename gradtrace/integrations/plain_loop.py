@@ -35,7 +35,7 @@ from gradtrace.integrations.parameters import (
     unwrap_optimizer,
 )
 from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption, several_processes
+from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.sync.observer import SyncObserver
@@ -119,7 +119,9 @@ class Tracer:
         """The process exits with the tracer unfinished (an uncaught exception, or no ``finish()``)."""
         if self._finished:
             return
-        if several_processes():  # gathering the masks needs every rank, which may be gone
+        # Gathering the masks needs every rank, which may be gone; and a collective issued while the
+        # interpreter ends can deadlock it (docs/distributed.md, "Ending a distributed run").
+        if self.session.processes > 1:
             warnings.warn("gradtrace: the process exits with the tracer unfinished; under several processes "
                           "its masks are not written at exit", GradTraceWarning, stacklevel=1)
             return

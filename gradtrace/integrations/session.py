@@ -52,6 +52,9 @@ class TraceSession:
         self.info = {"run_id": uuid.uuid4().hex[:12], **dict(info or {})}
         self.strict = strict
         self.is_main_process = is_main_process
+        # The world this run started in, kept: after dist.destroy_process_group() the world reads as one
+        # process, but the tracker's state is still divided among processes that may be gone.
+        self.processes = dist.get_world_size() if several_processes() else 1
         self.run_log = RunLog(self.run_dir) if is_main_process else None
         self.last_summary: dict[str, Any] | None = None
         self._warned: set[str] = set()

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from gradtrace.integrations import deepspeed as deepspeed_support
 from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
 from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption, several_processes
+from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
 from gradtrace.sinks.select import build_sinks, normalize_report_to
 from gradtrace.sinks.tensorboard import trainer_log_dir
@@ -345,7 +345,7 @@ class GradTraceCallback(TrainerCallback):
         if self._disabled or self.session is None:
             return
         reason = interruption()
-        if several_processes():
+        if self.session.processes > 1:  # the world it started in: it may be destroyed by now
             warnings.warn(f"gradtrace: training stopped ({reason}); under several processes the masks since "
                           "the last checkpoint are not written at exit", GradTraceWarning, stacklevel=1)
             return

@@ -69,6 +69,7 @@ class Measuring:
     @torch.no_grad()
     def measure(self) -> Measurement:
         """Per-parameter counts of every category, with a single device-to-host transfer."""
+        self._engine.check_group()
         cfg = self.config
         bins = cfg.histogram_bins
         histogram = torch.zeros(bins, dtype=torch.int64, device=self._primary)
@@ -185,6 +186,7 @@ class Measuring:
         Kinds: ``gradient``, ``update`` (bitwise), ``update_abs_<tol>``, ``update_rel_<tol>`` and, in
         ``ever_changed`` mode, ``ever_changed``. Sharded parameters are gathered (a collective).
         """
+        self._engine.check_group()
         cfg = self.config
         kinds = ["gradient", "update", f"update_abs_{cfg.abs_tolerance:g}", f"update_rel_{cfg.rel_tolerance:g}"]
         if cfg.ever_changed:

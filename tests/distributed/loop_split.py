@@ -154,6 +154,14 @@ def main() -> None:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+        if args.save_at and engine is None:
+            # The tracer is left unfinished (a run stopped at a checkpoint): gathering its state now must be
+            # refused, not sent over the group that DDP's reducer or FSDP2's mesh still holds; and at exit it
+            # must not try (a collective while the interpreter ends deadlocks it: docs/distributed.md).
+            try:
+                tracer.tracker.measure()
+            except RuntimeError as err:
+                print(f"measure after destroy_process_group: {err}")
 
 
 def reference_matches(tracker, initial_model) -> bool:

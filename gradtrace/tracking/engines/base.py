@@ -60,6 +60,15 @@ class Engine:
 
     group: dist.ProcessGroup | None = None
 
+    def check_group(self) -> None:
+        """Before a collective: refuse one over a world that ``dist.destroy_process_group()`` ended. The group
+        object may outlive it (DDP's reducer, DeepSpeed's parameters hold it), and a collective over it then
+        runs, or waits forever for a rank that has gone."""
+        if self.group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("gradtrace: this tracker's state is divided among processes whose process group "
+                               "was destroyed; gather it (finish(), save_state(), measure()) before "
+                               "dist.destroy_process_group()")
+
     def place(self, name: str, param: torch.Tensor, config: TrackerConfig) -> Placement:
         raise NotImplementedError
 
