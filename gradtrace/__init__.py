@@ -7,7 +7,7 @@ The package is laid out as the pipeline's rooms; imports only go down this list:
 - ``tracking``: the tracker, its state, and summaries of it (no transformers, no W&B);
 - ``views`` (report, watch) and ``masks`` (diff, overlap, rank, subnetwork): work from files;
 - ``sinks``: where summaries go besides the run log (W&B);
-- ``integrations``: the Trainer / TRL callback, the plain loop, DeepSpeed;
+- ``integrations``: the Trainer / TRL callback, the plain loop (also a DeepSpeed engine's);
 - ``cli`` and ``demo`` on top.
 
 ``GradTraceCallback`` and ``SubnetworkCallback`` (transformers) are imported on first use, so
@@ -20,8 +20,9 @@ from typing import Any
 
 from gradtrace.formats.masks_file import MaskFileError, Masks, load_masks, save_masks
 from gradtrace.formats.run_log import read_run_log
+from gradtrace.integrations.failures import GradTraceWarning
 from gradtrace.integrations.plain_loop import Tracer, trace
-from gradtrace.integrations.session import GradTraceWarning, TraceSession
+from gradtrace.integrations.session import TraceSession
 from gradtrace.masks.subnetwork import restrict_to_subnetwork
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.summary import summarize

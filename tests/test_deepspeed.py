@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrace import GradTracker, TrackerConfig, read_run_log
+from gradtrace import GradTraceWarning, GradTracker, TrackerConfig, load_masks, read_run_log
 from gradtrace.integrations.deepspeed import (
     attach_to_deepspeed,
     check_supported,
     find_zero_optimizer,
     is_deepspeed_object,
 )
+from gradtrace.integrations.failures import Failures
 from gradtrace.tracking.state import COUNTER_INDEX
 from tests.test_distributed import assert_same_masks, launch
 
@@ -179,14 +180,53 @@ def test_a_failing_read_switches_off_and_the_step_still_runs():
     model = nn.Linear(4, 3)
     zero = fake_zero_optimizer(model.parameters())
     tracker = GradTracker(model)
-    errors = []
-    handle = attach_to_deepspeed(tracker, zero, on_error=errors.append)
+    failures = Failures()  # the run's policy, not strict: a failure switches tracking off
+    handle = attach_to_deepspeed(tracker, zero, failures=failures)
     tracker.observe_gradients = lambda grads=None, detail=True: 1 / 0
     before = model.weight.detach().clone()
     model(torch.ones(1, 4)).sum().backward()
-    zero.step()
-    assert [type(e) for e in errors] == [ZeroDivisionError] and not handle.active and "step" not in vars(zero)
+    with pytest.warns(GradTraceWarning, match=r"tracking in DeepSpeed's step failed \(ZeroDivisionError"):
+        zero.step()
+    assert failures.switched_off and not handle.active and "step" not in vars(zero)
     assert not torch.equal(model.weight, before)  # training went on
+
+
+def fake_engine(module, optimizer, stage=2):
+    """An nn.Module whose class looks like DeepSpeed's engine: ``.module``, ``.optimizer``, its ZeRO stage."""
+    cls = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine",
+                                                 "zero_optimization_stage": lambda self: stage})
+    engine = cls()
+    engine.module, engine.optimizer = module, optimizer
+    return engine
+
+
+def test_trace_drives_a_deepspeed_engine_through_its_step(tmp_path):
+    """``gradtrace.trace(engine, engine.optimizer, ...)``: the chooser picks the engine's step (not torch's
+    step hooks), the parameters are named as in ``engine.module``, and ``finish`` removes the hook."""
+    pytest.importorskip("deepspeed")
+    import gradtrace
+    from gradtrace.integrations.gradient_sources import DeepSpeedStep, OptimizerHooks, choose_gradient_source
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    assert isinstance(choose_gradient_source(model, torch.optim.SGD(model.parameters(), lr=0.1)), OptimizerHooks)
+    zero = fake_zero_optimizer(model.parameters())
+    engine = fake_engine(model, zero)
+    assert isinstance(choose_gradient_source(engine, zero), DeepSpeedStep)
+    with pytest.raises(ValueError, match="the engine's own"):
+        gradtrace.trace(engine, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "wrong", wandb=False)
+    tracer = gradtrace.trace(engine, zero, tmp_path, log_every=2, wandb=False, strict=True)
+    assert "step" in vars(zero) and not zero._optimizer_step_pre_hooks  # the engine's step, not torch's hooks
+    for step in range(3):
+        model(torch.tensor([[1.0, 0.0, 0.0, float(step == 2)]])).sum().backward()
+        zero.step()  # as the engine calls it
+        zero.zero_grad()
+    masks = load_masks(tracer.finish())
+    assert "step" not in vars(zero) and tracer.step == 3
+    assert set(masks["gradient"]) == {"weight", "bias"}  # engine.module's names
+    gradient = masks["gradient"]["weight"]
+    assert gradient[:, 0].all() and gradient[:, 3].all() and not gradient[:, 1:3].any()
+    assert [record["step"] for record in read_run_log(tmp_path)["logs"]] == [2, 3]  # log_every, then finish
 
 
 def test_the_hook_counts_density_only_when_asked():

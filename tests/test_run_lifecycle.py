@@ -303,3 +303,34 @@ def test_a_plain_loop_stopped_by_an_exception_still_writes_its_masks(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["interrupted_by"] == "KeyboardInterrupt: "
     assert read_run_log(tmp_path)["end"]["interrupted"] is True
+
+
+def test_a_plain_loop_whose_tracking_fails_trains_on_without_it(tmp_path):
+    """The Trainer callback's failure policy in ``trace()`` too: a failed read in the optimizer's hook says
+    so once and switches tracking off (hooks removed, nothing written), and training goes on; strict raises."""
+    import gradtrace
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "lenient", log_every=1, wandb=False)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()  # tracked
+    tracer.tracker.observe_gradients = lambda grads=None, detail=True: 1 / 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            before = model.weight.detach().clone()
+            optimizer.step()
+            assert not torch.equal(model.weight, before)  # every step still applied
+    said = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(said) == 1 and "before the optimizer step failed (ZeroDivisionError" in said[0]
+    assert "switched off" in said[0]
+    assert tracer.step == 1 and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert tracer.finish() is None and not (tmp_path / "lenient" / "masks.safetensors").exists()
+
+    strict = gradtrace.trace(model, optimizer, tmp_path / "strict", wandb=False, strict=True)
+    strict.tracker.observe_gradients = lambda grads=None, detail=True: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        optimizer.step()
+    strict.finish(interrupted="test")

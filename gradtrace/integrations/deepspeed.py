@@ -1,98 +1,40 @@
 """DeepSpeed ZeRO-0/1/2/3: read the gradient inside the engine, right before its optimizer step.
 
-Under DeepSpeed the engine owns the gradient. Through accelerate (and so ``transformers.Trainer`` and
-TRL), ``accelerator.backward`` runs ``engine.backward`` and, at the accumulation boundary,
-``engine.step()``: the gradient is reduced, applied and freed before the Trainer's
-``on_pre_optimizer_step``, and ``.grad`` is ``None`` there. Under ZeRO-2 the reduced gradient never
-exists in ``.grad`` at all: each rank holds only its partition, in the optimizer's flat buffers.
+Why inside: the engine owns the gradient. Through accelerate (so ``transformers.Trainer`` and TRL),
+``accelerator.backward`` runs ``engine.backward`` and, at the accumulation boundary, ``engine.step()``: the
+gradient is reduced, applied and freed before the Trainer's ``on_pre_optimizer_step`` (``.grad`` is
+``None`` there). Under ZeRO-2 the reduced gradient never exists in ``.grad`` at all.
 
-:func:`attach_to_deepspeed` wraps the ZeRO optimizer's ``step`` (the engine calls
-``self.optimizer.step()``). Inside it, before the real step, the reduced gradient is read and folded
-into the tracker; after the real step, :meth:`GradTracker.observe_update` runs. Under ZeRO-1/2 the
-module's parameters are replicated on every rank and hold the updated values after the step (the engine
-all-gathers the updated partitions inside ``step``), so the tracker's reference copies and update masks
-work unchanged. With the tracking split among the ranks (the default, :mod:`gradtrace.tracking.split`),
-each rank tracks the fragments of the parameters in its own optimizer partition (``param._hp_mapping``,
-which may cut a parameter between two ranks) and reads their gradient where the partition keeps it,
-without communication; stage 0 splits whole parameters and reads ``.grad``. With ``split=False`` every
-rank tracks every parameter and reads its full gradient with DeepSpeed's public
-``deepspeed.utils.safe_get_full_grad``.
+How: :func:`attach_to_deepspeed` wraps the ``step`` of the optimizer the engine calls. Before the real
+step the reduced gradient (accumulated over micro-batches, averaged over ranks) is folded into the
+tracker; after it, :meth:`GradTracker.observe_update` reads the updated values. Where the gradient is read:
 
-What the tracker sees, per optimizer step (what the optimizer applies):
+- stage 0: ``.grad`` (whole parameters, split among the ranks as under DDP);
+- ZeRO-1/2: the parameters are replicated and updated in place; with split tracking each rank tracks
+  the fragments of its own optimizer partition (``param._hp_mapping``) and reads their gradient there,
+  without communication; ``split=False`` reads full gradients with ``safe_get_full_grad`` (a collective);
+- ZeRO-3: each rank tracks its partition of every parameter (``ds_tensor``) and reads its gradient
+  partition with ``safe_get_local_grad``. Offload to the CPU is followed; offload to NVMe is refused.
 
-- the gradient accumulated over the micro-batches and averaged over the data-parallel ranks;
-- unscaled (fp16 loss scale) and clipped exactly as DeepSpeed is about to do it, when the tracker keeps
-  gradient sums (``cancellation`` not ``"off"``) and the optimizer is DeepSpeed's ZeRO-1/2/3 optimizer:
-  the factor is computed with DeepSpeed's own norm (``scaled_global_norm``) and formula. The masks
-  themselves do not depend on a positive scale factor, so with ``cancellation="off"`` that work is skipped;
-- a step that DeepSpeed skips for an overflow (fp16 loss scaling; bf16 with its default
-  ``check_grad_overflow``; a NaN/inf under fp32 ZeRO) sets no mask bit and adds no sum, for any
-  parameter: DeepSpeed applies nothing. The skip is foreseen with DeepSpeed's own check before the
-  gradient is read (:class:`_StepPlan`) and counted (``skipped_overflow_steps`` in the summary and the
-  run log; such a step still counts as an optimizer step, as in DeepSpeed's ``global_steps``). After the
-  step DeepSpeed's ``overflow`` flag is compared with the forecast; a skip not foreseen (an optimizer
-  whose checks are not mirrored, e.g. ``BF16_Optimizer``) is counted and warned about once.
+What DeepSpeed's step will do is foreseen with its own checks (:class:`_StepPlan`): a step it skips for
+an overflow sets no mask bit and adds no sum and is counted (``skipped_overflow_steps``); when the sums
+are kept they are unscaled and clipped with DeepSpeed's own loss scale, norm and formula. The collectives
+this costs per step and what was tested: ``docs/distributed.md``.
 
-Stage 0 (DeepSpeed without ZeRO) goes through the same hook: the gradient is in ``.grad`` during the
-step, and in fp32 the engine clips it before calling ``step``; under stage 0's fp16/bf16 optimizer
-wrappers (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``) the sums are unscaled and clipped with their
-own loss scale, norm and formula.
-
-Tested (2 CPU processes, gloo, DeepSpeed 0.19.8, through ``transformers.Trainer``): ZeRO-1 with gradient
-accumulation, ZeRO-2 and stage 0 in fp32 give the masks and per-step counts of a single process without
-DeepSpeed. bf16 and fp16 with a forced overflow (plain engine loop, ZeRO-0/1/2/3; ``tests/test_deepspeed_precision.py``):
-masks, skipped-step counts and gradient sums equal those recorded from DeepSpeed's own gradients in the
-same loop; fp16 runs there only with the CPU accelerator's fp16 capability check overridden (this CPU has
-no mkldnn fp16, and DeepSpeed refuses: "Type fp16 is not supported on your device."). Not tested under
-ZeRO-0/1/2: CPU offload, MoE models (both are tested under ZeRO-3, below); nowhere: GPUs/NCCL, pipeline or
-tensor parallelism.
-
-Cost: split (ZeRO-1/2), two small all-reduces per step in the gradient read (the step's zero/NaN flags,
-and whether each parameter cut between partitions had a finite gradient on every rank), DeepSpeed's own
-``has_overflow`` before the step (:class:`_StepPlan`: a read of the partitions and one scalar all-reduce),
-with the sums kept and clipping on DeepSpeed's own ``scaled_global_norm`` (another read of the partitions
-and one scalar all-reduce per parameter group; DeepSpeed's step computes it again), and the tracker's
-state of about 1/N of the parameters per rank. All of them are counted per step in the ZeRO-2 test.
-Foreseeing a skip takes one host sync per step (the answer of ``has_overflow``, of the norm's validity
-under ZeRO-3, or of stage 0's NaN check), as DeepSpeed's own step does to decide it. ``split=False``: ``safe_get_full_grad`` assembles each parameter's full
-fp32 gradient from the ranks' partitions with one all-reduce per parameter, i.e. about one extra
-full-gradient all-reduce (in fp32) per optimizer step, plus one transient fp32 buffer of the largest
-parameter's size (the gradients are fetched one parameter at a time, never all at once).
-
-ZeRO-3 (partitioned parameters): the module's parameters are empty placeholders, and each rank holds
-only its partition of every parameter (``param.ds_tensor``) and of its reduced gradient. As under FSDP2,
-the tracker keeps state for the local partition only (:mod:`gradtrace.tracking.sharding`: the valid, unpadded
-part of ``ds_tensor``), so its memory per rank falls with the world size; counts are summed across the
-partition group at measuring time and full masks are all-gathered for export. Inside the step the hook
-reads each rank's gradient partition with ``deepspeed.utils.safe_get_local_grad`` (no communication),
-narrowed to the valid length; after the real step the updated values are read from ``ds_tensor``. The
-clipping factor for the sums mirrors ``DeepSpeedZeroOptimizer_Stage3.step``: the norm is DeepSpeed's own
-``_get_norm_groups`` combined with ``combine_grad_norm_groups`` (a few scalar all-reduces), and the
-formula is ``unscale_and_clip_grads``'s; if those (private) methods are missing, or under Muon (whose
-update replaces the gradient), the sums are of the unclipped gradient (the masks are the same either
-way). Tested like ZeRO-1/2 (fp32, 2 CPU processes): masks and per-step counts equal a single process's, also
-with ``offload_optimizer`` and ``offload_param`` to the CPU (on DeepSpeed's CPU accelerator, where that
-exercises the offload code paths but not a GPU beside them). With a GPU, CPU offload puts the gradient
-partitions (``offload_optimizer``) or the parameter partitions and so the tracker state
-(``offload_param``) on the CPU: a gradient is moved to its state's device before it is scanned, and
-every collective runs on the process group's device (CUDA under NCCL); not run on a GPU here. Offload
-to NVMe is refused (the partitions are swapped out of memory between steps). Not tested under ZeRO-3:
-hpZ/MiCS secondary partitions (bf16/fp16: see above).
-
-``deepspeed`` is imported only when a function here is called with a DeepSpeed object.
+``deepspeed`` is imported only when a function here is called with a DeepSpeed object; the rest of
+gradtrace reaches this module through :mod:`gradtrace.integrations.gradient_sources`.
 """
 
 from __future__ import annotations
 
 import copy
 import types
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from gradtrace.integrations.session import GradTraceWarning
+from gradtrace.integrations.failures import Failures
 from gradtrace.tracking import sharding
 from gradtrace.tracking.tracker import GradTracker
 
@@ -100,6 +42,7 @@ __all__ = [
     "DeepSpeedHandle",
     "attach_to_deepspeed",
     "check_supported",
+    "engine_of",
     "find_zero_optimizer",
     "is_deepspeed_object",
     "zero_stage",
@@ -128,7 +71,7 @@ def is_deepspeed_object(obj: Any) -> bool:
     return inner is not None and inner is not obj and _from_deepspeed(inner)
 
 
-def _engine_of(obj: Any) -> Any | None:
+def engine_of(obj: Any) -> Any | None:
     """The DeepSpeedEngine if ``obj`` is one or accelerate's DeepSpeedEngineWrapper of one, else None."""
     engine = getattr(obj, "engine", obj)
     return engine if callable(getattr(engine, "zero_optimization_stage", None)) else None
@@ -141,7 +84,7 @@ def find_zero_optimizer(obj: Any) -> Any:
     (``.engine.optimizer``), accelerate's ``DeepSpeedOptimizerWrapper`` (``.optimizer``; what
     ``Trainer`` callbacks receive as ``optimizer``) or the ZeRO optimizer itself.
     """
-    engine = _engine_of(obj)
+    engine = engine_of(obj)
     if engine is not None:
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is None:
@@ -161,7 +104,7 @@ def zero_stage(obj: Any, params: list[torch.nn.Parameter] | None = None) -> int:
     From the engine when given one; else from the optimizer's class and, as a cross-check, from the
     parameters (ZeRO-3 gives each parameter a ``ds_id``).
     """
-    engine = _engine_of(obj)
+    engine = engine_of(obj)
     if engine is not None:
         return int(engine.zero_optimization_stage())
     if params is not None and any(hasattr(p, "ds_id") for p in params):
@@ -397,12 +340,12 @@ class _StepPlan:
 class DeepSpeedHandle:
     """Returned by :func:`attach_to_deepspeed`; :meth:`remove` restores the optimizer's own ``step``."""
 
-    def __init__(self, tracker: GradTracker, optimizer: Any, stage: int,
-                 on_error: Callable[[BaseException], None] | None):
+    def __init__(self, tracker: GradTracker, optimizer: Any, stage: int, failures: Failures):
         self.tracker = tracker
         self.optimizer = optimizer
         self.stage = stage
-        self.on_error = on_error
+        self.failures = failures
+        failures.when_switched_off(self.remove)
         self._params = dict(tracker.named_parameters())
         # ZeRO-1/2 with tracking split among the ranks: each tracks the fragments of its own partition
         self._fragments = False
@@ -414,10 +357,11 @@ class DeepSpeedHandle:
         self._had_own_step = "step" in vars(optimizer)
         self._original_step = optimizer.step
         self._active = True
-        self._warned: set[str] = set()
         # Asked before each step whether to count the step's nonzero gradient elements (the density
         # curve); an integration that knows which steps it will log replaces it, to skip that pass.
         self.wants_detail: Callable[[], bool] = lambda: True
+        # Called after each tracked step, once its update is observed (gradtrace.trace logs there).
+        self.after_step: Callable[[], None] | None = None
         optimizer.step = self._step
 
     @property
@@ -435,11 +379,10 @@ class DeepSpeedHandle:
             else:
                 del self.optimizer.step
 
-    def _fail(self, err: BaseException) -> None:
-        if self.on_error is None:
-            raise err
-        self.remove()
-        self.on_error(err)
+    def _fail(self, err: Exception) -> None:
+        """The run's failure policy: raise when strict, else switch tracking off (this hook removes itself;
+        the real step still runs)."""
+        self.failures.fail("tracking in DeepSpeed's step", err)
 
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._active:
@@ -460,6 +403,8 @@ class DeepSpeedHandle:
             try:
                 self._check_plan(plan)
                 self.tracker.observe_update()
+                if self.after_step is not None:
+                    self.after_step()
             except Exception as err:
                 self._fail(err)
         return result
@@ -473,18 +418,14 @@ class DeepSpeedHandle:
             return
         if skipped and not plan.skip:
             self.tracker.skip_step(observed=True)
-            self._warn_once("unforeseen", f"DeepSpeed skipped optimizer step {self.tracker.steps} for an overflow "
-                            f"that gradtrace did not foresee ({type(self.optimizer).__name__}): it is counted in "
-                            "skipped_overflow_steps, but its finite gradient elements set mask bits")
+            self.failures.warn_once("deepspeed-unforeseen", f"DeepSpeed skipped optimizer step {self.tracker.steps} "
+                                    f"for an overflow that gradtrace did not foresee ({type(self.optimizer).__name__}): "
+                                    "it is counted in skipped_overflow_steps, but its finite gradient elements set "
+                                    "mask bits")
         elif plan.skip and not skipped:
-            self._warn_once("missed", f"gradtrace foresaw an overflow at optimizer step {self.tracker.steps} that "
-                            f"DeepSpeed ({type(self.optimizer).__name__}) did not skip: that step's gradient is "
-                            "missing from the masks")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"gradtrace: {message}", GradTraceWarning, stacklevel=3)
+            self.failures.warn_once("deepspeed-missed", f"gradtrace foresaw an overflow at optimizer step "
+                                    f"{self.tracker.steps} that DeepSpeed ({type(self.optimizer).__name__}) did not "
+                                    "skip: that step's gradient is missing from the masks")
 
 
 def _refuse_nvme_offload(optimizer: Any) -> None:
@@ -499,7 +440,7 @@ def _refuse_nvme_offload(optimizer: Any) -> None:
 
 
 def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
-                        on_error: Callable[[BaseException], None] | None = None) -> DeepSpeedHandle:
+                        failures: Failures | None = None) -> DeepSpeedHandle:
     """Track ``tracker``'s parameters through a DeepSpeed ZeRO-0/1/2/3 engine's optimizer steps.
 
     Args:
@@ -508,8 +449,10 @@ def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
         engine_or_optimizer: the ``DeepSpeedEngine``, its ZeRO optimizer, or accelerate's wrapper of
             either (a Trainer callback's ``optimizer`` argument is accelerate's
             ``DeepSpeedOptimizerWrapper``).
-        on_error: called with the exception if tracking fails inside the step; the hook then removes
-            itself and the real step still runs. Default: the exception propagates (stops training).
+        failures: the run's failure policy (:class:`~gradtrace.integrations.failures.Failures`): says the
+            hook's warnings once, and if tracking fails inside the step, raises (``strict``) or switches
+            tracking off: the hook removes itself and the real step still runs. Default: a strict one, so
+            the exception propagates (stops training).
 
     Every rank must attach: reading the full gradient is a collective (one all-reduce per parameter, in
     the tracker's fixed order; under ZeRO-3 the norm and the tracker's own reductions are), so a failure
@@ -527,4 +470,4 @@ def attach_to_deepspeed(tracker: GradTracker, engine_or_optimizer: Any, *,
     _refuse_nvme_offload(optimizer)
     if isinstance(getattr(optimizer.step, "__self__", None), DeepSpeedHandle):
         raise RuntimeError("this DeepSpeed optimizer is already tracked by gradtrace; remove() that handle first")
-    return DeepSpeedHandle(tracker, optimizer, stage, on_error)
+    return DeepSpeedHandle(tracker, optimizer, stage, failures if failures is not None else Failures(strict=True))

@@ -14,7 +14,9 @@ when an exception (``KeyboardInterrupt`` too) leaves it, still writes the masks 
 marked interrupted. A tracer never finished writes them at exit (``atexit``) the same way.
 
 The optimizer's step pre-hook sees ``.grad`` exactly as the step will apply it (accumulated over any
-micro-batches and clipped), and the post-hook sees the result of the step.
+micro-batches and clipped), and the post-hook sees the result of the step. A DeepSpeed engine is traced
+the same way, ``gradtrace.trace(engine, engine.optimizer, ...)``: the gradient is read inside the engine's
+step (:mod:`gradtrace.integrations.gradient_sources` chooses where).
 """
 
 from __future__ import annotations
@@ -28,17 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradtrace.integrations.parameters import (
-    describe_selection,
-    learning_rates,
-    stepped_parameters,
-    unwrap_optimizer,
-)
-from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption
+from gradtrace.integrations.failures import Failures, GradTraceWarning
+from gradtrace.integrations.gradient_sources import GradientSource, choose_gradient_source
+from gradtrace.integrations.opening import SinkChoice, open_session
+from gradtrace.integrations.session import TraceSession, interruption
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
-from gradtrace.sinks.select import build_sinks, normalize_report_to
-from gradtrace.sync.observer import SyncObserver
+from gradtrace.sinks.select import normalize_report_to
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
 
@@ -46,19 +43,12 @@ from gradtrace.tracking.tracker import GradTracker
 class Tracer:
     """A tracked plain loop; returned by :func:`trace`."""
 
-    def __init__(self, session: TraceSession, optimizer: torch.optim.Optimizer, log_every: int | None):
+    def __init__(self, session: TraceSession, source: GradientSource, log_every: int | None):
         self.session = session
         self.log_every = log_every
-        # The hooks go on the optimizer that really steps: accelerate's wrapper calls it only at the end of
-        # an accumulation cycle (and a loss scaler only on steps it does not skip).
-        inner = self._optimizer = unwrap_optimizer(optimizer)
-        if not hasattr(inner, "register_step_pre_hook"):
-            raise TypeError(f"gradtrace.trace needs a torch optimizer (or a wrapper holding one as .optimizer); "
-                            f"got {type(optimizer).__name__}")
-        self._handles = [
-            inner.register_step_pre_hook(lambda *_: self._before_step()),
-            inner.register_step_post_hook(lambda *_: self._after_step()),
-        ]
+        self._source = source
+        source.attach(session, failures=session.failures, wants_detail=self._logs_next_step,
+                      after_step=self._log_if_due)
         session.start(step=0)
         self._finished = False
         atexit.register(self._finish_at_exit)
@@ -79,15 +69,11 @@ class Tracer:
         """Optimizer steps seen so far."""
         return self.session.tracker.steps
 
-    def _before_step(self) -> None:
-        self.session.check_parameters()
-        self.session.note_learning_rates(learning_rates(self._optimizer))
-        upcoming = self.step + 1
-        self.session.tracker.observe_gradients(detail=not self.log_every or upcoming % self.log_every == 0)
+    def _logs_next_step(self) -> bool:
+        """Whether the coming step will be logged (then its gradient density is counted too)."""
+        return not self.log_every or (self.step + 1) % self.log_every == 0
 
-    def _after_step(self) -> None:
-        self.session.tracker.observe_update()
-        self.session.observe_sync()
+    def _log_if_due(self) -> None:
         if self.log_every and self.step % self.log_every == 0:
             self.session.log(self.step)
 
@@ -105,19 +91,21 @@ class Tracer:
         self.session.start(step=self.step, resumed_from=str(directory))
 
     def finish(self, *, interrupted: str | None = None) -> str | None:
-        """Final masks and summary; removes the optimizer hooks. Returns the masks file's path.
+        """Final masks and summary; removes the optimizer hooks. Returns the masks file's path (``None``
+        when tracking was switched off by a failure: its state stopped mid-step, nothing more is written).
 
         ``interrupted``: why the loop stopped early; the summary and the run log's ``end`` record say it."""
         self._finished = True
         atexit.unregister(self._finish_at_exit)
-        for handle in self._handles:
-            handle.remove()
+        self._source.remove()
+        if self.session.failures.switched_off:
+            return None
         path = self.session.finish(self.step, interrupted=interrupted)
         return str(path) if path else None
 
     def _finish_at_exit(self) -> None:
         """The process exits with the tracer unfinished (an uncaught exception, or no ``finish()``)."""
-        if self._finished:
+        if self._finished or self.session.failures.switched_off:
             return
         # Gathering the masks needs every rank, which may be gone; and a collective issued while the
         # interpreter ends can deadlock it (docs/distributed.md, "Ending a distributed run").
@@ -144,6 +132,11 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer`` after ``accelerator.prepare``): the
     hooks go on the optimizer inside, which steps once per accumulation cycle.
 
+    A DeepSpeed engine (ZeRO-0/1/2/3): ``trace(engine, engine.optimizer, ...)`` (``optimizer`` may also be
+    ``None``) on every rank, after ``deepspeed.initialize``. The gradient is read inside the engine's
+    optimizer step, each parameter named as in ``engine.module``; ``engine.step()`` drives it as
+    ``optimizer.step()`` does a plain loop. See :mod:`gradtrace.integrations.deepspeed`.
+
     Logs every ``log_every`` optimizer steps to ``output_dir/log.jsonl`` and to the trackers in
     ``report_to`` (``"wandb"``, ``"mlflow"``, ``"trackio"``: the run active at the first log;
     ``"tensorboard"``: ``$TENSORBOARD_LOGGING_DIR`` or ``output_dir/tensorboard``). Default: W&B,
@@ -151,7 +144,9 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     ``heatmaps`` / ``per_layer_curves`` / ``layer_step_metrics`` as for :class:`~gradtrace.GradTraceCallback`. Under DDP every rank
     calls ``trace`` and the ranks divide the tracking among them (``split``, see :class:`GradTracker`). Extra keyword
     arguments (e.g. ``max_grad_norm=1.0``) are recorded in the run's info. ``sync_dtype`` /
-    ``sync_every``: the weight-sync budget, as for :class:`~gradtrace.GradTraceCallback` (default off).
+    ``sync_every``: the weight-sync budget, as for :class:`~gradtrace.GradTraceCallback` (default off;
+    not under DeepSpeed). ``strict``: raise when gradtrace itself fails; by default a failure is said once
+    and training goes on (a failed step read switches tracking off: no masks are written then).
     """
     # First: an unknown layer_step_metrics name fails here, before any tracker state is allocated (and
     # is never taken for a run-info keyword).
@@ -159,18 +154,11 @@ def trace(model: nn.Module, optimizer: torch.optim.Optimizer, output_dir: str | 
     names = (["wandb", "mlflow", "trackio"] if report_to is None
              else normalize_report_to(report_to, strict=True))
     names = [n for n in names if wandb or n != "wandb"]
-    named, not_stepped = stepped_parameters(model, optimizer)
-    tracker = GradTracker(named, config, layout_model=model, split=split)
-    sinks, problems = build_sinks(
-        names, step_key="gradtrace/step", charts=charts,
-        tensorboard_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "tensorboard"))
-    for problem in problems if report_to is not None else []:  # the default names only what is open
-        warnings.warn(f"gradtrace: {problem}", GradTraceWarning, stacklevel=2)
-    info = run_info(tracker, optimizer, parameter_selection=describe_selection(not_stepped, optimizer), **info)
-    session = TraceSession(tracker, output_dir, sinks=sinks, info=info, strict=strict,
-                           is_main_process=is_main_process)
-    if sync_dtype is not None:  # the weight-sync budget (gradtrace.sync)
-        session.sync = SyncObserver(tracker.named_parameters(), sync_dtype, every=sync_every)
-    tracer = Tracer(session, optimizer, log_every)
-    session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
-    return tracer
+    source = choose_gradient_source(model, optimizer)
+    failures = Failures(strict)
+    sinks = SinkChoice(names, step_key="gradtrace/step", charts=charts,
+                       tensorboard_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "tensorboard"),
+                       say_problems=report_to is not None)  # the default names only what is open
+    session = open_session(source, output_dir, config=config, split=split, sinks=sinks, failures=failures,
+                           is_main_process=is_main_process, sync_dtype=sync_dtype, sync_every=sync_every, info=info)
+    return Tracer(session, source, log_every)

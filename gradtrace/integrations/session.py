@@ -2,7 +2,8 @@
 
 Integrations (the Trainer callback, the plain-loop helper) drive a :class:`TraceSession`; sinks such as
 W&B plug in through the small :class:`~gradtrace.sinks.base.Sink` protocol. Nothing the instrument does may stop training:
-a failing sink or write is reported once and skipped, unless ``strict=True`` (tests use it).
+a failing sink or write is reported once and skipped, unless ``strict=True`` (tests use it); the run's
+:class:`~gradtrace.integrations.failures.Failures` decides.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import shutil
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from gradtrace.formats.atomic import write_atomic, write_json_atomic
 from gradtrace.formats.masks_file import save_masks
 from gradtrace.formats.run_dir import EARLIER_RUNS_DIR, MASKS_NAME, STATE_NAME, SUMMARY_NAME
 from gradtrace.formats.run_log import RunLog
+from gradtrace.integrations.failures import Failures
 from gradtrace.sinks.base import Sink
 from gradtrace.sync.observer import SyncObserver, headline
 from gradtrace.tracking.reshard import SavedPart
@@ -35,29 +36,26 @@ from gradtrace.tracking.summary import summarize
 from gradtrace.tracking.tracker import GradTracker
 
 
-class GradTraceWarning(RuntimeWarning):
-    """gradtrace degraded (a sink or a write failed) but training goes on."""
-
-
 class TraceSession:
     """Owns a tracker's outputs under ``run_dir``: ``log.jsonl``, ``masks.safetensors``, ``summary.json``."""
 
     def __init__(self, tracker: GradTracker, run_dir: str | os.PathLike, *, sinks: list[Sink] | None = None,
-                 info: dict[str, Any] | None = None, strict: bool = False, is_main_process: bool = True):
+                 info: dict[str, Any] | None = None, strict: bool = False, is_main_process: bool = True,
+                 failures: Failures | None = None):
         self.tracker = tracker
         self.run_dir = Path(run_dir)
         self.sinks = list(sinks or [])
         # Identifies this run's records and exports: a Trainer's reused output_dir may hold earlier runs.
         # A resumed run takes the id saved with the checkpoint (restore_state).
         self.info = {"run_id": uuid.uuid4().hex[:12], **dict(info or {})}
-        self.strict = strict
+        # the run's failure policy, shared with the adapter that drives the session (default: its own)
+        self.failures = failures if failures is not None else Failures(strict)
         self.is_main_process = is_main_process
         # The world this run started in, kept: after dist.destroy_process_group() the world reads as one
         # process, but the tracker's state is still divided among processes that may be gone.
         self.processes = dist.get_world_size() if several_processes() else 1
         self.run_log = RunLog(self.run_dir) if is_main_process else None
         self.last_summary: dict[str, Any] | None = None
-        self._warned: set[str] = set()
         self._parameter_source: Callable[[], list[tuple[str, Any]]] | None = None
         self.zero_lr_steps = 0  # optimizer steps taken with every param group at lr 0 (warm-up from 0)
         # Tracked parameters whose param group had lr 0 at every step so far: what they received and kept
@@ -68,20 +66,9 @@ class TraceSession:
         # weight-sync budget (gradtrace.sync): per-step changes in the sync dtype; off unless set
         self.sync: SyncObserver | None = None
 
-    # ------------------------------------------------------------------ failure policy
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"gradtrace: {message}", GradTraceWarning, stacklevel=3)
-
-    def _attempt(self, key: str, what: str, action, *args) -> Any:
-        try:
-            return action(*args)
-        except Exception as err:
-            if self.strict:
-                raise
-            self.warn_once(key, f"{what} failed ({type(err).__name__}: {err}); training continues")
-            return None
+    @property
+    def strict(self) -> bool:
+        return self.failures.strict
 
     @property
     def run_id(self) -> str:
@@ -89,7 +76,8 @@ class TraceSession:
 
     def _append(self, record: dict[str, Any]) -> None:
         if self.run_log is not None:
-            self._attempt("runlog", "writing the run log", self.run_log.append, {**record, "run_id": self.run_id})
+            self.failures.attempt("runlog", "writing the run log", self.run_log.append,
+                                  {**record, "run_id": self.run_id})
 
     # ------------------------------------------------------------------ the parameter set
     def follow_parameters(self, source: Callable[[], list[tuple[str, Any]]]) -> None:
@@ -123,8 +111,8 @@ class TraceSession:
         if before and self.is_main_process:
             path = self.run_dir / f"before-step-{step + 1}" / MASKS_NAME
             record["masks_before"] = str(path)
-            self._attempt(f"before-{step}", f"saving the masks gathered before step {step + 1}",
-                          lambda: save_masks(path, {"gradient": before}, step=step, info=self.info))
+            self.failures.attempt(f"before-{step}", f"saving the masks gathered before step {step + 1}",
+                                  lambda: save_masks(path, {"gradient": before}, step=step, info=self.info))
         self.info.setdefault("parameter_changes", []).append(record)
         self._append({"event": "parameters", "time": time.time(), **record})
         said = {"added": "now tracked from this step on", "rebound": "replaced by a tensor of the same shape: "
@@ -133,8 +121,8 @@ class TraceSession:
                                     if before else "")}
         for kind, names in changes.describe().items():
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            self.warn_once(f"parameters-{kind}-{step}", f"before optimizer step {step + 1} the trainable "
-                           f"parameters changed: {shown} {said[kind]}")
+            self.failures.warn_once(f"parameters-{kind}-{step}", f"before optimizer step {step + 1} the "
+                                    f"trainable parameters changed: {shown} {said[kind]}")
 
     def note_learning_rates(self, groups: list[tuple[float, list[Any]]]) -> None:
         """Before a step: the ``(lr, parameters)`` of each param group it will use. A parameter stepped at
@@ -166,19 +154,16 @@ class TraceSession:
         warn once and stop observing (its state no longer matches the weights); training goes on."""
         if self.sync is None:
             return
-        try:
-            self.sync.observe()
-        except Exception as err:
-            if self.strict:
-                raise
-            self.sync = None
-            self.warn_once("sync", f"the weight-sync observer failed ({type(err).__name__}: {err}); it is "
-                           "switched off, training and the rest of the tracking continue")
+        self.failures.attempt("sync", "the weight-sync observer", self.sync.observe, dropped=self._drop_sync,
+                              consequence="it is switched off, training and the rest of the tracking continue")
+
+    def _drop_sync(self) -> None:
+        self.sync = None  # its state no longer matches the weights
 
     def _with_sync(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Add the ``sync`` section (per-step / per-window fractions and bytes) and its headline curves."""
         if self.sync is not None:
-            section = self._attempt("sync-summary", "summarizing the weight-sync budget", self.sync.summary)
+            section = self.failures.attempt("sync-summary", "summarizing the weight-sync budget", self.sync.summary)
             if section is not None:
                 summary["sync"] = section
                 summary["global"].update(headline(section))
@@ -201,14 +186,9 @@ class TraceSession:
             return summary
         self._append({"event": "log", "time": time.time(), **summary})
         for sink in list(self.sinks):
-            try:
-                sink.log(summary, step)
-            except Exception as err:
-                if self.strict:
-                    raise
-                self.sinks.remove(sink)
-                self.warn_once(f"sink-{sink.name}", f"{sink.name} logging failed ({type(err).__name__}: {err}); "
-                               f"it is switched off, the local run log in {self.run_dir} goes on")
+            self.failures.attempt(f"sink-{sink.name}", f"{sink.name} logging", sink.log, summary, step,
+                                  dropped=lambda sink=sink: self.sinks.remove(sink),
+                                  consequence=f"it is switched off, the local run log in {self.run_dir} goes on")
         return summary
 
     def export(self, directory: str | os.PathLike | None = None, *, step: int,
@@ -231,7 +211,7 @@ class TraceSession:
             write_json_atomic(target / SUMMARY_NAME, {"info": self.info, **summary, **marked})
             return path
 
-        return self._attempt(f"export-{target}", f"writing masks to {target}", write)
+        return self.failures.attempt(f"export-{target}", f"writing masks to {target}", write)
 
     def _keep_earlier_run(self, directory: Path) -> None:
         """Move the masks and summary of another run out of ``directory`` before this run writes its own.
@@ -251,8 +231,8 @@ class TraceSession:
         for name in (MASKS_NAME, SUMMARY_NAME):
             if (directory / name).is_file():
                 shutil.move(str(directory / name), str(keep / name))
-        self.warn_once(f"earlier-{directory}", f"{directory} held the masks of an earlier run "
-                       f"({earlier or 'unknown id'}); they were moved to {keep}, this run writes its own")
+        self.failures.warn_once(f"earlier-{directory}", f"{directory} held the masks of an earlier run "
+                                f"({earlier or 'unknown id'}); they were moved to {keep}, this run writes its own")
 
     @staticmethod
     def state_path(directory: str | os.PathLike) -> Path:
@@ -281,7 +261,7 @@ class TraceSession:
                 metadata["weights_fingerprint"] = fingerprint
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
-        self._attempt("save-state", f"saving tracker state to {path}", write)
+        self.failures.attempt("save-state", f"saving tracker state to {path}", write)
         self.export(directory, step=step)
 
     def restore_state(self, directory: str | os.PathLike, *, weights_from: str | None = None,
@@ -340,7 +320,7 @@ class TraceSession:
         self._append({"event": "end", "time": time.time(), "step": step,
                       "masks": str(masks_path) if masks_path else None, **marked})
         for sink in list(self.sinks):
-            self._attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
+            self.failures.attempt(f"sink-{sink.name}-finish", f"{sink.name} finish", sink.finish, summary, self.run_dir)
         return masks_path
 
 

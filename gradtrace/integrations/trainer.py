@@ -3,15 +3,15 @@
 A thin adapter: it maps Trainer events onto a :class:`~gradtrace.integrations.session.TraceSession`.
 
 - ``on_train_begin``: start tracking the trainable parameters the optimizer steps (after PEFT/accelerate
-  wrapping; :mod:`gradtrace.integrations.parameters`);
-  when resuming, restore the tracker state saved with the checkpoint the Trainer resumed from (refused
-  when it was saved with other weights: another run's). One run directory takes one callback at a time. Under DeepSpeed ZeRO-0/1/2 the
-  gradient is applied and freed inside ``accelerator.backward``, before the two optimizer-step events
-  below: the tracking hooks into the engine's optimizer step instead (:mod:`gradtrace.integrations.deepspeed`).
+  wrapping; :mod:`gradtrace.integrations.parameters`), read from the gradient source of the Trainer's
+  engine (:mod:`gradtrace.integrations.gradient_sources`); when resuming, restore the tracker state saved
+  with the checkpoint the Trainer resumed from (refused when it was saved with other weights: another
+  run's). One run directory takes one callback at a time.
 - ``on_pre_optimizer_step``: the gradient is accumulated over micro-batches and clipped here, and is
   exactly what ``optimizer.step()`` applies: fold it into the masks (after noticing any change of the
-  parameter set since the last step).
-- ``on_optimizer_step``: record what the step changed (``ever_changed`` mode only).
+  parameter set since the last step). Under DeepSpeed the engine has applied and freed it already,
+  inside ``accelerator.backward``: its source read it inside the engine's step, and does nothing here.
+- ``on_optimizer_step``: record what the step changed (``ever_changed`` mode, the weight-sync budget).
 - ``on_step_end`` / ``on_epoch_end``: measure and log on the trainer's logging steps (``logging_strategy``
   "steps" or "epoch").
 - ``on_save``: save tracker state, masks and summary into ``checkpoint-N/gradtrace/``.
@@ -33,14 +33,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from gradtrace.integrations import deepspeed as deepspeed_support
-from gradtrace.integrations.parameters import describe_selection, learning_rates, stepped_parameters
-from gradtrace.integrations.run_info import run_info
-from gradtrace.integrations.session import GradTraceWarning, TraceSession, interruption
+from gradtrace.integrations.failures import Failures, GradTraceWarning
+from gradtrace.integrations.gradient_sources import GradientSource, choose_gradient_source
+from gradtrace.integrations.opening import SinkChoice, open_session
+from gradtrace.integrations.session import TraceSession, interruption
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts
-from gradtrace.sinks.select import build_sinks, normalize_report_to
+from gradtrace.sinks.select import normalize_report_to
 from gradtrace.sinks.tensorboard import trainer_log_dir
-from gradtrace.sync.observer import SyncObserver
 from gradtrace.sync.patch import sync_dtype as parse_sync_dtype
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.tracker import GradTracker
@@ -88,18 +87,12 @@ def _is_trainer(obj: Any) -> bool:
 
 
 def _guarded(method):
-    """Run a callback event; on error warn once and stop tracking rather than crash training."""
+    """Run a callback event under the run's failure policy: on error, tracking is switched off for the rest
+    of the run with one warning, rather than training crashed (``strict``: raised)."""
 
     @functools.wraps(method)
     def wrapper(self: GradTraceCallback, args, state, control, **kwargs):
-        if self._disabled:
-            return control
-        try:
-            method(self, args, state, control, **kwargs)
-        except Exception as err:
-            if self.strict:
-                raise
-            self._switch_off(method.__name__, err)
+        self.failures.guard(method.__name__, method, self, args, state, control, **kwargs)
         return control
 
     return wrapper
@@ -158,19 +151,12 @@ class GradTraceCallback(TrainerCallback):
         parse_sync_dtype(sync_dtype)  # an unknown dtype fails here, not at the first step
         self.sync_dtype, self.sync_every = sync_dtype, sync_every
         self.session: TraceSession | None = None
-        self._disabled = False
-        self._deepspeed: deepspeed_support.DeepSpeedHandle | None = None  # hook in the engine's step
-
-    def _switch_off(self, where: str, err: BaseException) -> None:
-        import warnings
-
-        self._disabled = True
-        RUN_DIR_CLAIMS.release(self)
-        atexit.unregister(self._finish_interrupted)
-        if self._deepspeed is not None:
-            self._deepspeed.remove()
-        warnings.warn(f"gradtrace: {where} failed ({type(err).__name__}: {err}); tracking is switched off for "
-                      "the rest of this run, training continues", GradTraceWarning, stacklevel=3)
+        self.gradient_source: GradientSource | None = None
+        # One policy for the events below, the session's writes and the gradient source's hooks. Once an
+        # event fails, tracking stays off: no more events, no claim on the run directory, nothing at exit.
+        self.failures = Failures(strict)
+        self.failures.when_switched_off(functools.partial(RUN_DIR_CLAIMS.release, self))
+        self.failures.when_switched_off(functools.partial(atexit.unregister, self._finish_interrupted))
 
     @property
     def tracker(self) -> GradTracker | None:
@@ -189,19 +175,14 @@ class GradTraceCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin")
-        deepspeed = bool(getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)
-                         or deepspeed_support.is_deepspeed_object(optimizer))
-        if deepspeed:
-            # a clear error for anything DeepSpeed-like that the adapter cannot track, before allocating state
-            deepspeed_support.check_supported(optimizer, model)
-        if deepspeed:  # the engine's optimizer holds flat partitions, not the model's parameters
-            named, not_stepped = [(n, p) for n, p in model.named_parameters() if p.requires_grad], []
-        else:
-            named, not_stepped = stepped_parameters(model, optimizer)
-        tracker = GradTracker(named, self.config, layout_model=model, split=self.split)
+        # the Trainer's own DeepSpeed setting: anything there that cannot be tracked is refused clearly
+        configured = bool(getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None))
+        source = choose_gradient_source(model, optimizer, deepspeed_configured=configured)
+        run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
+        if state.is_world_process_zero:  # the main process writes; other ranks share its directory
+            RUN_DIR_CLAIMS.claim(str(run_dir), self, state)
         mixed = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
-        info = run_info(
-            tracker, optimizer,
+        info = dict(
             max_grad_norm=args.max_grad_norm,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             learning_rate=args.learning_rate,
@@ -211,28 +192,16 @@ class GradTraceCallback(TrainerCallback):
             model_class=type(model).__name__,
             model_name=getattr(getattr(model, "config", None), "_name_or_path", None),
             trainer_output_dir=args.output_dir,
-            parameter_selection=describe_selection(not_stepped, None if deepspeed else optimizer),
         )
-        run_dir = self.output_dir or os.path.join(args.output_dir, "gradtrace")
-        if state.is_world_process_zero:  # the main process writes; other ranks share its directory
-            RUN_DIR_CLAIMS.claim(str(run_dir), self, state)
-        self.session = TraceSession(tracker, run_dir, sinks=self._sinks(args), info=info, strict=self.strict,
-                                    is_main_process=state.is_world_process_zero)
+        self.session = open_session(source, run_dir, config=self.config, split=self.split, sinks=self._sinks(args),
+                                    failures=self.failures, is_main_process=state.is_world_process_zero,
+                                    sync_dtype=self.sync_dtype, sync_every=self.sync_every, info=info)
         self._train_state = state
-        if self.sync_dtype is not None and deepspeed:  # its parameters are flat partitions: not measured
-            self.session.warn_once("sync", "sync_dtype is not supported under DeepSpeed yet; the weight-sync "
-                                   "budget is not measured in this run")
-        elif self.sync_dtype is not None:  # the weight-sync budget (gradtrace.sync)
-            self.session.sync = SyncObserver(tracker.named_parameters(), self.sync_dtype, every=self.sync_every)
-        if not deepspeed:
-            self.session.follow_parameters(lambda: stepped_parameters(model, optimizer)[0])
-        if deepspeed:
-            # DeepSpeed applies and frees the gradient inside accelerator.backward, before the Trainer's
-            # optimizer-step events (where .grad is None): read it inside the engine's optimizer step.
-            on_error = None if self.strict else functools.partial(self._switch_off, "tracking in DeepSpeed's step")
-            self._deepspeed = deepspeed_support.attach_to_deepspeed(tracker, optimizer, on_error=on_error)
-            # Inside the engine's step global_step is still the previous one; `state` is the Trainer's own.
-            self._deepspeed.wants_detail = lambda: self._logs_at(args, state.global_step + 1)
+        # The Trainer announces each optimizer step (on_pre_optimizer_step / on_optimizer_step, below).
+        # Asked before the step, when global_step is still the previous one; `state` is the Trainer's own.
+        source.attach(self.session, failures=self.failures, announced=True,
+                      wants_detail=lambda: self._logs_at(args, state.global_step + 1))
+        self.gradient_source = source
         resumed_from = None
         if state.global_step > 0:  # after attaching: under ZeRO-1/2 that decides which part each rank keeps
             checkpoint, how = self._resumed_checkpoint(args, state)
@@ -270,31 +239,23 @@ class GradTraceCallback(TrainerCallback):
         return guess, (f"{guess}, guessed from output_dir and the global step: the Trainer's own choice "
                        "was not found")
 
-    def _sinks(self, args) -> list:
+    def _sinks(self, args) -> SinkChoice:
         """The trackers to show the charts in: ``report_to`` (or the Trainer's), each into the Trainer's run."""
         names = self.report_to if self.report_to is not None else normalize_report_to(args.report_to)
         if self.report_to is None and "wandb" not in names:
             names = [*names, "wandb"]  # a run you opened yourself (wandb.init) still gets the panels, as before
         if not self.use_wandb:
             names = [n for n in names if n != "wandb"]
-        sinks, problems = build_sinks(names, step_key="train/global_step", charts=self.charts,
-                                      tensorboard_dir=lambda: trainer_log_dir(args.output_dir))
-        for problem in problems:
-            warnings.warn(f"gradtrace: {problem}", GradTraceWarning, stacklevel=3)
-        return sinks
+        return SinkChoice(names, step_key="train/global_step", charts=self.charts,
+                          tensorboard_dir=lambda: trainer_log_dir(args.output_dir))
 
     @_guarded
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._deepspeed is None:  # under DeepSpeed the hook in the engine's step has done it
-            self.session.check_parameters()
-            self.session.note_learning_rates(learning_rates(kwargs.get("optimizer")))
-            self.session.tracker.observe_gradients(detail=self._logs_at(args, state.global_step + 1))
+        self.gradient_source.before_step()
 
     @_guarded
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._deepspeed is None:
-            self.session.tracker.observe_update()
-        self.session.observe_sync()
+        self.gradient_source.after_step()
 
     def _logs_at(self, args, step: int) -> bool:
         """Whether ``step`` will be a logging step (then the step's gradient density is counted too)."""
@@ -327,9 +288,7 @@ class GradTraceCallback(TrainerCallback):
 
     @_guarded
     def on_train_end(self, args, state, control, **kwargs):
-        if self._deepspeed is not None:
-            self._deepspeed.remove()
-            self._deepspeed = None
+        self.gradient_source.remove()
         atexit.unregister(self._finish_interrupted)
         try:
             self.session.finish(state.global_step)
@@ -342,7 +301,7 @@ class GradTraceCallback(TrainerCallback):
         log's ``end`` record saying why. Not under several processes: gathering the masks needs every rank,
         which may be gone (the checkpoints keep theirs)."""
         atexit.unregister(self._finish_interrupted)
-        if self._disabled or self.session is None:
+        if self.failures.switched_off or self.session is None:
             return
         reason = interruption()
         if self.session.processes > 1:  # the world it started in: it may be destroyed by now

@@ -59,7 +59,7 @@ class Recorder(TrainerCallback):
         self.grad_was_none_at_pre_step: list[bool] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.handle = self.traced._deepspeed
+        self.handle = getattr(self.traced.gradient_source, "handle", None)  # the DeepSpeed step hook
         self.model = model
         self.collectives_per_step: list[int] = []
         if self.handle is None:
