@@ -162,3 +162,44 @@ def test_an_engine_is_one_module_on_the_base():
                     and n.module and n.module.startswith("gradtrace")}
         wrong = {m for m in imported if not any(m == a or m.startswith("gradtrace.tracking.engines") for a in allowed)}
         assert wrong == set(), f"{path.name} imports {sorted(wrong)}"
+
+
+# ------------------------------------------------------------------ DeepSpeed in one room
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, lazily or not, with ``from a import b`` counted as ``a.b`` too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def _words(node: ast.AST) -> set[str]:
+    """The names, attributes and strings in an expression, lower-cased."""
+    words = set()
+    for part in ast.walk(node):
+        if isinstance(part, ast.Name):
+            words.add(part.id.lower())
+        elif isinstance(part, ast.Attribute):
+            words.add(part.attr.lower())
+        elif isinstance(part, ast.Constant) and isinstance(part.value, str):
+            words.add(part.value.lower())
+    return words
+
+
+def test_deepspeed_is_known_in_one_place():
+    """Only ``integrations/deepspeed.py`` imports the ``deepspeed`` package, and only the gradient-source
+    chooser (``integrations/gradient_sources.py``) imports it: the Trainer callback and ``trace()`` ask the
+    chooser, and no condition of theirs tests for DeepSpeed."""
+    imports = {str(path.relative_to(PACKAGE)): _imported_modules(path) for path in sorted(PACKAGE.rglob("*.py"))}
+    package = sorted(p for p, names in imports.items() if any(n.split(".")[0] == "deepspeed" for n in names))
+    assert package == ["integrations/deepspeed.py"]
+    support = sorted(p for p, names in imports.items() if "gradtrace.integrations.deepspeed" in names)
+    assert support == ["integrations/gradient_sources.py"]
+    for adapter in ("trainer.py", "plain_loop.py"):
+        tree = ast.parse((PACKAGE / "integrations" / adapter).read_text(encoding="utf-8"))
+        branches = [node.lineno for node in ast.walk(tree) if isinstance(node, (ast.If, ast.IfExp, ast.While))
+                    and any("deepspeed" in word for word in _words(node.test))]
+        assert branches == [], f"integrations/{adapter} branches on DeepSpeed at lines {branches}"
