@@ -314,6 +314,8 @@ def test_a_plain_loop_whose_tracking_fails_trains_on_without_it(tmp_path):
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracer = gradtrace.trace(model, optimizer, tmp_path / "lenient", log_every=1, wandb=False)
+    yours = []
+    optimizer.register_step_pre_hook(lambda *_: yours.append(1))  # a hook of the loop's own, after gradtrace's
     model(torch.ones(1, 4)).sum().backward()
     optimizer.step()  # tracked
     tracer.tracker.observe_gradients = lambda grads=None, detail=True: 1 / 0
@@ -326,8 +328,9 @@ def test_a_plain_loop_whose_tracking_fails_trains_on_without_it(tmp_path):
     said = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
     assert len(said) == 1 and "before the optimizer step failed (ZeroDivisionError" in said[0]
     assert "switched off" in said[0]
-    assert tracer.step == 1 and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert tracer.step == 1 and len(yours) == 4  # the loop's own hook ran at every step
     assert tracer.finish() is None and not (tmp_path / "lenient" / "masks.safetensors").exists()
+    assert len(optimizer._optimizer_step_pre_hooks) == 1 and not optimizer._optimizer_step_post_hooks
 
     strict = gradtrace.trace(model, optimizer, tmp_path / "strict", wandb=False, strict=True)
     strict.tracker.observe_gradients = lambda grads=None, detail=True: 1 / 0

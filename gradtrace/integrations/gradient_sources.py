@@ -67,8 +67,8 @@ class GradientSource(ABC):
         """Start reading every optimizer step into ``session``.
 
         Args:
-            failures: the run's failure policy; a failed read switches tracking off (the source removes
-                itself), or raises when strict.
+            failures: the run's failure policy; a failed read switches tracking off (the source stops
+                reading), or raises when strict.
             wants_detail: asked before each step whether it will be logged (then the step's nonzero gradient
                 elements are counted too: the density curve).
             announced: the training loop calls :meth:`before_step` / :meth:`after_step` around each
@@ -79,7 +79,6 @@ class GradientSource(ABC):
         """
         self.session = session
         self.wants_detail = wants_detail
-        failures.when_switched_off(self.remove)
 
     @abstractmethod
     def before_step(self) -> None:
@@ -123,6 +122,8 @@ class OptimizerHooks(GradientSource):
                             f"got {type(self.optimizer).__name__}")
         super().attach(session, failures=failures, wants_detail=wants_detail)
         self._after = after_step
+        # Switched off, the hooks do nothing (the guard) until remove(): removing them at once, from inside
+        # torch's loop over the step's hooks, would break that loop ("OrderedDict mutated during iteration").
         if not announced:
             self._handles = [
                 self._inner.register_step_pre_hook(
