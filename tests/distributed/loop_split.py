@@ -103,11 +103,10 @@ def main() -> None:
         load_optimizer(model, optimizer, saved["optimizer"], args.backend if distributed else "plain")
     traced = engine.module if engine is not None else model
     config = gradtrace.TrackerConfig(sample_stride=3)
-    if engine is not None:  # DeepSpeed: through the engine's optimizer, as the Trainer callback does
-        tracer = deepspeed_tracer(traced, engine, args.out, rank, config)
-    else:
-        tracer = gradtrace.trace(traced, optimizer, args.out, log_every=2, wandb=False, strict=True,
-                                 is_main_process=rank == 0, config=config, split=False if args.no_split else None)
+    # DeepSpeed: the engine and its optimizer (the gradient is read inside the engine's step)
+    tracer = gradtrace.trace(engine if engine is not None else traced, optimizer, args.out, log_every=2, wandb=False,
+                             strict=True, is_main_process=rank == 0, config=config,
+                             split=False if args.no_split else None)
     reference_is_initial = None
     if args.resume:
         tracer.load_state(args.resume)
@@ -200,34 +199,6 @@ def counting_collectives(distributed: bool):
     finally:
         for name, function in real.items():
             setattr(dist, name, function)
-
-
-class _DeepSpeedTracer:
-    """``Tracer``'s surface over a tracker attached to a DeepSpeed engine (gradtrace.integrations.deepspeed)."""
-
-    def __init__(self, session, handle):
-        self.session, self.handle = session, handle
-        self.tracker = session.tracker
-        session.start(step=0)
-
-    def save_state(self, directory):
-        self.session.save_state(directory, step=self.tracker.steps)
-
-    def load_state(self, directory):
-        self.session.restore_state(directory)
-
-    def finish(self):
-        self.handle.remove()
-        self.session.finish(self.tracker.steps)
-
-
-def deepspeed_tracer(module, engine, out, rank, config):
-    from gradtrace.integrations.deepspeed import attach_to_deepspeed
-    from gradtrace.integrations.session import TraceSession
-
-    tracker = gradtrace.GradTracker(module, config)
-    session = TraceSession(tracker, out, strict=True, is_main_process=rank == 0)
-    return _DeepSpeedTracer(session, attach_to_deepspeed(tracker, engine))
 
 
 def full_model_state(model, engine) -> dict:
