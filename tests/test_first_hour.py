@@ -13,7 +13,7 @@ import torch
 from gradtrace import GradTraceCallback, GradTraceWarning, load_masks, read_run_log
 from gradtrace.cli import main as cli_main
 from gradtrace.demo import runs
-from gradtrace.views.report import load_run
+from gradtrace.views.run_data import load_run
 from gradtrace.views.watch import LogFollower
 
 

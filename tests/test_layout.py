@@ -162,3 +162,16 @@ def test_an_engine_is_one_module_on_the_base():
                     and n.module and n.module.startswith("gradtrace")}
         wrong = {m for m in imported if not any(m == a or m.startswith("gradtrace.tracking.engines") for a in allowed)}
         assert wrong == set(), f"{path.name} imports {sorted(wrong)}"
+
+
+def test_only_the_cli_and_the_demo_reach_the_html_report():
+    """Run data (grids, table rows, labels) lives in views/run_data.py; the HTML report module, which
+    imports matplotlib, is reached only by those that write a report, so sinks and live views never load it."""
+    wrong = []
+    for module in PACKAGE.rglob("*.py"):
+        if module.parent.name in ("cli", "demo") or module.name == "report.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "gradtrace.views.report":
+                wrong.append(str(module.relative_to(PACKAGE)))
+    assert wrong == []

@@ -12,7 +12,8 @@ from rich.console import Console
 from transformers import Trainer
 
 from gradtrace import GradTraceCallback, read_run_log
-from gradtrace.views.report import expert_grid, write_report
+from gradtrace.views.report import write_report
+from gradtrace.views.run_data import expert_grid
 from gradtrace.views.watch import LogFollower, render
 from tests import moe_models
 from tests.test_moe import _args, _token_data
@@ -87,7 +88,7 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
     from gradtrace.sinks.payload import TABLE_KEY, chart_keys_bound, finite
     from gradtrace.sinks.wandb import EXPERT_TABLE_KEY
     from gradtrace.views.live import expert_image
-    from gradtrace.views.report import expert_grid
+    from gradtrace.views.run_data import expert_grid
     from tests.test_wandb_sink import pixels
     from tests.tracker_checks import assert_grid_image
     from tests.wandb_file import read_run

@@ -23,7 +23,8 @@ import gradtrace
 from gradtrace import TrackerConfig, load_masks, read_run_log
 from gradtrace.anatomy.naming import kind_of, layer_of
 from gradtrace.cli import main as cli_main
-from gradtrace.views.report import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label, write_report
+from gradtrace.views.report import write_report
+from gradtrace.views.run_data import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label
 
 # matplotlib's default cycle: the first run is drawn in C0, the second in C1.
 C0, C1 = (31, 119, 180), (255, 127, 14)

@@ -29,7 +29,7 @@ from gradtrace.anatomy.naming import kind_of, layer_of
 from gradtrace.sinks.payload import HISTOGRAM_KEY, LAYER_STEP_METRICS, TABLE_KEY, scalar_payload
 from gradtrace.sinks.wandb import ARTIFACT_TYPE, WandbSink
 from gradtrace.views.live import layer_kind_image
-from gradtrace.views.report import layer_kind_grid
+from gradtrace.views.run_data import layer_kind_grid
 from tests.tracker_checks import assert_grid_image, assert_layer_step_image
 from tests.wandb_file import read_run
 
