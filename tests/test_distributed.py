@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,19 +38,22 @@ def launch(script: str, *args: str, processes: int, cwd: Path,
                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPTS / script), *args]
     else:
         command = [sys.executable, str(SCRIPTS / script), *args]
+    # its own session: on a timeout the ranks are killed with torchrun (not left behind, hung), and what
+    # they printed is still read (subprocess.run's timeout kills only torchrun and drops the output)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as hung:  # say what the ranks had printed before they stopped
-        result = subprocess.CompletedProcess(command, "timed out after 300 s", _text(hung.stdout), _text(hung.stderr))
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        result = subprocess.CompletedProcess(command, "timed out after 300 s", stdout, stderr)
         raise AssertionError(failure_report(script, result)) from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, failure_report(script, result)
     # a rank that aborts at exit (SIGABRT after its work is written) must not pass unnoticed either
     assert "terminate called" not in result.stderr, failure_report(script, result)
     return result
-
-
-def _text(output: bytes | str | None) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def failure_report(script: str, result: subprocess.CompletedProcess) -> str:
