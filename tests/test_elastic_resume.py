@@ -46,11 +46,8 @@ def test_resume_with_another_number_of_processes(tmp_path, uninterrupted, backen
     stopped = launch("loop_split.py", str(first), backend, "--save-at", "2", processes=before, cwd=tmp_path,
                      env_extra=DEEPSPEED_ENV)
     if before > 1 and not backend.startswith("zero"):
-        # the tracer, left unfinished, issues no collective once the group is destroyed: gathering is
-        # refused with a message, and the exit handler does not try (it once did, over the group DDP's
-        # reducer still held, and hung the interpreter's end: docs/distributed.md)
-        assert stopped.stdout.count("measure after destroy_process_group: gradtrace: this tracker's state is "
-                                    "divided among processes") == 2, stopped.stdout
+        # the tracer, left unfinished, issues no collective at exit, after the group is destroyed (it once
+        # did, over the group DDP's reducer still held: docs/distributed.md, "Ending a distributed run")
         assert stopped.stderr.count("under several processes its masks are not written at exit") == 2
         assert "writing the masks at exit failed" not in stopped.stderr
     saved = sorted(p.name for p in (first / "ckpt").glob("tracker_state*.safetensors"))

@@ -16,7 +16,7 @@ ALLOWED = {
     "formats": set(),
     "anatomy": {"formats"},
     "tracking": {"formats", "anatomy"},
-    "sync": {"formats", "anatomy", "tracking"},
+    "sync": {"formats", "anatomy"},
     "views": {"formats", "anatomy"},
     "masks": {"formats", "anatomy"},
     "sinks": {"formats", "anatomy", "views"},

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from gradtrace.anatomy.experts import expert_layout
 from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer, total
 from gradtrace.sync.patch import ENCODINGS, SPARSE_ENCODINGS, Patch, diff_tensor, raw_bits, sync_dtype
-from gradtrace.tracking import collectives
 
 _NAMED_FIELDS = ("numel", "step_changed", "window_changed")
 
@@ -166,7 +165,7 @@ class SyncObserver:
         if self.sharded and dist.is_available() and dist.is_initialized():
             names = sorted(per_param)
             table = torch.tensor([[per_param[n][f] for f in _NAMED_FIELDS] for n in names], dtype=torch.int64)
-            collectives.all_reduce(table)
+            dist.all_reduce(table)
             per_param = {n: dict(zip(_NAMED_FIELDS, map(int, row), strict=True))
                          for n, row in zip(names, table.tolist(), strict=True)}
         return per_param, per_slice
@@ -183,7 +182,7 @@ class SyncObserver:
         sizes = patch.sizes()
         if self.sharded and dist.is_available() and dist.is_initialized():
             table = torch.tensor([sizes[e] for e in ENCODINGS], dtype=torch.int64)
-            collectives.all_reduce(table)
+            dist.all_reduce(table)
             sizes = dict(zip(ENCODINGS, map(int, table.tolist()), strict=True))
         return sizes
 

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from gradtrace.formats.bitpack import or_pack_into, pack_bits
-from gradtrace.tracking import collectives
 from gradtrace.tracking.engines.base import Placement
 from gradtrace.tracking.kernels import torch_path
 from gradtrace.tracking.state import COUNTER_INDEX
@@ -136,7 +135,7 @@ class Folding:
             # Whether the step was all-zero, or held a NaN, is a question about every shard together:
             # one 2-element all-reduce, no host sync on GPU.
             flags = _to(flags, self._collective_device)
-            collectives.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
             flags = _to(flags, device)
         self.steps += 1
         counters = self.counters
@@ -207,7 +206,7 @@ class Folding:
             else:
                 flags.append(_to(torch_path.scan_gradient(grad)[2], self._collective_device))
         reduced = torch.stack(flags).to(torch.int32)
-        collectives.all_reduce(reduced, op=dist.ReduceOp.MIN, group=self._group)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MIN, group=self._group)
         return {"*": reduced, **{name: i for i, name in enumerate(agreeing)}}
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import nn
 from gradtrace.anatomy.experts import ExpertLayout
 from gradtrace.formats.bitpack import pack_bits, popcount, unpack_bits
 from gradtrace.formats.masks_file import PackedMask
-from gradtrace.tracking import collectives, sharding, slices
+from gradtrace.tracking import sharding, slices
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.kernels import numpy_measure, torch_path
 from gradtrace.tracking.state import COUNTER_INDEX, COUNTER_REDUCE, COUNTERS
@@ -138,7 +138,7 @@ class Measuring:
                           *(block.reshape(-1) for block in slice_blocks)])
         if self._group is not None:
             flat = _to(flat, self._collective_device)
-            collectives.all_reduce(flat, group=self._group)
+            dist.all_reduce(flat, group=self._group)
         table = flat.tolist()  # the one device-to-host sync
         width = len(COUNT_FIELDS)
         per_param = {

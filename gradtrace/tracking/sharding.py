@@ -28,8 +28,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from gradtrace.tracking import collectives
-
 
 def is_zero3(tensor: torch.Tensor) -> bool:
     """True for a DeepSpeed ZeRO-3 partitioned parameter (its partition in ``ds_tensor``)."""
@@ -215,7 +213,7 @@ def gather_full(local_mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         padded = torch.zeros(size, dtype=torch.uint8, device=device)  # gloo cannot all-gather bool
         padded[:valid] = local_mask.reshape(-1)
         parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group=group))]
-        collectives.all_gather(parts, padded, group=group)
+        dist.all_gather(parts, padded, group=group)
         return torch.cat(parts)[:param.ds_numel].reshape(param.ds_shape).bool()
     from torch.distributed.tensor import DTensor
 

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from gradtrace.formats.bitpack import pack_bits, packed_length
-from gradtrace.tracking import collectives
 
 Span = tuple[int, int]  # (start in the flattened parameter, length)
 
@@ -89,7 +88,7 @@ def broadcast_packed(bits: torch.Tensor | None, numel: int, owner: int, group: d
     holds whole: ``bits`` there (``None`` elsewhere), broadcast to every rank of ``group`` (a collective)."""
     packed = (bits.to(device, copy=True) if dist.get_rank() == owner  # the caller's state stays its own
               else torch.empty(packed_length(numel), dtype=torch.uint8, device=device))
-    collectives.broadcast(packed, src=owner, group=group)
+    dist.broadcast(packed, src=owner, group=group)
     return packed
 
 
@@ -108,7 +107,7 @@ def gather_packed(bits: torch.Tensor | None, span: Span, numel: int, group: dist
     packed = torch.zeros(packed_length(numel), dtype=torch.uint8, device=device)
     if bits is not None:
         packed[start // 8:start // 8 + bits.numel()] = bits.to(device)
-    collectives.all_reduce(packed, group=group)
+    dist.all_reduce(packed, group=group)
     return packed
 
 
@@ -121,5 +120,5 @@ def gather(local_mask: torch.Tensor, span: Span, numel: int, group: dist.Process
     start, length = span
     full[start:start + length] = local_mask.reshape(-1)
     packed = pack_bits(full).to(device)
-    collectives.all_reduce(packed, group=group)
+    dist.all_reduce(packed, group=group)
     return packed

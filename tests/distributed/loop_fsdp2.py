@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -58,9 +59,8 @@ def main(out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"world_size": world, "grad_types": sorted(grad_types), "sharded": tracer.tracker.sharded,
                    "state_bytes": tracer.tracker.state_bytes()}, handle)
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()  # after main: DDP's reducer must not be what destroys the group (teardown.py)

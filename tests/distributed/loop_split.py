@@ -26,6 +26,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -151,17 +152,6 @@ def main() -> None:
                    "tracked_numel": tracker.numel, "spans": tracker.spans, "steps": tracker.steps,
                    "collectives_per_step": collectives_per_step, "reference_is_initial": reference_is_initial},
                   handle)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-        if args.save_at and engine is None:
-            # The tracer is left unfinished (a run stopped at a checkpoint): gathering its state now must be
-            # refused, not sent over the group that DDP's reducer or FSDP2's mesh still holds; and at exit it
-            # must not try (a collective while the interpreter ends deadlocks it: docs/distributed.md).
-            try:
-                tracer.tracker.measure()
-            except RuntimeError as err:
-                print(f"measure after destroy_process_group: {err}")
 
 
 def reference_matches(tracker, initial_model) -> bool:
@@ -316,3 +306,4 @@ def load_optimizer(model, optimizer, saved: dict, backend: str) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # after main: DDP's reducer must not be what destroys the group (teardown.py)

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -64,8 +65,8 @@ def main(mode: str, out: str) -> None:
         torch.save(weights, os.path.join(out, "weights.pt"))
         with open(os.path.join(out, "sections.json"), "w") as handle:
             json.dump({"sections": sections, "sharded": tracer.session.sync.sharded}, handle)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    end_process_group()  # after main: DDP's reducer must not be what destroys the group (teardown.py)

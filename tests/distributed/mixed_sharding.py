@@ -25,6 +25,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from teardown import end_process_group
 from torch import nn
 
 from gradtrace import GradTracker, TrackerConfig, save_masks
@@ -182,8 +183,8 @@ def main(out: str) -> None:
             meshes_case(out)
         else:
             model_case(out, case)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()  # after main: replicate()'s reducer must not be what destroys the group (teardown.py)

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from teardown import end_process_group  # noqa: E402
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -67,9 +68,8 @@ def main(out: str, ddp: bool = False) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"sharded": tracer.tracker.sharded, "local_experts": local.shape[0],
                    "spans": tracer.tracker.spans}, handle)
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], ddp="ddp" in sys.argv[2:])
+    end_process_group()  # after main: DDP's reducer must not be what destroys the group (teardown.py)

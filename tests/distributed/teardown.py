@@ -1,22 +1,27 @@
-"""The end of a worker script: every rank gets here, then every process group is destroyed and its
-threads joined while the interpreter is still whole.
+"""The end of every worker script: every rank gets here, then every process group is destroyed and its
+threads joined while the interpreter is still whole, and never by DDP's reducer.
 
-Why: ``dist.destroy_process_group()`` only drops torch's own references to the groups. A group that
-something else still holds lives on, with its gloo threads (``pt_gloo_runloop``, ``gloo_tcp_loop``),
-into interpreter finalization. Under ZeRO-3 (with or without CPU offload) that is always so:
-``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK``, a module-level list, keeps the root module
-(and through its hooks the engine, through ``ds_process_group`` the groups) alive, and even with that
-list cleared and the engine destroyed, the engine stays reachable by a path not found (measured in
-``trainer_deepspeed.py``'s ZeRO-3 offload run: 2 groups, 4 ``pt_gloo_runloop`` and 2 ``gloo_tcp_loop``
-threads per rank left after ``destroy_process_group``). In
-finalization a thread that wants the GIL back is ended with pthread_exit, a forced unwind that aborts
-through any C++ destructor in its way: "terminate called without an active exception" (SIGABRT), after
-the rank's work is written, as seen in CI. So the end is explicit and in a fixed order: barrier;
+Why (found with ``py-spy dump --native`` on hung ranks; docs/distributed.md, "Ending a distributed run"):
+gloo's worker thread releases a finished collective's tensors after the call has returned, and releasing
+a tensor that Python created needs the GIL. The group's destructor joins that thread. When the destructor
+runs from a Python object's deallocation that keeps the GIL, it waits for a thread that waits for the GIL:
+a deadlock. DDP's ``Reducer`` is such an object (its binding destroys the group without releasing the
+GIL, pytorch/pytorch#56297); freed at ``main()``'s return after ``dist.destroy_process_group()`` dropped
+torch's own references, it destroys the group, and if the rank's last collective ended a few
+milliseconds before (the export's broadcast on a rank that then writes nothing), the rank hangs. If the
+thread reaches the GIL after interpreter finalization has begun instead, Python ends it with
+``pthread_exit``, a forced unwind through a ``noexcept`` destructor: "terminate called without an active
+exception" (SIGABRT). ZeRO-3 keeps its groups alive into finalization through
+``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` (a module-level list holding the root
+module, through its hooks the engine, through ``ds_process_group`` the groups).
+
+So the end is explicit and in a fixed order, after ``main()`` has returned (its DDP wrapper, trainer and
+model are gone, while torch still holds the group: the reducer's release is not the last): barrier;
 DeepSpeed's engines destroyed, its module stack cleared, its group references released
-(``deepspeed.comm.destroy_process_group``); torch's groups destroyed; garbage collected. If group threads
-are still running then, the exit handlers run and the process ends without finalization.
-
-Call it after ``main()`` has returned, so that main's locals (trainer, callback, model) are gone.
+(``deepspeed.comm.destroy_process_group``); torch's groups destroyed (torch's own ``ProcessGroup``
+binding releases the GIL in its destructor); garbage collected. If group threads are still running then
+(something outside our reach still holds a group), the exit handlers run and the process ends without
+finalization.
 """
 
 from __future__ import annotations
