@@ -1,7 +1,7 @@
 """The MoE architectures of the installed transformers, each built tiny: enumerated from its auto
 mappings (every config class declaring an expert count, nested configs included), not from a list here.
 
-Used by tests/test_architectures.py and docs/anatomy_coverage.py (the README's list of covered
+Used by tests/anatomy/test_architectures.py and docs/anatomy_coverage.py (the README's list of covered
 architectures is generated from the same enumeration).
 """
 
