@@ -19,7 +19,7 @@ OUT = Path(__file__).with_name("anatomy-coverage.md")
 
 def main(junit: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.architectures import moe_architectures
+    from tests.helpers.architectures import moe_architectures
 
     classes = moe_architectures()
     covered, live_only, skipped, failing = [], [], [], []

@@ -7,7 +7,7 @@ import pytest
 from gradtrace.anatomy.experts import expert_layout
 from gradtrace.anatomy.grouping import by_expert, by_kind, by_layer
 from gradtrace.anatomy.naming import expert_of, kind_of, layer_key, tower_of
-from tests import moe_models
+from tests.helpers import moe_models
 
 
 def _shapes(model):

@@ -2,7 +2,7 @@
 per-expert, per-layer and router numbers equal an independent reference read from the module
 structure, and ``gradtrace diff`` of the ``save_pretrained`` checkpoints equals the live run.
 
-The architectures are enumerated from transformers' auto mappings (tests/architectures.py); one that
+The architectures are enumerated from transformers' auto mappings (tests/helpers/architectures.py); one that
 cannot be built tiny or run on CPU is skipped with its reason (docs/anatomy_coverage.py lists them).
 
 The reference knows nothing of gradtrace's naming: experts are found as a ``ModuleList`` / ``ModuleDict``
@@ -24,7 +24,7 @@ from torch import nn
 
 import gradtrace
 from gradtrace.masks.diff import diff_checkpoints
-from tests import architectures
+from tests.helpers import architectures
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::gradtrace.GradTraceWarning")]
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import gradtrace
 from gradtrace import GradTraceCallback, load_masks, read_run_log
@@ -28,23 +28,11 @@ from gradtrace.tracking.slices import slice_rows
 from gradtrace.tracking.tracker import COUNT_FIELDS, GradTracker
 from gradtrace.views.report import write_report
 from gradtrace.views.watch import LogFollower, render
-from tests import moe_models
-from tests.conftest import assert_masks_equal_reference
+from tests.helpers import moe_models
+from tests.helpers.moe_models import token_data, training_args
+from tests.helpers.reference import assert_masks_equal_reference
 
 pytestmark = pytest.mark.filterwarnings("error::gradtrace.GradTraceWarning")
-
-
-def _args(tmp_path, **extra):
-    settings = dict(output_dir=str(tmp_path), max_steps=3, logging_steps=1, learning_rate=1e-2,
-                    per_device_train_batch_size=2, report_to="none", use_cpu=True, save_strategy="no",
-                    lr_scheduler_type="constant", disable_tqdm=True, seed=0)
-    return TrainingArguments(**{**settings, **extra})
-
-
-def _token_data(seed: int, rows: int = 6, length: int = 3) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, moe_models.VOCAB, (rows, length), generator=generator).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def _expected_per_expert(reference, layout) -> dict[str, dict[str, int]]:
@@ -67,7 +55,7 @@ def test_per_expert_counts_in_a_trainer_run(arch, tmp_path, reference):
     torch.manual_seed(0)
     model = moe_models.MOE_MODELS[arch]()
     callback = GradTraceCallback(strict=True, wandb=False, sample_stride=3)
-    Trainer(model=model, args=_args(tmp_path), train_dataset=_token_data(0), callbacks=[callback, reference]).train()
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=token_data(0), callbacks=[callback, reference]).train()
     run_dir = tmp_path / "gradtrace"
     assert_masks_equal_reference(load_masks(run_dir / "masks.safetensors"), reference)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -110,7 +98,7 @@ def test_vlm_layer_keys_in_a_trainer_run(tmp_path, reference):
     model = moe_models.qwen2_5_vl()
     data = Dataset.from_list([{"seed": i} for i in range(6)])
     callback = GradTraceCallback(strict=True, wandb=False)
-    Trainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1, remove_unused_columns=False),
+    Trainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=1, remove_unused_columns=False),
             train_dataset=data, data_collator=lambda rows: moe_models.vl_example(rows[0]["seed"]),
             callbacks=[callback, reference]).train()
     masks = load_masks(tmp_path / "gradtrace" / "masks.safetensors")
@@ -222,7 +210,7 @@ def _train_qwen3_moe(out, seed: int, *, save_to=None):
         model.save_pretrained(save_to / "base")
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, save_to / "base.safetensors")
     callback = GradTraceCallback(strict=True, wandb=False)
-    Trainer(model=model, args=_args(out), train_dataset=_token_data(seed), callbacks=[callback]).train()
+    Trainer(model=model, args=training_args(out), train_dataset=token_data(seed), callbacks=[callback]).train()
     if save_to is not None:
         model.save_pretrained(save_to / "tuned")
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
@@ -267,7 +255,7 @@ def test_a_frozen_router_still_identifies_the_experts(tmp_path, reference):
     for layer in model.model.layers:
         layer.mlp.gate.weight.requires_grad_(False)  # a common choice when fine-tuning a MoE
     callback = GradTraceCallback(strict=True, wandb=False)
-    Trainer(model=model, args=_args(tmp_path), train_dataset=_token_data(0), callbacks=[callback, reference]).train()
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=token_data(0), callbacks=[callback, reference]).train()
     summary = json.loads((tmp_path / "gradtrace" / "summary.json").read_text())
     assert "router" not in summary["per_kind"]  # not tracked
     expected = _expected_per_expert(reference, callback.tracker.experts)

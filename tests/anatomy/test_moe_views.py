@@ -14,16 +14,15 @@ from transformers import Trainer
 from gradtrace import GradTraceCallback, read_run_log
 from gradtrace.views.report import expert_grid, write_report
 from gradtrace.views.watch import LogFollower, render
-from tests import moe_models
-from tests.anatomy.test_moe import _args, _token_data
-from tests.sinks.test_wandb_sink import wandb_env  # noqa: F401  (the offline W&B fixture, used by name)
+from tests.helpers import moe_models
+from tests.helpers.moe_models import token_data, training_args
 
 
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe-run")
     torch.manual_seed(0)
-    Trainer(model=moe_models.qwen3_moe(), args=_args(out), train_dataset=_token_data(0),
+    Trainer(model=moe_models.qwen3_moe(), args=training_args(out), train_dataset=token_data(0),
             callbacks=[GradTraceCallback(strict=True, wandb=False)]).train()
     return out / "gradtrace"
 
@@ -67,7 +66,7 @@ def test_watch_prints_one_expert_line_per_moe_layer(moe_run):
 
 
 def test_moe_example_prints_the_summary_numbers_and_draws_the_heatmap(tmp_path, capsys):
-    from tests.integrations.test_examples import load
+    from tests.helpers.examples import load
 
     summary = load("moe_experts").main(str(tmp_path / "run"), steps=2, png=str(tmp_path / "experts.png"))
     g = summary["global"]
@@ -79,8 +78,8 @@ def test_moe_example_prints_the_summary_numbers_and_draws_the_heatmap(tmp_path, 
     assert (tmp_path / "experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  # noqa: F811
-    """Read back from the offline run's own transaction log (tests/wandb_file.py), as test_wandb_sink does;
+def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):
+    """Read back from the offline run's own transaction log (tests/helpers/wandb_file.py), as test_wandb_sink does;
     the Trainer opens no run of its own (report_to="none"), so the sink logs to ours, against the Trainer's step."""
     import wandb
 
@@ -88,12 +87,11 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
     from gradtrace.sinks.wandb import EXPERT_TABLE_KEY
     from gradtrace.views.live import expert_image
     from gradtrace.views.report import expert_grid
-    from tests.sinks.test_wandb_sink import pixels
-    from tests.tracker_checks import assert_grid_image
-    from tests.wandb_file import read_run
+    from tests.helpers.tracker_checks import assert_grid_image, pixels
+    from tests.helpers.wandb_file import read_run
 
     wandb.init(mode="offline", dir=wandb_env, project="gradtrace-tests")
-    Trainer(model=moe_models.qwen3_moe(), args=_args(tmp_path, max_steps=2), train_dataset=_token_data(0),
+    Trainer(model=moe_models.qwen3_moe(), args=training_args(tmp_path, max_steps=2), train_dataset=token_data(0),
             callbacks=[GradTraceCallback(strict=True, output_dir=tmp_path / "run")]).train()
     wandb.finish()
     wb = read_run(wandb_env)

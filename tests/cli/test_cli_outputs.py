@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from gradtrace.cli import main as cli_main
 from gradtrace.formats.masks_file import save_masks
-from tests.views.test_report import traced_run
+from tests.helpers.traced_runs import traced_run
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ skipped without it. The detection helpers are tested everywhere.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -22,22 +20,8 @@ from gradtrace.integrations.deepspeed import (
     is_deepspeed_object,
 )
 from gradtrace.tracking.state import COUNTER_INDEX
-from tests.engines.test_ddp_fsdp2 import assert_same_masks, launch
-
-DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"}  # these runs are CPU + gloo, also on a machine with GPUs
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, no DeepSpeed, global batch 8: what every DeepSpeed run must reproduce."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path_factory.mktemp("reference")
-    launch("trainer_deepspeed.py", str(out / "run"), "none", "8", "1", processes=1, cwd=out)
-    return out / "run"
-
-
-def ranks(out, world=2):
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+from tests.helpers.deepspeed_fakes import DeepSpeedOptimizerWrapper, fake_zero_optimizer
+from tests.helpers.launching import DEEPSPEED_ENV, assert_same_masks, launch, ranks
 
 
 @pytest.mark.distributed
@@ -119,21 +103,6 @@ def test_zero2_without_split_reads_full_gradients_with_an_all_reduce_each(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------- no processes
-class DeepSpeedOptimizerWrapper:
-    """Stands in for accelerate's wrapper (what a Trainer callback receives): found by its class name."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-
-def fake_zero_optimizer(params, *, stage=2):
-    """A torch optimizer whose class looks like DeepSpeed's ZeRO-1/2 optimizer (module and name)."""
-    cls = type("DeepSpeedZeroOptimizer", (torch.optim.SGD,), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})
-    optimizer = cls(params, lr=0.1)
-    optimizer.partition_gradients = stage == 2
-    return optimizer
-
-
 def test_detection_of_deepspeed_objects():
     model = nn.Linear(3, 2)
     plain = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -26,8 +26,8 @@ from torch import nn
 from gradtrace import GradTraceWarning, GradTracker, TrackerConfig
 from gradtrace.integrations.deepspeed import attach_to_deepspeed
 from gradtrace.tracking.state import COUNTER_INDEX
-from tests.engines.test_ddp_fsdp2 import launch
-from tests.engines.test_deepspeed import DEEPSPEED_ENV, fake_zero_optimizer
+from tests.helpers.deepspeed_fakes import fake_zero_optimizer
+from tests.helpers.launching import DEEPSPEED_ENV, launch
 
 OVERFLOW_STEP, USED = 3, 40  # as in tests/engines/workers/engine_precision.py
 OPTIMIZERS = {0: {"bf16": "FP16_UnfusedOptimizer", "fp16": "FP16_UnfusedOptimizer"},

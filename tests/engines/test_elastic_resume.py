@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from gradtrace import load_masks
-from tests.engines.test_ddp_fsdp2 import assert_same_masks, launch
+from tests.helpers.launching import DEEPSPEED_ENV, assert_same_masks, launch
 
 pytestmark = pytest.mark.distributed
-DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"}
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines.test_ddp_fsdp2 import assert_same_masks, launch
-from tests.engines.test_deepspeed import DEEPSPEED_ENV, ranks, reference  # noqa: F401  (reference: a fixture)
+from tests.helpers.launching import DEEPSPEED_ENV, assert_same_masks, launch, ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -89,7 +88,7 @@ def test_fsdp_tp_strided_shards_count_exactly(mixed):
     assert_same_masks(mixed / "strided-sharded.safetensors", mixed / "strided-single.safetensors")
 
 
-def test_zero3_with_cpu_offload_matches_single_process(tmp_path, reference):  # noqa: F811
+def test_zero3_with_cpu_offload_matches_single_process(tmp_path, reference):
     out = tmp_path / "ds"
     launch("trainer_deepspeed.py", str(out), "3", "4", "1", "offload", processes=2, cwd=tmp_path,
            env_extra=DEEPSPEED_ENV)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gradtrace import load_masks, read_run_log
-from tests.engines.test_ddp_fsdp2 import assert_same_masks, launch
+from tests.helpers.launching import assert_same_masks, launch
 
 pytestmark = pytest.mark.distributed
 

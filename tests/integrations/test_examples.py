@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import gradtrace
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.examples import load
 
 
 def test_plain_loop_example(tmp_path, capsys):
@@ -42,7 +31,7 @@ def test_deep_model_example_keeps_its_charts_bounded_and_draws_the_run_log(tmp_p
     import numpy as np
     from PIL import Image
 
-    from tests.tracker_checks import assert_layer_step_image
+    from tests.helpers.tracker_checks import assert_layer_step_image
 
     result = load("deep_model").main(str(tmp_path), layers=12, steps=4, png=str(tmp_path / "view.png"))
     records = result["records"]

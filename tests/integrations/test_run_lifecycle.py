@@ -22,7 +22,7 @@ def two_runs(tmp_path_factory, base_path):
     """Run X: 8 steps with a checkpoint at 4 and the reference bookkeeping; run Y: another run (of another
     model of the same architecture, at another learning rate) whose output_dir holds a checkpoint-4 too."""
     from gradtrace.demo.tiny import build_model, load_tokenizer, save_base
-    from tests.conftest import ReferenceRecorder
+    from tests.helpers.reference import ReferenceRecorder
 
     root = tmp_path_factory.mktemp("lifecycle")
     tokenizer = load_tokenizer(base_path)
@@ -163,7 +163,7 @@ def test_ill_typed_records_are_skipped_by_every_reader(tmp_path, base_path, caps
 
 
 def test_two_callbacks_on_one_trainer_do_not_share_a_run_directory(tmp_path, base_path, reference):
-    from tests.conftest import assert_masks_equal_reference
+    from tests.helpers.reference import assert_masks_equal_reference
 
     first, second = GradTraceCallback(wandb=False), GradTraceCallback(wandb=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -190,7 +190,7 @@ def test_two_trainers_sharing_an_output_dir_concurrently(tmp_path, base_path, re
 
     from transformers import TrainerCallback
 
-    from tests.conftest import assert_masks_equal_reference
+    from tests.helpers.reference import assert_masks_equal_reference
 
     started, proceed = threading.Event(), threading.Event()
 
@@ -228,7 +228,7 @@ import sys, torch
 from transformers import TrainerCallback
 from gradtrace import GradTraceCallback
 from gradtrace.demo import runs
-from tests.conftest import ReferenceRecorder
+from tests.helpers.reference import ReferenceRecorder
 
 base, out, kind = sys.argv[1:4]
 reference = ReferenceRecorder()

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from gradtrace import GradTraceCallback, load_masks, read_run_log
 from gradtrace.demo import runs
-from tests.conftest import assert_masks_equal_reference
+from tests.helpers.reference import assert_masks_equal_reference
 
 pytestmark = pytest.mark.filterwarnings("error::gradtrace.GradTraceWarning")
 

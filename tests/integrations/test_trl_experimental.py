@@ -14,7 +14,7 @@ import torch
 from gradtrace import GradTraceCallback, load_masks
 from gradtrace.demo.runs import reward_exact_match
 from gradtrace.demo.tiny import load_base, load_tokenizer, preference_dataset, prompt_dataset
-from tests.conftest import assert_masks_equal_reference
+from tests.helpers.reference import assert_masks_equal_reference
 
 pytestmark = pytest.mark.filterwarnings("error::gradtrace.GradTraceWarning")
 
@@ -28,7 +28,7 @@ def _check(tmp_path, callback, reference, steps: int = 3) -> None:
 
 
 def _callbacks():
-    from tests.conftest import ReferenceRecorder
+    from tests.helpers.reference import ReferenceRecorder
 
     callback = GradTraceCallback(strict=True, wandb=False, cancellation="full")
     reference = ReferenceRecorder()

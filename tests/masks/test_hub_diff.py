@@ -1,6 +1,6 @@
 """``gradtrace diff`` / ``rank`` on hub repos: the real ``huggingface_hub`` client against a local hub.
 
-The hub is :mod:`tests.hub_server` (stdlib ``http.server`` on 127.0.0.1, repos from folders, HTTP
+The hub is :mod:`tests.helpers.hub_server` (stdlib ``http.server`` on 127.0.0.1, repos from folders, HTTP
 ranges, bytes served counted server-side). ``huggingface_hub`` reads ``HF_ENDPOINT`` at import, and
 this pytest process has imported it already (through transformers), so the CLI runs in a separate
 worker process started with the environment set: it reads one argv per line on stdin and runs
@@ -13,101 +13,32 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from gradtrace.formats.masks_file import load_masks
 from gradtrace.masks.diff import CheckpointDiffError, diff_checkpoints
-from tests.hub_server import HubServer, commit_sha
-
-REPO = Path(__file__).resolve().parents[2]
-TOLERANCES = ("0", "1e-5")
-INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-          torch.float64: torch.int64}
-
-# name -> shape of the bf16 test checkpoint (two shards), plus one integer buffer that is skipped
-SHAPES = {
-    "model.embed_tokens.weight": (64, 32),
-    "model.layers.0.self_attn.q_proj.weight": (32, 32),
-    "model.layers.0.mlp.down_proj.weight": (32, 48),
-    "model.layers.0.input_layernorm.weight": (32,),
-    "model.layers.1.self_attn.q_proj.weight": (32, 32),
-    "model.layers.1.mlp.down_proj.weight": (32, 48),
-    "model.layers.1.input_layernorm.weight": (32,),
-    "lm_head.weight": (64, 32),
-}
-BUFFER = "model.layers.0.self_attn.position_ids"
-
-
-# ------------------------------------------------------------------------------------------ building repos
-def base_tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    # magnitudes ~1e-3, so one bf16 ULP (~4e-6 … 8e-6) and two straddle the 1e-5 tolerance
-    return {name: (torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16) for name, shape in SHAPES.items()}
-
-
-def perturbed(base: dict[str, torch.Tensor], seed: int, fraction: float) -> dict[str, torch.Tensor]:
-    """Each element moved by −3 … +3 bf16 ULPs (0 included) with probability ``fraction``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, a in base.items():
-        bits = a.view(torch.int16).reshape(-1).clone()
-        chosen = torch.rand(bits.numel(), generator=g) < fraction
-        ulps = torch.randint(-3, 4, (bits.numel(),), generator=g).to(torch.int16)
-        bits[chosen] += ulps[chosen]
-        out[name] = bits.view(torch.bfloat16).reshape(a.shape)
-    return out
-
-
-def write_revision(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None,
-                   shards: int = 2) -> None:
-    """An HF model folder: ``shards`` safetensors files, the index, config.json."""
-    folder.mkdir(parents=True)
-    names = list(tensors)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[i::shards]}
-        save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
-
-
-def with_buffer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {**tensors, BUFFER: torch.arange(16, dtype=torch.int64)}
+from tests.helpers.cli_worker import Worker
+from tests.helpers.hub_repos import (
+    BUFFER,
+    HUB_FLAGS,
+    SHAPES,
+    TOLERANCES,
+    base_tensors,
+    counts_of,
+    expected_counts,
+    perturbed,
+    with_buffer,
+    write_revision,
+)
+from tests.helpers.hub_server import HubServer, commit_sha
 
 
 # ------------------------------------------------------------------------------------------ independent truth
-def expected_counts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
-    """Per tensor: unchanged elements bitwise, and by the paper's ``isclose(delta, 0, atol=tol)``."""
-    out = {}
-    for name in a:
-        x, y = a[name], b[name]
-        if not x.is_floating_point():
-            continue
-        delta = y - x
-        out[name] = {"0": int((x.view(INT_OF[x.dtype]) == y.view(INT_OF[y.dtype])).sum()),
-                     "1e-5": int(torch.isclose(delta, torch.zeros_like(delta), rtol=0, atol=1e-5).sum()),
-                     "numel": x.numel()}
-    return out
-
-
-def counts_of(result: dict) -> dict[str, dict[str, int]]:
-    """Exact counts back from the JSON (a fraction of n < 2**53 elements rounds back exactly)."""
-    return {name: {**{t: round(row["sparsity"][t] * row["numel"]) for t in TOLERANCES}, "numel": row["numel"]}
-            for name, row in result["per_matrix"].items()}
-
-
 def global_of(expected: dict[str, dict[str, int]]) -> dict[str, float]:
     n = sum(c["numel"] for c in expected.values())
     return {t: sum(c[t] for c in expected.values()) / n for t in TOLERANCES}
@@ -144,62 +75,11 @@ def hub(tmp_path_factory):
     state["server"].stop()  # the resume test restarts it
 
 
-class Worker:
-    """A process with HF_ENDPOINT (and a fresh HF_HOME, TMPDIR, cwd) set before anything imports
-    huggingface_hub, running ``gradtrace.cli.main(argv)`` for each argv line it reads."""
-
-    CODE = textwrap.dedent("""
-        import contextlib, io, json, sys
-        from gradtrace.cli import main
-        for line in sys.stdin:
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    rc = main(json.loads(line))
-                except SystemExit as exit:
-                    rc = exit.code
-            print(json.dumps({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
-    """)
-
-    def __init__(self, endpoint: str, home: Path, hf_home: Path | None = None, offline: bool = False):
-        self.home = home
-        self.cwd, self.tmp, self.hf_home = home / "cwd", home / "tmp", hf_home or home / "hf"
-        for folder in (self.cwd, self.tmp, self.hf_home):
-            folder.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "1" if offline else "0",
-               "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(self.hf_home), "TMPDIR": str(self.tmp),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "COLUMNS": "200"}
-        env.pop("HF_TOKEN", None)
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=self.cwd)
-
-    def run(self, *argv: str) -> dict:
-        self.proc.stdin.write(json.dumps(list(argv)) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the CLI worker died"
-        done = json.loads(line)
-        done["stderr"] = " ".join(done["stderr"].split())  # rich wraps long messages: match them as one line
-        return done
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-    def files_written(self) -> list[tuple[str, int]]:
-        """Every file under the worker's HF_HOME and TMPDIR, with its size."""
-        return [(str(p), p.stat().st_size) for folder in (self.hf_home, self.tmp)
-                for p in folder.rglob("*") if p.is_file()]
-
-
 @pytest.fixture(scope="module")
 def cli(hub, tmp_path_factory):
     worker = Worker(hub["server"].endpoint, tmp_path_factory.mktemp("client"))
     yield worker
     worker.close()
-
-
-HUB_FLAGS = ("--retries", "2", "--backoff", "0.05")  # bounded, short: a dead server fails in well under a second
 
 
 def diff(cli: Worker, base: str, tuned: str, *extra: str) -> dict:

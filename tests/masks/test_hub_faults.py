@@ -1,6 +1,6 @@
 """``gradtrace diff`` against a hub that misbehaves: the real ``huggingface_hub`` client, a real local server.
 
-The server (:mod:`tests.hub_server`) can drop the range start as a broken proxy does, cut a reply
+The server (:mod:`tests.helpers.hub_server`) can drop the range start as a broken proxy does, cut a reply
 short, or never answer; broken safetensors files are crafted byte by byte into a repo and onto disk,
 and both must be refused with the same words. The CLI runs in a worker process (see
 :mod:`tests.masks.test_hub_diff`), each call bounded in time so a hang fails the test instead of stalling it.
@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_server import HubServer, SilentServer
-from tests.masks.test_hub_diff import (
+from tests.helpers.cli_worker import Worker
+from tests.helpers.hub_repos import (
     HUB_FLAGS,
     TOLERANCES,
-    Worker,
     base_tensors,
     counts_of,
     expected_counts,
     perturbed,
     write_revision,
 )
+from tests.helpers.hub_server import HubServer, SilentServer
 
 CALL_LIMIT = 60.0  # seconds one CLI call may take before the test calls it a hang
 

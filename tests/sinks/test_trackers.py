@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradtrace
 from gradtrace import GradTraceWarning, read_run_log
@@ -32,7 +31,9 @@ from gradtrace.sinks.payload import (
     finite,
     scalar_payload,
 )
-from tests.tracker_checks import assert_layer_step_image
+from tests.helpers.models import Tokens, tiny_llama
+from tests.helpers.tensorboard_events import tb_events
+from tests.helpers.tracker_checks import assert_layer_step_image
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -41,28 +42,9 @@ pytest.importorskip("mlflow")
 if "trackio" not in __import__("sys").modules:
     os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradtrace-trackio-")
 
-VOCAB = 64
 from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
 
 KEY_BOUND = 60  # stated in README: distinct chart keys per run by default, at any depth
-
-
-def tiny_llama(layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32)
-    return LlamaForCausalLM(config)
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, count: int = 24):
-        self.rows = torch.randint(0, 40, (count, 8), generator=torch.Generator().manual_seed(2))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.rows[index], "labels": self.rows[index]}
 
 
 @pytest.fixture
@@ -80,16 +62,6 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
-
-
-def tb_events(log_dir: Path):
-    from tensorboard.backend.event_processing import event_accumulator
-
-    accumulator = event_accumulator.EventAccumulator(
-        str(log_dir), size_guidance={event_accumulator.IMAGES: 0, event_accumulator.SCALARS: 0,
-                                     event_accumulator.HISTOGRAMS: 0, event_accumulator.TENSORS: 0})
-    accumulator.Reload()
-    return accumulator
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -176,7 +148,7 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
     trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `test` extra installs it)")
     from trackio.sqlite_storage import SQLiteStorage
 
-    from tests.wandb_file import read_run
+    from tests.helpers.wandb_file import read_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts, scalar_payload
 from gradtrace.views.live import LayerStepHistory
-from tests.tracker_checks import assert_layer_step_image
+from tests.helpers.tracker_checks import assert_layer_step_image
 
 METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
 

@@ -24,8 +24,9 @@ trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `
 import gradtrace  # noqa: E402
 from gradtrace import read_run_log  # noqa: E402
 from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, scalar_payload  # noqa: E402
-from tests.sinks.test_trackers import LAYER_STEP, Tokens, tiny_llama  # noqa: E402
-from tests.tracker_checks import assert_layer_step_image  # noqa: E402
+from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
+from tests.helpers.models import Tokens, tiny_llama  # noqa: E402
+from tests.helpers.tracker_checks import assert_layer_step_image  # noqa: E402
 
 
 def test_trainer_report_to_trackio_reads_back_equal_to_run_log(tmp_path):

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import wandb
-from PIL import Image
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,32 +27,11 @@ from gradtrace.sinks.payload import HISTOGRAM_KEY, LAYER_STEP_METRICS, TABLE_KEY
 from gradtrace.sinks.wandb import ARTIFACT_TYPE, WandbSink
 from gradtrace.views.live import layer_kind_image
 from gradtrace.views.report import layer_kind_grid
-from tests.tracker_checks import assert_grid_image, assert_layer_step_image
-from tests.wandb_file import read_run
+from tests.helpers.tracker_checks import assert_grid_image, assert_layer_step_image, pixels
+from tests.helpers.wandb_file import read_run
 
 VOCAB = 64
 SEEN_TOKENS = 40  # embedding rows 40..63 never get a gradient: gradient sparsity > 0
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch) -> Path:
-    """Offline W&B writing only under ``tmp_path`` (run files, artifact staging, caches)."""
-    root = tmp_path / "wandb_root"
-    for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                     ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(var, str(root / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    monkeypatch.setenv("WANDB_PROJECT", "gradtrace-tests")
-    # wandb reads the environment once per process, at its first setup: start from a fresh one so the
-    # variables above apply (the Trainer calls wandb.init itself, without dir=).
-    wandb.teardown()
-    yield root
-    if wandb.run is not None:  # a failed test must not leave its run open for the next one
-        wandb.finish()
-    wandb.teardown()
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -79,11 +55,6 @@ def rows_at(history: list[dict], step_key: str, probe: str) -> dict[int, dict]:
             assert step not in rows, f"{probe} logged twice at {step_key}={step}"
             rows[step] = row
     return rows
-
-
-def pixels(png: bytes | Path) -> np.ndarray:
-    image = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
-    return np.asarray(image.convert("RGB"))
 
 
 def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expected_steps: list[int],
@@ -277,9 +248,7 @@ def test_sink_is_a_no_op_without_an_active_or_with_a_disabled_run(tmp_path):
 
 def test_a_failing_wandb_run_never_stops_training(tmp_path, monkeypatch):
     """One warning for the broken W&B run; the local log and the tracker beside it get every step."""
-    from tests.sinks.test_trackers import (
-        tb_events,  # skips only this test when tensorboard / mlflow are missing
-    )
+    from tests.helpers.tensorboard_events import tb_events  # skips only this test without tensorboard
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     model = nn.Linear(4, 4)

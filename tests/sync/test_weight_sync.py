@@ -18,7 +18,7 @@ from gradtrace.anatomy.parameter_names import tracked_name
 from gradtrace.demo import runs
 from gradtrace.sync import ENCODINGS, Patch, SyncObserver, diff_weights
 from gradtrace.sync.patch import read_varint_deltas
-from tests.sync_reference import assert_sync_section, changed
+from tests.helpers.sync_reference import assert_sync_section, changed
 
 STEPS, EVERY = 20, 4
 
@@ -154,7 +154,7 @@ def test_patch_encodings_decode_to_the_same_changes():
 def test_distributed_per_step_and_window_match_the_gathered_weights(tmp_path, mode):
     """2 gloo processes: per-step and window fractions (summed over FSDP2's shards) equal those of the
     full weights gathered and cast to bf16 after every step."""
-    from tests.engines.test_ddp_fsdp2 import launch
+    from tests.helpers.launching import launch
 
     launch("loop_sync.py", mode, str(tmp_path / mode), processes=2, cwd=tmp_path)
     weights = torch.load(tmp_path / mode / "weights.pt")
@@ -178,7 +178,7 @@ def test_per_expert_fractions_of_a_fused_moe(tmp_path):
     slice along dim 0 (plus nothing else: its tensors are fused), as counted from the cast weights."""
     import gradtrace
     from gradtrace.anatomy.naming import layer_key
-    from tests.moe_models import VOCAB, qwen3_moe
+    from tests.helpers.moe_models import VOCAB, qwen3_moe
 
     torch.manual_seed(0)
     model = qwen3_moe()

@@ -11,13 +11,9 @@ import pytest
 
 from gradtrace import read_run_log
 from gradtrace.tracking import split
-from tests.engines.test_ddp_fsdp2 import assert_same_masks, launch
+from tests.helpers.launching import assert_same_masks, launch, ranks
 
 pytestmark = pytest.mark.distributed
-
-
-def ranks(out, world=2):
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def assert_same_logs(got_dir, want_dir) -> None:

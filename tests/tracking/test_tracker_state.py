@@ -27,7 +27,7 @@ from gradtrace.integrations.deepspeed import attach_to_deepspeed
 from gradtrace.tracking import sharding
 from gradtrace.tracking.kernels.torch_path import to_device as _to
 from gradtrace.tracking.state import COUNTER_INDEX
-from tests.engines.test_deepspeed import fake_zero_optimizer
+from tests.helpers.deepspeed_fakes import fake_zero_optimizer
 
 
 def linear(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Linear:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import (
+from tests.helpers.browser import (
     CHROMIUM,
     PAGE_TIMEOUT_MS,
     chromium,
@@ -38,8 +38,8 @@ if "trackio" not in __import__("sys").modules:
 
 import gradtrace  # noqa: E402
 from gradtrace import read_run_log  # noqa: E402
-from tests.sinks.test_trackers import Tokens, tiny_llama  # noqa: E402
-from tests.views.test_report import traced_run  # noqa: E402
+from tests.helpers.models import Tokens, tiny_llama  # noqa: E402
+from tests.helpers.traced_runs import traced_run  # noqa: E402
 
 
 @pytest.fixture

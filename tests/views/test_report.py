@@ -17,35 +17,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import gradtrace
-from gradtrace import TrackerConfig, load_masks, read_run_log
+from gradtrace import load_masks, read_run_log
 from gradtrace.anatomy.naming import kind_of, layer_of
 from gradtrace.cli import main as cli_main
 from gradtrace.views.report import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label, write_report
+from tests.helpers.traced_runs import traced_run
 
 # matplotlib's default cycle: the first run is drawn in C0, the second in C1.
 C0, C1 = (31, 119, 180), (255, 127, 14)
-
-
-def traced_run(run_dir: Path, *, dtype: torch.dtype, lr: float, tokens: int, steps: int = 8, **info) -> Path:
-    """A tiny Llama trained in a plain loop with gradtrace (no W&B), logging every 2 steps."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    model = LlamaForCausalLM(config).to(dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    tracer = gradtrace.trace(model, optimizer, run_dir, log_every=2, wandb=False, strict=True,
-                             config=TrackerConfig(cancellation="full"), **info)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        batch = torch.randint(0, tokens, (4, 8), generator=generator)
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    tracer.finish()
-    return run_dir
 
 
 @pytest.fixture(scope="module")

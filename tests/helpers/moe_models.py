@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 import transformers as T
+from datasets import Dataset
+from transformers import TrainingArguments
 
 VOCAB = 64
 
@@ -73,3 +75,17 @@ def vl_example(seed: int) -> dict[str, torch.Tensor]:
     input_ids = torch.cat([torch.tensor([VISION_START, IMAGE_TOKEN, VISION_END]), text]).unsqueeze(0)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone(),
             "pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, 2, 2]])}
+
+
+# ------------------------------------------------------------------------------ training them in a Trainer
+def training_args(tmp_path, **extra):
+    settings = dict(output_dir=str(tmp_path), max_steps=3, logging_steps=1, learning_rate=1e-2,
+                    per_device_train_batch_size=2, report_to="none", use_cpu=True, save_strategy="no",
+                    lr_scheduler_type="constant", disable_tqdm=True, seed=0)
+    return TrainingArguments(**{**settings, **extra})
+
+
+def token_data(seed: int, rows: int = 6, length: int = 3) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=generator).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})

@@ -14,7 +14,7 @@ import transformers as T
 from transformers.models.auto import configuration_auto, modeling_auto
 
 from gradtrace.anatomy.experts import EXPERT_COUNT_FIELDS
-from tests.tiny_configs import EXPERTS, VOCAB, tiny_config
+from tests.helpers.tiny_configs import EXPERTS, VOCAB, tiny_config
 
 # Heads trained on tokens alone, in order of preference: a causal LM, an encoder-decoder, a VLM's LM.
 _HEADS = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,

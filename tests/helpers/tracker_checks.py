@@ -1,4 +1,5 @@
-"""Checks shared by the tracker tests: a logged layer x step image shows the run log's values.
+"""Checks shared by the tracker tests: a logged layer x step image shows the run log's values; ``pixels``
+decodes a logged PNG.
 
 The colour of each cell is computed here, independently of the sink: matplotlib's viridis colormap at
 the run log's value, on 0..1 for the two sparsities and 0..max-so-far for the other metrics. Only the
@@ -7,12 +8,15 @@ cell geometry (where a cell lies in the PNG) is taken from :class:`gradtrace.vie
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
+from PIL import Image
 
 from gradtrace.views.live import LayerStepHistory
 
@@ -71,3 +75,8 @@ def assert_grid_image(logged: np.ndarray, image: Any, values: Sequence[Sequence[
             expected = np.array([238, 238, 238]) if value is None else expected_rgb(value, 1.0)
             got = logged[y, x, :3].astype(float)
             assert np.abs(got - expected).max() <= 2, (image.rows[r], image.columns[c], value, got)
+
+
+def pixels(png: bytes | Path) -> np.ndarray:
+    image = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
+    return np.asarray(image.convert("RGB"))
