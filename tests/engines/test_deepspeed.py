@@ -22,6 +22,7 @@ from gradtrace.integrations.deepspeed import (
 from gradtrace.tracking.state import COUNTER_INDEX
 from tests.helpers.deepspeed_fakes import DeepSpeedOptimizerWrapper, fake_zero_optimizer
 from tests.helpers.launching import DEEPSPEED_ENV, assert_same_masks, launch, ranks
+from tests.helpers.tiny_linear import linear
 
 
 @pytest.mark.distributed
@@ -176,3 +177,13 @@ def test_the_hook_counts_density_only_when_asked():
         zero.zero_grad()
     assert asked == [True, False, False]
     assert int(tracker.counters[COUNTER_INDEX["density_step"]]) == 1  # only the first step was counted
+
+
+@pytest.mark.parametrize("attr", ["swap_optimizer", "params_in_nvme_and_cpu"])
+def test_deepspeed_nvme_offload_is_refused_up_front(attr):
+    model = linear()
+    optimizer = fake_zero_optimizer(model.parameters())  # stands in for DeepSpeed's optimizer (no engine here)
+    setattr(optimizer, attr, True)
+    with pytest.raises(ValueError, match="NVMe"):
+        attach_to_deepspeed(GradTracker(model), optimizer)
+    assert "step" not in vars(optimizer)  # nothing was hooked

@@ -1,4 +1,5 @@
-"""Real tiny traced runs on disk, for the tests of what reads a run (report, browser, CLI outputs)."""
+"""Real tiny traced runs on disk, in a plain loop or a Trainer, for the tests of what reads a run (report,
+browser, CLI) and of what a run leaves behind."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradtrace
-from gradtrace import TrackerConfig
+from gradtrace import GradTraceCallback, TrackerConfig
+from gradtrace.demo import runs
 
 
 def traced_run(run_dir: Path, *, dtype: torch.dtype, lr: float, tokens: int, steps: int = 8, **info) -> Path:
@@ -28,3 +30,12 @@ def traced_run(run_dir: Path, *, dtype: torch.dtype, lr: float, tokens: int, ste
         optimizer.zero_grad()
     tracer.finish()
     return run_dir
+
+
+def traced_trainer(base_path, output_dir, **kwargs):
+    """A run of the demo's tiny model in a real Trainer, with a strict callback (no W&B), in fp32, logging
+    every 2 steps; returns the callback."""
+    callback = GradTraceCallback(strict=True, wandb=False)
+    common = dict(logging_steps=2, per_device_train_batch_size=4, dtype=torch.float32)
+    runs.run_trainer(base_path, output_dir, callbacks=[callback], **{**common, **kwargs})
+    return callback

@@ -1,5 +1,6 @@
 """A run's lifecycle through real Trainer runs: resuming another run's checkpoint, resuming an earlier
-checkpoint of the same run, and what the run log shows then."""
+checkpoint of the same run, a fresh run in a reused output directory, logging at epoch ends, runs stopped
+by an exception, and what the run log shows then."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import torch
 from gradtrace import GradTraceCallback, GradTraceWarning, load_masks, read_run_log
 from gradtrace.demo import runs
 from gradtrace.formats.run_log import RunLogWarning
+from gradtrace.views.report import load_run
+from gradtrace.views.watch import LogFollower
+from tests.helpers.traced_runs import traced_trainer
 
 COMMON = dict(save_steps=4, logging_steps=2, learning_rate=1e-2, dtype=torch.bfloat16, per_device_train_batch_size=4)
 
@@ -105,6 +109,52 @@ def _train(base_path, output_dir, **kwargs):
     callback = GradTraceCallback(strict=True, wandb=False)
     runs.run_trainer(base_path, output_dir, callbacks=[callback], **{**COMMON, "save_steps": None, **kwargs})
     return callback
+
+
+def test_a_fresh_run_in_a_reused_output_dir_is_not_spliced_with_the_earlier_one(tmp_path, base_path):
+    first = traced_trainer(base_path, tmp_path, max_steps=8, learning_rate=1e-3)
+    first_masks = load_masks(tmp_path / "gradtrace")
+    first_id = first.session.run_id
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = traced_trainer(base_path, tmp_path, max_steps=4, learning_rate=1e-6)
+    assert second.session.run_id != first_id
+
+    # The run log holds both runs; every reader shows the second only, never a curve spliced from both.
+    log = read_run_log(tmp_path / "gradtrace")
+    assert [r["step"] for r in log["logs"]] == [2, 4]
+    assert log["earlier_runs"] == 1 and log["info"]["run_id"] == second.session.run_id
+    assert log["logs"][-1]["global"] == second.summary["global"]
+    assert log["info"]["learning_rate"] == 1e-6
+    run = load_run(tmp_path)  # the Trainer's output_dir stands for its gradtrace/ folder
+    assert [r["step"] for r in run.logs] == [2, 4] and run.final["global"] == second.summary["global"]
+    follower = LogFollower(tmp_path)
+    follower.poll()
+    assert sorted(follower.history) == [2, 4] and follower.ended and follower.latest["step"] == 4
+
+    # The first run's masks were kept aside, not overwritten; one warning said where.
+    kept = tmp_path / "gradtrace" / "earlier-runs" / first_id
+    moved = load_masks(kept / "masks.safetensors")
+    assert moved.step == 8 and json.loads((kept / "summary.json").read_text())["info"]["run_id"] == first_id
+    for kind in ("gradient", "update"):
+        for name, mask in first_masks[kind].items():
+            assert torch.equal(moved[kind][name], mask)
+    assert load_masks(tmp_path / "gradtrace").step == 4
+    messages = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(messages) == 1 and str(kept) in messages[0]
+
+
+def test_epoch_logging_gives_live_curves(tmp_path, base_path):
+    callback = GradTraceCallback(strict=True, wandb=False)
+    result = runs.run_trainer(base_path, tmp_path, callbacks=[callback], max_steps=-1, num_train_epochs=3,
+                              logging_strategy="epoch", per_device_train_batch_size=16, learning_rate=1e-3,
+                              dtype=torch.float32)
+    epochs_end = [int(r["step"]) for r in result.trainer.state.log_history if "loss" in r]
+    assert len(epochs_end) == 3
+    records = [json.loads(line) for line in (tmp_path / "gradtrace" / "log.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if r["event"] == "log"]
+    assert logged == epochs_end  # at each epoch's end, before the run ended
+    assert records[-1]["event"] == "end"
 
 
 def test_a_torn_last_line_does_not_hide_the_next_run(tmp_path, base_path):

@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gradtrace import GradTraceCallback
 from gradtrace.cli import main as cli_main
+from gradtrace.demo import runs
 from gradtrace.formats.masks_file import load_masks
 from gradtrace.masks import diff as checkpoint_diff
 from gradtrace.masks.diff import CheckpointDiffError, diff_checkpoints
@@ -270,6 +272,36 @@ def test_posthoc_masks_equal_the_live_trackers(tmp_path):
     for kind in ("update", "update_abs_1e-05", "update_rel_0.001"):
         g = pair_overlap(live, tmp_path / "posthoc.safetensors", kind=kind)["global"]
         assert g["jaccard"] == 1.0 and 0 < g["sparsity_1"] < 1, (kind, g)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]])
+def test_lora_live_masks_match_the_saved_adapters_diff(tmp_path, base_path, modules_to_save):
+    """Also with ``modules_to_save``: PEFT trains a copy of the module (live name
+    ``lm_head.modules_to_save.default.weight``) and saves it as ``lm_head.weight``."""
+    from safetensors.torch import load_file
+
+    from gradtrace.masks.diff import diff_checkpoints
+    from gradtrace.masks.overlap import pair_overlap
+
+    callback = GradTraceCallback(strict=True, wandb=False)
+    peft_config = runs.default_lora_config()
+    peft_config.modules_to_save = modules_to_save
+    trainer = runs.build_trainer(base_path, tmp_path, callbacks=[callback], max_steps=3, logging_steps=1,
+                                 learning_rate=1e-2, peft_config=peft_config, dtype=torch.float32,
+                                 warmup_steps=2)
+    trainer.model.save_pretrained(tmp_path / "adapter-start")
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter-end")
+    live = load_masks(tmp_path / "gradtrace")
+    saved = load_file(tmp_path / "adapter-end" / "adapter_model.safetensors")
+    assert set(live["gradient"]) == set(saved)  # the names PEFT saves, no ".default."
+    assert bool(modules_to_save) == any(name.endswith("lm_head.weight") for name in saved)
+    diff_checkpoints(tmp_path / "adapter-start" / "adapter_model.safetensors",
+                     tmp_path / "adapter-end" / "adapter_model.safetensors",
+                     masks_out=tmp_path / "post-hoc.safetensors")
+    result = pair_overlap(tmp_path / "gradtrace" / "masks.safetensors", tmp_path / "post-hoc.safetensors")
+    assert result["global"]["overlap"] == 1.0 and result["global"]["overlap_2"] == 1.0
+    assert all(g["lr"] == 1e-2 for g in live.info["optimizer"]["param_groups"])
 
 
 def test_cli_json_contract(pair):

@@ -1,6 +1,10 @@
-"""Masks files: exact round trip, atomic writes, and a clear error naming the file for bad input."""
+"""Masks files: exact round trip, atomic writes, a clear error naming the file for bad input, writes refused
+where a read would be, packing of unaligned views."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +13,7 @@ from safetensors.torch import save_file
 
 from gradtrace import MaskFileError, load_masks, save_masks
 from gradtrace.formats.bitpack import pack_bits, popcount, unpack_bits
-from gradtrace.formats.masks_file import read_packed_masks
+from gradtrace.formats.masks_file import FORMAT, PackedMask, read_packed_masks
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 64, 1000, 4099])
@@ -117,3 +121,52 @@ def test_wrong_sizes_in_a_well_formed_file_are_refused(tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(MaskFileError, match="update/lm_head.weight"):
         load_masks(path)
+
+
+def write_raw(path: Path, shape, bits: torch.Tensor) -> None:
+    metadata = {"gradtrace_format": FORMAT, "params": json.dumps({"w": {"shape": shape, "dtype": ""}}),
+                "kinds": json.dumps(["gradient"]), "step": "", "info": "{}"}
+    save_file({"gradient/w": bits}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(("shape", "bits"), [
+    ([0, 2 ** 70], 0),  # zero elements, but no tensor has a size of 2**70
+    ([2 ** 40, 2 ** 40], 0),  # 2**80 elements
+    ([8.7], 2),  # not an integer (int() would make it 8)
+    ([True, 8], 1),
+], ids=["huge-size", "huge-product", "float-size", "bool-size"])
+def test_shapes_that_are_no_tensors_are_refused_naming_file_and_parameter(tmp_path, shape, bits):
+    path = tmp_path / "odd.safetensors"
+    write_raw(path, shape, torch.zeros(bits, dtype=torch.uint8))
+    with pytest.raises(MaskFileError, match=r"odd\.safetensors.*'w'"):
+        load_masks(path)
+
+
+@pytest.mark.parametrize("mask", [
+    PackedMask(torch.zeros(1, dtype=torch.uint8), (21,)),  # 21 bits need 3 bytes
+    PackedMask(torch.zeros(3, dtype=torch.int64), (21,)),
+    PackedMask(torch.zeros(3, 1, dtype=torch.uint8), (21,)),
+    PackedMask(torch.zeros(0, dtype=torch.uint8), (0, 2 ** 70)),
+], ids=["short", "int64", "2-d", "huge-shape"])
+def test_save_masks_refuses_what_load_masks_would_and_writes_nothing(tmp_path, mask):
+    path = tmp_path / "masks.safetensors"
+    with pytest.raises(ValueError, match="gradient/w"):
+        save_masks(path, {"gradient": {"w": mask}})
+    assert not path.exists()
+
+
+def test_save_masks_refuses_kind_and_parameter_names_that_collide(tmp_path):
+    one, other = torch.tensor([True, False]), torch.tensor([False, True])
+    # "a" + "b/c" and "a/b" + "c" are both the tensor "a/b/c": one mask would silently replace the other
+    masks = {"a": {"b/c": one, "c": one}, "a/b": {"b/c": other, "c": other}}
+    with pytest.raises(ValueError, match="collide"):
+        save_masks(tmp_path / "masks.safetensors", masks)
+
+
+@pytest.mark.parametrize("offset", range(1, 8))
+def test_pack_bits_of_a_view_not_aligned_to_8_bytes(offset):
+    base = torch.rand(64 + offset, generator=torch.Generator().manual_seed(offset)) > 0.5
+    view = base[offset:offset + 48]  # contiguous, length a multiple of 8, storage offset not
+    assert view.is_contiguous() and view.storage_offset() % 8
+    expected = np.packbits(view.numpy(), bitorder="little")
+    assert np.array_equal(pack_bits(view).numpy(), expected)
