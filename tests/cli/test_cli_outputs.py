@@ -66,6 +66,7 @@ def test_writable_output_gets_what_stdout_gets(inputs, command, tmp_path, capsys
     assert [p.name for p in Path(out.parent).iterdir()] == ["out.json"]  # no temporary file left beside it
 
 
+@pytest.mark.slow
 def test_the_installed_command_is_the_one_entry_point(inputs, tmp_path):
     """What a user types: the console script ``gradtrace`` (the same ``gradtrace.cli.main`` the tests call)
     answers usage errors with exit status 2, as argparse does, for every sub-command."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gradtrace import load_masks
 from gradtrace.cli import main
 
 
+@pytest.mark.slow
 def test_demo_prints_the_runs_numbers_and_writes_masks_logs_and_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
     assert main(["demo", "--output-dir", str(tmp_path), "--steps", "4", "--base-steps", "10"]) == 0

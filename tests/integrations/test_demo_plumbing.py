@@ -275,6 +275,7 @@ def test_collator_masks_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
+@pytest.mark.slow
 def test_runs_are_deterministic_for_a_seed(base_path, tmp_path):
     def weights(kind: str, seed: int) -> dict[str, torch.Tensor]:
         fn = runs.run_grpo if kind == "grpo" else runs.run_sft

@@ -296,6 +296,7 @@ runs.run_trainer(base, out, callbacks=[GradTraceCallback(wandb=False), reference
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, shown", [("keyboard", "KeyboardInterrupt: "),
                                          ("error", "RuntimeError: a failure at step 5")])
 def test_a_trainer_stopped_by_an_exception_still_writes_its_masks(tmp_path, base_path, kind, shown):

@@ -304,6 +304,7 @@ def test_lora_live_masks_match_the_saved_adapters_diff(tmp_path, base_path, modu
     assert all(g["lr"] == 1e-2 for g in live.info["optimizer"]["param_groups"])
 
 
+@pytest.mark.slow
 def test_cli_json_contract(pair):
     base, tuned, a, b = pair
     proc = subprocess.run([sys.executable, "-m", "gradtrace.cli", "diff", str(a), str(b),
@@ -411,6 +412,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS / VmHWM from Linux's /proc")
 def test_peak_memory_is_one_tensor_pair_not_two_models(tmp_path):
     """Four 64 MB tensors per checkpoint: holding both models would need > 512 MB; streaming ~2 × 64 MB."""

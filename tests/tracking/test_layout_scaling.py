@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ def _round_trip_seconds(count: int) -> float:
     return seconds
 
 
+@pytest.mark.slow
 def test_layout_and_state_round_trip_are_linear_in_the_parameter_count():
     small = min(_round_trip_seconds(SMALL) for _ in range(2))
     large = _round_trip_seconds(LARGE)
