@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gradtrace
 
 PACKAGE = Path(gradtrace.__file__).parent
@@ -61,6 +63,7 @@ def test_imports_only_go_down():
     assert wrong == []
 
 
+@pytest.mark.slow  # a fresh interpreter importing gradtrace: ~10 s on 2 busy cores
 def test_public_api_and_lazy_transformers():
     code = ("import sys, gradtrace\n"
             "names = ['GradTracker', 'TrackerConfig', 'trace', 'Tracer', 'load_masks', 'save_masks', 'Masks',\n"
