@@ -27,7 +27,7 @@ What it does:
 * **Memory target** "peak RSS ≤ 2× the largest tensor + a constant": the table gives peak − 2× largest tensor
   (the "constant") beside the RSS of a child that only imports what each method imports.
 * **Hub rows** (``--no-hub`` skips them). The same pair served as hub repos ``bench/base`` and ``bench/tuned`` by
-  the test suite's local hub (``tests/hub_server.py``: stdlib ``http.server`` on 127.0.0.1, in a thread of this
+  the test suite's local hub (``tests/helpers/hub_server.py``: stdlib ``http.server`` on 127.0.0.1, in a thread of this
   script, HTTP ranges, bytes counted server-side) to the real ``huggingface_hub`` client (``HF_ENDPOINT``):
   (c) ``gradtrace diff bench/base bench/tuned`` streaming with range reads, (d) download-then-diff: the same with
   ``--cache`` into an empty ``HF_HOME`` each run (``snapshot_download`` of both repos, then the local diff).
@@ -193,7 +193,7 @@ def warm_page_cache(*folders: Path) -> None:
 def start_hub(work: Path) -> Any:
     """Serve work/base and work/tuned as hub repos bench/base and bench/tuned (revision main)."""
     sys.path.insert(0, str(REPO))
-    from tests.hub_server import HubServer
+    from tests.helpers.hub_server import HubServer
 
     root = work / "hub"
     for name in ("base", "tuned"):

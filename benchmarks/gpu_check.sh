@@ -36,7 +36,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a timeout, log to OUT_DIR/N
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 
 # 1. bit-exactness: on CUDA the cuda cases run (the CPU cases too: a second, independent path)
-stage exactness 90 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_exactness.py \
+stage exactness 90 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/tracking/test_cuda_exactness.py \
   --junitxml "$OUT_DIR/exactness.xml"
 # 2. the tracker's own calls, bf16 weights, timed directly
 stage hot_path 120 "$PYTHON" benchmarks/hot_path.py --device "$DEVICE" --model "$SIZE" --json "$OUT_DIR/hot_path.json"

@@ -31,7 +31,8 @@ from gradtrace import GradTracker
 from gradtrace.sinks.payload import HEATMAP_METRICS, LAYER_STEP_METRICS, LiveCharts, scalar_payload
 from gradtrace.tracking.summary import summarize
 from gradtrace.views.live import LayerStepHistory, layer_kind_image
-from gradtrace.views.report import figure_png, heatmap_figure, layer_kind_grid
+from gradtrace.views.report import figure_png, heatmap_figure
+from gradtrace.views.run_data import layer_kind_grid
 
 
 def summaries(layers: int, steps: int) -> list[dict]:

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.browser: the same browser and server helpers the tests use
+sys.path.insert(0, str(ROOT))  # for tests.helpers.browser: the same browser and server helpers the tests use
 
 from PIL import Image  # noqa: E402
 
-from tests.browser import (  # noqa: E402
+from tests.helpers.browser import (  # noqa: E402
     PAGE_TIMEOUT_MS,
     chromium,
     css_rgb,

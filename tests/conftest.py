@@ -1,8 +1,9 @@
-"""Shared fixtures: an offline environment, a saved tiny base model, and a reference recorder."""
+"""Shared fixtures: an offline environment, a saved tiny base model, a reference recorder, offline W&B."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -11,9 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
-from gradtrace.anatomy.parameter_names import tracked_name  # noqa: E402
+from tests.helpers.reference import ReferenceRecorder  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,43 +36,29 @@ def base_path(tmp_path_factory) -> str:
     return save_base(model, tokenizer, tmp_path_factory.mktemp("tiny") / "base")
 
 
-def raw_bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
-
-
-class ReferenceRecorder(TrainerCallback):
-    """The simplest independent bookkeeping: full boolean tensors, updated where the optimizer's
-    gradient is final (``on_pre_optimizer_step``), and a full copy of the starting weights."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.params = {tracked_name(n): p for n, p in model.named_parameters() if p.requires_grad}
-        self.initial = {n: p.detach().clone() for n, p in self.params.items()}
-        self.gradient = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in self.params.items()}
-        self.optimizer_steps = 0
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        for name, param in self.params.items():
-            if param.grad is not None:
-                self.gradient[name] |= (param.grad != 0) & torch.isfinite(param.grad)
-        self.optimizer_steps += 1
-
-    def updated(self) -> dict[str, torch.Tensor]:
-        return {n: raw_bits(p.detach()) != raw_bits(self.initial[n]) for n, p in self.params.items()}
-
-
 @pytest.fixture
 def reference() -> ReferenceRecorder:
     return ReferenceRecorder()
 
 
-def assert_masks_equal_reference(masks, reference: ReferenceRecorder, *, some_without_gradient: bool = True) -> None:
-    """Exported masks equal the reference bit for bit, and the reference is not trivial."""
-    assert set(masks["gradient"]) == set(reference.gradient)
-    updated = reference.updated()
-    for name in reference.gradient:
-        assert torch.equal(masks["gradient"][name], reference.gradient[name]), f"gradient mask differs: {name}"
-        assert torch.equal(masks["update"][name], updated[name]), f"update mask differs: {name}"
-    received = torch.cat([g.reshape(-1) for g in reference.gradient.values()])
-    assert received.any()
-    if some_without_gradient:
-        assert not received.all(), "the run should leave some elements without gradient"
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch) -> Path:
+    """Offline W&B writing only under ``tmp_path`` (run files, artifact staging, caches)."""
+    import wandb
+
+    root = tmp_path / "wandb_root"
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(var, str(root / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB_PROJECT", "gradtrace-tests")
+    # wandb reads the environment once per process, at its first setup: start from a fresh one so the
+    # variables above apply (the Trainer calls wandb.init itself, without dir=).
+    wandb.teardown()
+    yield root
+    if wandb.run is not None:  # a failed test must not leave its run open for the next one
+        wandb.finish()
+    wandb.teardown()

@@ -1,4 +1,5 @@
-"""The package's rooms import only downwards, and the public API stays where users find it."""
+"""The package's rooms import only downwards, the public API stays where users find it, and the tests are laid
+out by subject, sharing code only through tests/helpers/."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import gradtrace
 
@@ -60,6 +63,7 @@ def test_imports_only_go_down():
     assert wrong == []
 
 
+@pytest.mark.slow  # a fresh interpreter importing gradtrace: ~10 s on 2 busy cores
 def test_public_api_and_lazy_transformers():
     code = ("import sys, gradtrace\n"
             "names = ['GradTracker', 'TrackerConfig', 'trace', 'Tracer', 'load_masks', 'save_masks', 'Masks',\n"
@@ -162,6 +166,60 @@ def test_an_engine_is_one_module_on_the_base():
                     and n.module and n.module.startswith("gradtrace")}
         wrong = {m for m in imported if not any(m == a or m.startswith("gradtrace.tracking.engines") for a in allowed)}
         assert wrong == set(), f"{path.name} imports {sorted(wrong)}"
+
+
+def test_only_the_cli_and_the_demo_reach_the_html_report():
+    """Run data (grids, table rows, labels) lives in views/run_data.py; the HTML report module, which
+    imports matplotlib, is reached only by those that write a report, so sinks and live views never load it."""
+    wrong = []
+    for module in PACKAGE.rglob("*.py"):
+        if module.parent.name in ("cli", "demo") or module.name == "report.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "gradtrace.views.report":
+                wrong.append(str(module.relative_to(PACKAGE)))
+    assert wrong == []
+
+
+# ------------------------------------------------------------------------------------------ the tests' own layout
+TESTS = Path(__file__).resolve().parent
+
+
+def _tests_module(path: Path) -> str:
+    parts = path.relative_to(TESTS.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_test_module(name: str) -> bool:
+    """``tests.<subject>.test_x`` and the conftest files: what pytest collects, never a helper."""
+    last = name.rsplit(".", 1)[-1]
+    return name.startswith("tests.") and (last.startswith("test_") or last == "conftest")
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through ``tests/helpers/`` and fixtures through the conftest files, never by importing
+    one test module from another (lazily or not, also ``from tests.x import test_y``)."""
+    wrong = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            wrong += [f"{path.relative_to(TESTS.parent)}:{node.lineno} imports {n}" for n in names if _is_test_module(n)]
+    assert wrong == []
+
+
+def test_test_modules_live_in_subject_packages():
+    """Each test module sits in a package under tests/ named for its subject (the layout tests excepted), so
+    ``python -m pytest tests/<subject>`` runs alone and two subjects may hold modules of the same name."""
+    loose = [p.name for p in TESTS.glob("test_*.py") if p.name != Path(__file__).name]
+    assert loose == []
+    for path in TESTS.rglob("test_*.py"):
+        for folder in path.relative_to(TESTS).parents:
+            assert (TESTS / folder / "__init__.py").is_file(), f"{TESTS.name}/{folder} is not a package"
 
 
 # ------------------------------------------------------------------ DeepSpeed in one room

@@ -242,6 +242,6 @@ class LiveCharts:
     @staticmethod
     def table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
         """The final per-matrix table: ``(columns, rows)``, one row per parameter matrix."""
-        from gradtrace.views.report import matrix_rows
+        from gradtrace.views.run_data import matrix_rows
 
         return matrix_rows(summary["per_matrix"])

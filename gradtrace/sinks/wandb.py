@@ -121,7 +121,7 @@ class WandbSink:
         columns, rows = self.charts.table(summary)
         tables = {TABLE_KEY: wandb.Table(columns=columns, data=rows)}
         if summary.get("per_expert"):
-            from gradtrace.views.report import expert_rows
+            from gradtrace.views.run_data import expert_rows
 
             columns, rows = expert_rows(summary["per_expert"])
             tables[EXPERT_TABLE_KEY] = wandb.Table(columns=columns, data=rows)

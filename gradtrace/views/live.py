@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradtrace.views.raster import GridImage, draw_grid, grid_image, percent
-from gradtrace.views.report import evolution_steps, expert_grid, layer_kind_grid
+from gradtrace.views.run_data import evolution_steps, expert_grid, layer_kind_grid
 
 MAX_COLUMNS = 120  # past this many logging steps, columns are spread evenly over the run (first and last kept)
 _PANEL_W, _ROW_PX, _MIN_PANEL_H, _MAX_PANEL_H = 600, 14, 160, 900  # pixels

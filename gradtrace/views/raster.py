@@ -168,7 +168,7 @@ def _vertical_text(image: Any, text: str, top_center: tuple[float, float], size:
 
 
 def grid_image(grid: Any, *, title: str, column_label: str, vertical_columns: bool = False) -> GridImage:
-    """A :class:`gradtrace.views.report.Grid` (layer x kind, layer x expert) on 0..100%, values written in
+    """A :class:`gradtrace.views.run_data.Grid` (layer x kind, layer x expert) on 0..100%, values written in
     the cells while there are at most 200."""
     rows, columns = len(grid.rows), len(grid.columns)
     values = [[math.nan if v is None else v for v in row] for row in grid.values]

@@ -28,7 +28,7 @@ from rich.text import Text
 from gradtrace.anatomy.naming import layer_sort_key
 from gradtrace.formats.run_dir import LOG_NAME, TRAINER_SUBDIR
 from gradtrace.formats.run_log import RunRecords
-from gradtrace.views.report import metric_keys, percent, run_label
+from gradtrace.views.run_data import metric_keys, percent, run_label
 
 WATCH_METRICS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*",
                  "cancelled", "absorbed", "changed_without_gradient", "updated", "no_gradient")

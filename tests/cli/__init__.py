@@ -1,0 +1,1 @@
+"""The ``gradtrace`` command: its outputs, its errors, and ``gradtrace demo``."""

@@ -1,0 +1,1 @@
+"""Working from files: masks files, diff (local and hub), overlap, update rank, subnetwork training."""

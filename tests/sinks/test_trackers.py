@@ -1,0 +1,301 @@
+"""TensorBoard and MLflow beside W&B, read back from each tracker's own store.
+
+A real ``transformers.Trainer`` with ``report_to=["tensorboard", "mlflow"]`` runs its own
+``TensorBoardCallback`` and ``MLflowCallback``; gradtrace follows ``args.report_to`` into the same runs.
+The TensorBoard event files are read with TensorBoard's ``EventAccumulator``, the MLflow run with
+``MlflowClient`` on a SQLite store; every value is compared with the local run log (the record of truth).
+A 64-layer model checks the default chart-key bound in W&B, TensorBoard, MLflow and trackio at once
+(trackio read back from its own SQLite store).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gradtrace
+from gradtrace import GradTraceWarning, read_run_log
+from gradtrace.sinks.payload import (
+    BREAKDOWN_METRICS,
+    HISTOGRAM_KEY,
+    TABLE_KEY,
+    chart_keys_bound,
+    finite,
+    scalar_payload,
+)
+from tests.helpers.models import Tokens, tiny_llama
+from tests.helpers.tensorboard_events import tb_events
+from tests.helpers.tracker_checks import assert_layer_step_image
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+
+# trackio fixes its store's folder at import: a private one, unless another test module already chose one.
+if "trackio" not in __import__("sys").modules:
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradtrace-trackio-")
+
+from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
+
+KEY_BOUND = 60  # stated in README: distinct chart keys per run by default, at any depth
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A SQLite MLflow store under tmp_path (MLflow 3 refuses the plain file store by default)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "gradtrace-tests")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    # Artifacts (the logged images) under tmp_path too: a SQLite store's default is ./mlruns in the cwd.
+    mlflow.MlflowClient(uri).create_experiment("gradtrace-tests", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment("gradtrace-tests")  # in this store (mlflow keeps the previous test's experiment id)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp_path, mlflow_store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, logging_steps=2,
+                             report_to=["tensorboard", "mlflow"], use_cpu=True, save_strategy="no",
+                             learning_rate=1e-3, disable_tqdm=True, seed=0)
+    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full")
+    Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+
+    log = read_run_log(out / "gradtrace")
+    records = {int(r["step"]): r for r in log["logs"]}
+    assert sorted(records) == [2, 4, 6]
+    history = [records[s] for s in sorted(records)]
+
+    # --- TensorBoard: gradtrace's event file sits in the Trainer's run directory, beside its own.
+    [run] = [d for d in (out / "runs").iterdir() if d.is_dir()]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # the Trainer's and gradtrace's
+    tb = tb_events(run)
+    tags = tb.Tags()
+    assert "train/loss" in tags["scalars"]  # same run as the Trainer's own curves
+    assert [e.step for e in tb.Scalars("train/loss")] == [2, 4, 6]
+    for step, record in records.items():
+        for key, value in scalar_payload(record).items():
+            [event] = [e for e in tb.Scalars(key) if e.step == step]
+            assert event.value == np.float32(value), (key, step)  # TensorBoard stores float32
+    assert not [t for t in tags["scalars"] if t.startswith("gradtrace_layer/")]  # default: no per-layer series
+    for metric in LAYER_STEP:
+        images = tb.Images(f"gradtrace_layer_step/{metric}")
+        assert [i.step for i in images] == [2, 4, 6]
+        for image in images:
+            assert_layer_step_image(decode(image.encoded_image_string),
+                                    [r for r in history if r["step"] <= image.step], metric)
+    assert [i.step for i in tb.Images("gradtrace_heatmap/update_sparsity")] == [2, 4, 6]
+    histograms = tb.Histograms(HISTOGRAM_KEY)
+    assert [e.step for e in histograms] == [2, 4, 6]  # else the loop below would pass on no histogram at all
+    for event in histograms:
+        counts = records[event.step]["cancellation_histogram"]["counts"]
+        assert event.histogram_value.bucket == counts and event.histogram_value.num == sum(counts) > 0
+    [table] = tb.Tensors(f"{TABLE_KEY}/text_summary")
+    text = table.tensor_proto.string_val[0].decode()
+    assert table.step == 6 and len(text.splitlines()) == 2 + len(records[6]["per_matrix"])
+    assert "| model.layers.1.mlp.down_proj.weight | 1 | down |" in text
+
+    # --- MLflow: the run the Trainer's MLflowCallback opened (its loss), gradtrace's keys inside.
+    client = MlflowClient(mlflow_store)
+    [experiment] = [e for e in client.search_experiments() if e.name == "gradtrace-tests"]
+    [mlrun] = client.search_runs([experiment.experiment_id])
+    run_id = mlrun.info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6]  # the Trainer's own key
+    for key in scalar_payload(records[6]):
+        by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert by_step == {s: float(scalar_payload(r)[key]) for s, r in records.items()
+                           if key in scalar_payload(r)}, key
+    artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
+    for metric in LAYER_STEP:
+        for step in (2, 4, 6):
+            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_layer_step~{metric}+step+{step}+")
+                      and p.endswith(".png") and "compressed" not in p]
+            png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
+            assert_layer_step_image(decode(png), [r for r in history if r["step"] <= step], metric)
+    final = client.get_run(run_id).data.metrics
+    assert final["gradtrace/final/update_sparsity"] == records[6]["global"]["update_sparsity"]
+    masks = Path(client.download_artifacts(run_id, "gradtrace/masks.safetensors", str(tmp_path / "dl")))
+    assert masks.read_bytes() == (out / "gradtrace" / "masks.safetensors").read_bytes()
+    table = Path(client.download_artifacts(run_id, f"{TABLE_KEY}.json", str(tmp_path / "dl"))).read_text()
+    assert "model.layers.1.mlp.down_proj.weight" in table
+
+
+def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlflow_store, monkeypatch):
+    """A 64-layer model by default: a few dozen keys, none per layer, in W&B, TensorBoard, MLflow and trackio."""
+    import mlflow
+    import wandb
+    from mlflow.tracking import MlflowClient
+
+    trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `test` extra installs it)")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from tests.helpers.wandb_file import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    for layers in (64,):
+        root = tmp_path / f"L{layers}"
+        model = tiny_llama(layers, hidden=16)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        wandb.init(mode="offline", dir=root, project="gradtrace-tests")
+        mlflow.start_run(run_name=f"L{layers}")
+        project = f"gradtrace-{tmp_path.name}"  # the store is shared by this module's tests: one project each
+        trackio.init(project=project, name=f"L{layers}", embed=False)
+        tracer = gradtrace.trace(model, optimizer, root / "run", log_every=1, strict=True,
+                                 report_to=["wandb", "tensorboard", "mlflow", "trackio"])
+        for tokens in Tokens(4).rows.split(2):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        tracer.finish()
+        run_id = mlflow.active_run().info.run_id
+        mlflow.end_run()
+        wandb.finish()
+        trackio.finish()
+
+        wb = read_run(root)
+        wb_keys = {k for row in wb.history for k in row if k.startswith("gradtrace") and k != "gradtrace/step"
+                   and k != TABLE_KEY}
+        tb = tb_events(root / "run" / "tensorboard").Tags()
+        tb_keys = set(tb["scalars"]) | set(tb["images"]) | set(tb["histograms"])
+        client = MlflowClient(mlflow_store)
+        ml_metrics = {k for k in client.get_run(run_id).data.metrics if not k.startswith("gradtrace/final/")}
+        ml_images = {p.path.split("/")[1].split("+")[0].replace("~", "/")
+                     for p in client.list_artifacts(run_id, "images")}
+        # trackio keeps the final values as a row (W&B: in the run summary, not the history).
+        tr_keys = {k for row in SQLiteStorage.get_logs(project, run=f"L{layers}") for k in row
+                   if k.startswith("gradtrace") and k not in ("gradtrace/step", TABLE_KEY)
+                   and not k.startswith("gradtrace/final/")}
+        record = read_run_log(root / "run")["logs"][-1]
+        assert len(record["per_layer"]) == layers
+        kinds = len(record["per_kind"])
+        expected = chart_keys_bound(len([v for v in record["global"].values() if finite(v)]), kinds)
+        assert len(wb_keys) == len(tb_keys) == expected <= KEY_BOUND, (layers, len(wb_keys), len(tb_keys))
+        # MLflow has no histogram type: the same keys less the cancellation histogram.
+        assert ml_metrics | ml_images == wb_keys - {HISTOGRAM_KEY}
+        assert tr_keys == wb_keys  # trackio has scalars, images and histograms: every key
+        # The bound does not grow with depth: the number of kinds and global values is the model's, not its layers'.
+        assert not [k for k in wb_keys if k.startswith("gradtrace_layer/")]
+
+
+def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
+    model = tiny_llama(3, hidden=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "run", log_every=1, strict=True, heatmaps=False,
+                             report_to="tensorboard", per_layer_curves=True)
+    for tokens in Tokens(6).rows.split(2):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    tb = tb_events(tmp_path / "run" / "tensorboard")
+    logs = read_run_log(tmp_path / "run")["logs"]
+    assert not tb.Tags()["images"]  # heatmaps=False: no rendering at all
+    layers = ("0", "1", "2")
+    assert all(sorted(r["per_layer"]) == list(layers) for r in logs)
+    # Every per-layer metric that the run log has a finite value of, and nothing else, is a series.
+    expected = {f"gradtrace_layer/{layer}/{metric}" for layer in layers for metric in BREAKDOWN_METRICS
+                if any(finite(r["per_layer"][layer].get(metric)) for r in logs)}
+    assert {t for t in tb.Tags()["scalars"] if t.startswith("gradtrace_layer/")} == expected
+    assert len(expected) == len(layers) * len(BREAKDOWN_METRICS)  # this run has all 5 per layer
+    for layer in layers:
+        for metric in BREAKDOWN_METRICS:
+            series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/{layer}/{metric}")}
+            assert series == {r["step"]: np.float32(r["per_layer"][layer][metric]) for r in logs
+                              if finite(r["per_layer"][layer].get(metric))}, (layer, metric)
+
+
+# Not the defaults (LAYER_STEP), so a keyword dropped on the way to LiveCharts would show the defaults instead.
+CHOSEN_LAYER_STEP = ("cancelled", "absorbed")
+
+
+def assert_only_chosen_layer_step_images(tb, history: list[dict]) -> None:
+    """The ``gradtrace_layer_step/`` images are exactly CHOSEN_LAYER_STEP, each showing the run log."""
+    images = {t for t in tb.Tags()["images"] if t.startswith("gradtrace_layer_step/")}
+    assert images == {f"gradtrace_layer_step/{m}" for m in CHOSEN_LAYER_STEP}
+    steps = [int(r["step"]) for r in history]
+    for metric in CHOSEN_LAYER_STEP:
+        logged = tb.Images(f"gradtrace_layer_step/{metric}")
+        assert [i.step for i in logged] == steps
+        assert_layer_step_image(decode(logged[-1].encoded_image_string), history, metric)
+
+
+def test_trainer_callback_draws_the_chosen_layer_step_metrics(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
+        gradtrace.GradTraceCallback(layer_step_metrics=("update_sparsity", "nonsense"))
+    assert gradtrace.GradTraceCallback(layer_step_metrics="cancelled").charts.layer_step_metrics == ("cancelled",)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                             report_to="tensorboard", use_cpu=True, save_strategy="no",
+                             learning_rate=1e-3, disable_tqdm=True, seed=0)
+    callback = gradtrace.GradTraceCallback(strict=True, cancellation="full", layer_step_metrics=CHOSEN_LAYER_STEP)
+    Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+    history = read_run_log(out / "gradtrace")["logs"]
+    assert [r["step"] for r in history] == [2, 4]
+    [run] = [d for d in (out / "runs").iterdir() if d.is_dir()]
+    assert_only_chosen_layer_step_images(tb_events(run), history)
+
+
+def test_trace_draws_the_chosen_layer_step_metrics(tmp_path):
+    model = tiny_llama(2, hidden=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="layer_step_metrics: unknown metric"):
+        gradtrace.trace(model, optimizer, tmp_path / "bad", layer_step_metrics=("nonsense",))
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "run", log_every=1, strict=True, report_to="tensorboard",
+                             config=gradtrace.TrackerConfig(cancellation="full"), layer_step_metrics=CHOSEN_LAYER_STEP)
+    for tokens in Tokens(6).rows.split(2):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    log = read_run_log(tmp_path / "run")
+    assert "layer_step_metrics" not in log["info"]  # a chart option, not a run-info entry
+    assert [r["step"] for r in log["logs"]] == [1, 2, 3]
+    assert_only_chosen_layer_step_images(tb_events(tmp_path / "run" / "tensorboard"), log["logs"])
+
+
+def test_report_to_names_are_checked_and_a_missing_tracker_only_warns(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="no sink for \\['comet'\\]"):
+        gradtrace.trace(model, optimizer, tmp_path / "a", report_to=["tensorboard", "comet"])
+    with pytest.raises(ValueError, match="report_to"):
+        gradtrace.GradTraceCallback(report_to="neptun")
+
+    import gradtrace.sinks.select as select
+
+    real = select.importlib.util.find_spec
+    monkeypatch.setattr(select.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracer = gradtrace.trace(model, optimizer, tmp_path / "b", log_every=1, report_to=["mlflow", "tensorboard"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, GradTraceWarning)]
+    assert len(messages) == 1 and "mlflow" in messages[0] and "gradtrace[mlflow]" in messages[0]
+    assert [s.name for s in tracer.session.sinks] == ["TensorBoard"]  # the other tracker goes on
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    tracer.finish()
+    assert tb_events(tmp_path / "b" / "tensorboard").Scalars("gradtrace/update_sparsity")[0].step == 1

@@ -1,0 +1,111 @@
+"""The live layer x step image and the default chart set, on summaries built here (no training needed)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts, scalar_payload
+from gradtrace.views.live import LayerStepHistory
+from tests.helpers.tracker_checks import assert_layer_step_image
+
+METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
+
+
+def summary(step: int, layers: int, change: tuple[str, str, float] | None = None) -> dict:
+    """A summary whose per-layer values are a smooth function of (layer, step); ``change`` overrides one."""
+    per_layer = {str(i): {m: (0.3 + 0.5 * ((i * 7 + step * 3 + k) % 11) / 10) * (1 if k < 2 else 0.05)
+                          for k, m in enumerate(METRICS)} for i in range(layers)}
+    if change is not None:
+        layer, metric, value = change
+        per_layer[layer][metric] = value
+    return {"step": step, "global": {"update_sparsity": 0.5, "tracked_elements": 10, "note": None},
+            "per_kind": {"q": {m: 0.1 for m in METRICS}}, "per_layer": per_layer, "per_matrix": {}}
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+@pytest.mark.parametrize("metric", ["update_sparsity", "absorbed"])
+def test_pixels_change_exactly_where_a_layer_changed(metric):
+    steps = [10, 20, 30, 40]
+    before, after = LayerStepHistory(), LayerStepHistory()
+    for step in steps:
+        before.add(summary(step, 64))
+        # same run, except layer 37's value at step 30, inside the others' range (the colour scale is fit
+        # to the data, so it stays: 0.3..0.8, and 5% of that for absorbed)
+        after.add(summary(step, 64, ("37", metric, 0.55 if metric == "update_sparsity" else 0.02)
+                          if step == 30 else None))
+    image_before, image_after = before.render(metric), after.render(metric)
+    changed = np.argwhere((pixels(image_before.png) != pixels(image_after.png)).any(axis=2))
+    assert len(changed) > 0
+    left, top, right, bottom = image_after.box
+    cell_w, cell_h = (right - left) / len(steps), (bottom - top) / 64
+    x0, y0 = left + 2 * cell_w, top + 37 * cell_h  # column of step 30, row of layer 37
+    ys, xs = changed[:, 0], changed[:, 1]
+    assert xs.min() >= int(x0) - 1 and xs.max() <= int(x0 + cell_w) + 1
+    assert ys.min() >= int(y0) - 1 and ys.max() <= int(y0 + cell_h) + 1
+    # and every cell of the new image shows its own value (colours computed independently)
+    records = [summary(s, 64, ("37", metric, 0.55 if metric == "update_sparsity" else 0.02) if s == 30 else None)
+               for s in steps]
+    assert_layer_step_image(pixels(image_after.png), records, metric)
+
+
+def test_the_image_grows_with_each_logging_step_then_spreads_its_columns():
+    history = LayerStepHistory(max_columns=5)
+    for step in range(1, 4):
+        history.add(summary(step, 3))
+        assert history.render("update_sparsity").steps == tuple(range(1, step + 1))
+    history.add(summary(3, 3, ("0", "update_sparsity", 0.0)))  # the same step again replaces it
+    assert history.steps == [1, 2, 3] and history.value("0", 3, "update_sparsity") == 0.0
+    for step in range(4, 21):
+        history.add(summary(step, 3))
+    shown = history.render("update_sparsity").steps
+    assert len(shown) == 5 and shown[0] == 1 and shown[-1] == 20 and list(shown) == sorted(shown)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="no summary"):
+        LayerStepHistory().render("update_sparsity")
+    empty = LayerStepHistory()
+    empty.add({"step": 1, "per_layer": {}})
+    with pytest.raises(ValueError, match="no numbered layers"):
+        empty.render("update_sparsity")
+    with pytest.raises(ValueError, match="max_columns"):
+        LayerStepHistory(max_columns=1)
+    with pytest.raises(ValueError, match="layer_step_metrics.*'sparsity'"):
+        LiveCharts(layer_step_metrics=["sparsity"])
+
+
+def test_default_scalars_have_no_per_layer_series_and_one_render_serves_every_sink():
+    record = summary(5, 64)
+    keys = set(scalar_payload(record))
+    assert keys == {"gradtrace/update_sparsity", "gradtrace/tracked_elements", "gradtrace_kind/q/gradient_sparsity",
+                    "gradtrace_kind/q/update_sparsity"}
+    with_layers = set(scalar_payload(record, per_layer_curves=True)) - keys
+    assert len(with_layers) == 64 * 5 and "gradtrace_layer/07/absorbed" in with_layers  # zero-padded
+    charts = LiveCharts()
+    first = charts.frame(record)
+    assert charts.frame(record) is first  # a second sink gets the same frame, not a second render
+    assert sorted(first.images) == sorted(f"gradtrace_layer_step/{m}" for m in LAYER_STEP_METRICS)  # no per_matrix: no layer x kind
+
+
+def test_the_colour_scale_fits_a_narrow_spread():
+    """Layers between 13.0% and 14.2% read as different colours, and the image says the range."""
+    history = LayerStepHistory()
+    values = {step: {str(i): 0.130 + 0.012 * ((i + step) % 4) / 3 for i in range(4)} for step in (1, 2)}
+    for step, per_layer in values.items():
+        history.add({"step": step, "per_layer": {layer: {"update_sparsity": v} for layer, v in per_layer.items()}})
+    image = history.render("update_sparsity")
+    everything = [v for per_layer in values.values() for v in per_layer.values()]
+    assert (image.vmin, image.vmax) == (min(everything), max(everything))
+    shown = pixels(image.png)
+    colours = {tuple(shown[y, x]) for layer in image.layers for step in image.steps
+               for x, y in [image.cell_center(layer, step)]}
+    assert len(colours) == 4  # the four distinct values, four colours (on 0..100% they were one)
+    assert_layer_step_image(shown, [{"step": s, "per_layer": {k: {"update_sparsity": v} for k, v in p.items()}}
+                                    for s, p in values.items()], "update_sparsity")

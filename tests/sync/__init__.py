@@ -1,0 +1,1 @@
+"""The weight-sync budget (gradtrace.sync) in real runs."""

@@ -1,0 +1,1 @@
+"""The views of a run: ``gradtrace report`` (HTML, PNGs), ``gradtrace watch``, and both in a real browser."""
