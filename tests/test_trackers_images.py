@@ -8,6 +8,7 @@ on SQLite, and the files of a W&B offline run.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,14 +97,19 @@ def test_mlflow_step_images_are_the_drawn_pngs_with_thumbnails(tmp_path, monkeyp
     assert client.get_run(run.info.run_id).data.tags.get("mlflow.loggedImages") == "True"
     folder = Path(client.download_artifacts(run.info.run_id, "images", str(tmp_path / "down")))
     files = sorted(p.name for p in folder.iterdir())
-    assert len(files) == 2 * sum(len(images) for images in drawn.values())  # each PNG and its thumbnail
-    for step, images in drawn.items():
+    keys = set(drawn[1])
+    # each PNG and its thumbnail at each step, and once more at step 0 (the newest, replaced at each step)
+    assert len(files) == 2 * sum(len(images) for images in drawn.values()) + 2 * len(keys)
+    last = max(drawn)
+    for step, images in [*drawn.items(), (0, drawn[last])]:
         for key, png in images.items():
-            # the names MlflowClient.log_image(key=, step=) gives: how the run page finds step images
+            # the names the run page reads step images by (as MlflowClient.log_image(key=, step=) writes
+            # them), with no uuid: key, step and time, and "latest" for the newest at step 0
             stem = f"{key.replace('/', '~')}+step+{step}+timestamp+"
             pngs = [f for f in files if f.startswith(stem) and f.endswith(".png")]
             thumbs = [f for f in files if f.startswith(stem) and f.endswith("+compressed.webp")]
             assert len(pngs) == 1 and thumbs == [pngs[0][:-4] + "+compressed.webp"]
+            assert re.fullmatch(re.escape(stem) + r"\d{13}" + (r"\+latest" if step == 0 else "") + r"\.png", pngs[0])
             assert (folder / pngs[0]).read_bytes() == png
             thumb = Image.open(folder / thumbs[0])
             width, height = Image.open(io.BytesIO(png)).size
