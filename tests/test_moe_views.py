@@ -102,15 +102,17 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):  
     assert sorted(rows) == sorted(records) == [1, 2]
     for step, record in records.items():
         row = rows[step]
-        for key in ("experts_without_gradient", "expert_gradient_density_min", "expert_gradient_density_median",
-                    "expert_gradient_density_max"):
-            assert row[f"gradtrace_expert/{key}"] == record["global"][key]
+        for name, key in (("experts_without_gradient", "experts_without_gradient"),
+                          ("min_gradient_density", "expert_gradient_density_min"),
+                          ("median_gradient_density", "expert_gradient_density_median"),
+                          ("max_gradient_density", "expert_gradient_density_max")):
+            assert row[f"gradtrace_expert/{name}"] == record["global"][key]
         # the 3 least and 3 most touched experts, one series each, named by layer and expert as in the run log
         named = {k: v for k, v in row.items() if k.startswith("gradtrace_expert/layer_")}
         assert named == {"gradtrace_expert/layer_{}.expert_{}".format(*e["expert"].split("/")): e["gradient_density"]
                          for entries in record["expert_extremes"].values() for e in entries}
         assert len(named) == 6
-        entry = row["gradtrace_heatmap/gradient_sparsity.layer_x_expert"]
+        entry = row["gradtrace_heatmap/grad.layer_x_expert"]
         logged, image = pixels(wb.files_dir / entry["path"]), expert_image(record, "gradient_sparsity")
         assert (logged == pixels(image.png)).all()
         assert_grid_image(logged, image, expert_grid(record["per_expert"], "gradient_sparsity").values)

@@ -49,6 +49,9 @@ VOCAB = 64
 from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
 
 KEY_BOUND = 60  # stated in README: distinct chart keys per run by default, at any depth
+# How chart keys name the per-layer metrics (short, so a card title cut to its width still tells them apart).
+LABELS = {"gradient_sparsity": "grad", "update_sparsity": "update", "cancelled": "cancelled", "absorbed": "absorbed",
+          "changed_without_gradient": "changed_no_grad"}
 
 
 def tiny_llama(layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
@@ -145,7 +148,7 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
         for image in images:
             assert_layer_step_image(decode(image.encoded_image_string),
                                     [r for r in history if r["step"] <= image.step], metric)
-    assert [i.step for i in tb.Images("gradtrace_heatmap/update_sparsity.layer_x_kind")] == [2, 4, 6]
+    assert [i.step for i in tb.Images("gradtrace_heatmap/update.layer_x_kind")] == [2, 4, 6]
     histograms = tb.Histograms(HISTOGRAM_KEY)
     assert [e.step for e in histograms] == [2, 4, 6]  # else the loop below would pass on no histogram at all
     for event in histograms:
@@ -170,12 +173,12 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
     artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
     for metric in LAYER_STEP:
         for step in (2, 4, 6):
-            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{metric}.layer_x_step+step+{step}+")
+            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{LABELS[metric]}.layer_x_step+step+{step}+")
                       and p.endswith(".png")]
             png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
             assert_layer_step_image(decode(png), [r for r in history if r["step"] <= step], metric)
         # and the newest at step 0, where MLflow's image card opens
-        [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{metric}.layer_x_step+step+0+")
+        [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{LABELS[metric]}.layer_x_step+step+0+")
                   and p.endswith("+latest.png")]
         png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
         assert_layer_step_image(decode(png), history, metric)
@@ -274,13 +277,13 @@ def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
     layers = ("0", "1", "2")
     assert all(sorted(r["per_layer"]) == list(layers) for r in logs)
     # Every per-layer metric that the run log has a finite value of, and nothing else, is a series.
-    expected = {f"gradtrace_layer/layer_{layer}.{metric}" for layer in layers for metric in BREAKDOWN_METRICS
+    expected = {f"gradtrace_layer/layer_{layer}.{LABELS[metric]}" for layer in layers for metric in BREAKDOWN_METRICS
                 if any(finite(r["per_layer"][layer].get(metric)) for r in logs)}
     assert {t for t in tb.Tags()["scalars"] if t.startswith("gradtrace_layer/")} == expected
     assert len(expected) == len(layers) * len(BREAKDOWN_METRICS)  # this run has all 5 per layer
     for layer in layers:
         for metric in BREAKDOWN_METRICS:
-            series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/layer_{layer}.{metric}")}
+            series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/layer_{layer}.{LABELS[metric]}")}
             assert series == {r["step"]: np.float32(r["per_layer"][layer][metric]) for r in logs
                               if finite(r["per_layer"][layer].get(metric))}, (layer, metric)
 
@@ -292,7 +295,7 @@ CHOSEN_LAYER_STEP = ("cancelled", "absorbed")
 def assert_only_chosen_layer_step_images(tb, history: list[dict]) -> None:
     """The layer x step images are exactly CHOSEN_LAYER_STEP's, each showing the run log."""
     images = {t for t in tb.Tags()["images"] if t.endswith(".layer_x_step")}
-    assert images == {f"gradtrace_heatmap/{m}.layer_x_step" for m in CHOSEN_LAYER_STEP}
+    assert images == {f"gradtrace_heatmap/{LABELS[m]}.layer_x_step" for m in CHOSEN_LAYER_STEP}
     steps = [int(r["step"]) for r in history]
     for metric in CHOSEN_LAYER_STEP:
         logged = tb.Images(layer_step_key(metric))

@@ -37,6 +37,8 @@ VOCAB = 64
 # Global values that count steps or elements: in the run summary, not charted.
 COUNTERS = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "skipped_overflow_steps",
             "discarded_gradient_elements", "step_gradient_density_step", "tracked_elements", "zero_lr_steps")
+# How chart keys name the per-layer metrics (short: a title cut to a card's width still tells them apart).
+LABELS = {"gradient_sparsity": "grad", "update_sparsity": "update", "cancelled": "cancelled", "absorbed": "absorbed"}
 SEEN_TOKENS = 40  # embedding rows 40..63 never get a gradient: gradient sparsity > 0
 
 
@@ -118,11 +120,11 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
             assert f"gradtrace/{counter}" not in row and counter in g
         # Per kind / per layer, read against the run log's own groups (not the sink's flattening).
         for kind, values in record["per_kind"].items():
-            assert row[f"gradtrace_kind/{kind}.update_sparsity"] == values["update_sparsity"]
-            assert row[f"gradtrace_kind/{kind}.gradient_sparsity"] == values["gradient_sparsity"]
+            assert row[f"gradtrace_kind/update.{kind}"] == values["update_sparsity"]
+            assert row[f"gradtrace_kind/grad.{kind}"] == values["gradient_sparsity"]
         for layer, values in record["per_layer"].items():
             for metric in ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed"):
-                key = f"gradtrace_layer/layer_{layer}.{metric}"
+                key = f"gradtrace_layer/layer_{layer}.{LABELS[metric]}"
                 if per_layer_curves:
                     assert row[key] == values[metric], (step, key)
                 else:
@@ -133,13 +135,13 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
         # The live layer x step images: every layer's cell at every step so far shows the run log's value.
         history = [records[s] for s in expected_steps if s <= step]
         for metric in LAYER_STEP_METRICS:
-            entry = row[f"gradtrace_heatmap/{metric}.layer_x_step"]
+            entry = row[f"gradtrace_heatmap/{LABELS[metric]}.layer_x_step"]
             assert entry["_type"] == "image-file" and entry["format"] == "png"
             assert_layer_step_image(pixels(wb.files_dir / entry["path"]), history, metric)
 
         # Heatmaps: an image file in the run's files, showing this step's grid.
         for metric in ("update_sparsity", "gradient_sparsity"):
-            entry = row[f"gradtrace_heatmap/{metric}.layer_x_kind"]
+            entry = row[f"gradtrace_heatmap/{LABELS[metric]}.layer_x_kind"]
             assert entry["_type"] == "image-file" and entry["format"] == "png"
             logged = pixels(wb.files_dir / entry["path"])
             assert logged.shape[0] > 100 and logged.shape[1] > 200 and logged.std() > 10

@@ -11,21 +11,23 @@ other chart shares, and the sections sort the headline first:
 - ``gradtrace/<metric>``: the headline sparsities, gradient and update sparsity and its tolerance variants
   (:func:`is_headline`). These names are a contract.
 - ``gradtrace_expert/...`` (MoE models): experts without gradient, the min / median / max expert gradient
-  density, and the gradient density of the :data:`~gradtrace.anatomy.grouping.EXTREME_EXPERTS` least and
-  most touched routed experts, each under its own name (``gradtrace_expert/layer_3.expert_5``): the
-  series says which expert it follows.
-- ``gradtrace_heatmap/<metric>.layer_x_step``: an image per logging step, all layers (rows) x the steps so
-  far (columns), for :data:`LAYER_STEP_METRICS`: the per-layer picture at any depth, live;
-  ``<metric>.layer_x_kind`` the layer x kind image of the current step, and MoE models
-  ``<metric>.layer_x_expert`` (:data:`HEATMAP_METRICS`).
-- ``gradtrace_kind/<kind>.<metric>``: per module kind, for :data:`KIND_METRICS` (the number of kinds
-  does not grow with depth).
-- ``gradtrace_layer/layer_<NN>.<metric>``: one scalar series per layer and metric, only with
+  density (``min_gradient_density``...), and the gradient density of the
+  :data:`~gradtrace.anatomy.grouping.EXTREME_EXPERTS` least and most touched routed experts, each under
+  its own name (``gradtrace_expert/layer_3.expert_5``): the series says which expert it follows.
+- ``gradtrace_heatmap/<label>.layer_x_step`` (``update``, ``grad``: :data:`METRIC_LABELS`): an image per
+  logging step, all layers (rows) x the steps so far (columns), for :data:`LAYER_STEP_METRICS`: the
+  per-layer picture at any depth, live; ``<label>.layer_x_kind`` the layer x kind image of the current
+  step, and MoE models ``<label>.layer_x_expert`` (:data:`HEATMAP_METRICS`).
+- ``gradtrace_kind/<label>.<kind>``: per module kind, for :data:`KIND_METRICS`, the metric shortened
+  (``gradtrace_kind/update.q``, ``gradtrace_kind/grad.expert.down``: :func:`kind_key`); the number of
+  kinds does not grow with depth.
+- ``gradtrace_layer/layer_<NN>.<label>``: one scalar series per layer and metric, only with
   ``per_layer_curves=True`` (5 charts per layer: 320 for a 64-layer model, which nobody reads).
 - ``gradtrace_split/<metric>``: where the elements went (cancelled, absorbed, changed without gradient,
   no gradient, updated, zero lr...), the step's gradient density, and the histogram of |Σg|/Σ|g|
   (:data:`HISTOGRAM_KEY`).
-- ``gradtrace_sync/<metric>``: the weight-sync budget's curves, when it is observed.
+- ``gradtrace_sync/<metric>``: the weight-sync budget's curves, when it is observed (``step_changed``,
+  ``window_bytes_dense``...: the run log's ``sync_...`` names, less the prefix).
 
 Counts that only grow or never change (``optimizer_steps``, ``tracked_elements``, ``zero_lr_steps``, the
 skipped-step counts...: :func:`is_counter`) are no charts: they go to the run summary as
@@ -57,6 +59,14 @@ from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
 
 BREAKDOWN_METRICS = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "changed_without_gradient")
 KIND_METRICS = ("gradient_sparsity", "update_sparsity")
+# How a per-kind curve or an image names its metric (kind_key, layer_step_key...): short and first, so what
+# tells two cards apart still shows when a dashboard cuts the title to the card's width.
+METRIC_LABELS = {"gradient_sparsity": "grad", "update_sparsity": "update", "cancelled": "cancelled",
+                 "absorbed": "absorbed", "changed_without_gradient": "changed_no_grad"}
+# Global values renamed in their section, for the same reason (the run log keeps the left-hand names).
+CHART_NAMES = {"expert_gradient_density_min": "min_gradient_density",
+               "expert_gradient_density_median": "median_gradient_density",
+               "expert_gradient_density_max": "max_gradient_density"}
 # Drawn live by default: the two sparsities (each image costs a render per logging step; the other
 # breakdown metrics are one layer_step_metrics=... away, and always in the run log).
 LAYER_STEP_METRICS = ("update_sparsity", "gradient_sparsity")
@@ -106,32 +116,42 @@ def global_key(metric: str) -> str | None:
     if is_headline(metric):
         return f"{GLOBAL_SECTION}/{metric}"
     if metric.startswith("expert"):
-        return f"{EXPERT_SECTION}/{metric}"
+        return f"{EXPERT_SECTION}/{CHART_NAMES.get(metric, metric)}"
     if metric.startswith("sync_"):
-        return f"{SYNC_SECTION}/{metric}"
+        return f"{SYNC_SECTION}/{metric.removeprefix('sync_')}"
     return f"{SPLIT_SECTION}/{metric}"
 
 
 def kind_key(kind: str, metric: str) -> str:
-    """``gradtrace_kind/<kind>.<metric>``: one section for every kind, each card named by kind and metric."""
-    return f"{KIND_SECTION}/{kind}.{metric}"
+    """``gradtrace_kind/<metric label>.<kind>`` (``gradtrace_kind/update.q``): one section for every kind.
+
+    The label comes first and is short (:data:`METRIC_LABELS`): a card title cut to its width keeps what tells
+    it apart, where ``shared_expert.gate_up.update_sparsity`` and ``...gradient_sparsity`` read the same.
+    For the same reason ``shared_expert`` kinds are ``shared`` here (``gradtrace_kind/update.shared.gate_up``)."""
+    return f"{KIND_SECTION}/{label(metric)}.{kind.replace('shared_expert', 'shared')}"
+
+
+def label(metric: str) -> str:
+    """The short name of a per-layer metric in chart keys (:data:`METRIC_LABELS`)."""
+    return METRIC_LABELS.get(metric, metric)
 
 
 def layer_key(layer: str, metric: str, width: int) -> str:
-    """``gradtrace_layer/layer_<NN>.<metric>``: zero-padded so charts sort in layer order."""
-    return f"{LAYER_SECTION}/layer_{layer.zfill(width)}.{metric}"
+    """``gradtrace_layer/layer_<NN>.<label>`` (``layer_07.update``): zero-padded so charts sort in layer order."""
+    return f"{LAYER_SECTION}/layer_{layer.zfill(width)}.{label(metric)}"
 
 
 def layer_step_key(metric: str) -> str:
-    return f"{HEATMAP_SECTION}/{metric}.layer_x_step"
+    """``gradtrace_heatmap/update.layer_x_step``: the layer x step image of ``metric``."""
+    return f"{HEATMAP_SECTION}/{label(metric)}.layer_x_step"
 
 
 def layer_kind_key(metric: str) -> str:
-    return f"{HEATMAP_SECTION}/{metric}.layer_x_kind"
+    return f"{HEATMAP_SECTION}/{label(metric)}.layer_x_kind"
 
 
 def layer_expert_key(metric: str) -> str:
-    return f"{HEATMAP_SECTION}/{metric}.layer_x_expert"
+    return f"{HEATMAP_SECTION}/{label(metric)}.layer_x_expert"
 
 
 def _padded(part: str, width: int) -> str:
@@ -236,7 +256,7 @@ def masks_artifact(artifact_class: Any, name: str, run_dir: str | Path, metadata
 
 
 def file_stem(key: str) -> str:
-    """A chart key as a file name a person can read (``gradtrace_heatmap~update_sparsity.layer_x_step``)."""
+    """A chart key as a file name a person can read (``gradtrace_heatmap~update.layer_x_step``)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", key.replace("/", "~"))
 
 
@@ -275,7 +295,7 @@ class LiveCharts:
     reports to): the images of a step are rendered once, however many trackers show them.
 
     Args:
-        per_layer_curves: also log ``gradtrace_layer/layer_<NN>.<metric>`` scalar series (5 per layer).
+        per_layer_curves: also log ``gradtrace_layer/layer_<NN>.<label>`` scalar series (5 per layer).
         heatmaps: render the images (layer x step per metric, layer x kind of the current step); each
             is redrawn at every logging step (a few tens of ms each: ``benchmarks/live_charts.py``).
         kind_metrics: the per-kind curves logged.
