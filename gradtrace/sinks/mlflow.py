@@ -28,7 +28,9 @@ from gradtrace.sinks.payload import TABLE_KEY, WARNINGS_KEY, LiveCharts, anatomy
 ARTIFACT_DIR = "gradtrace"
 MAX_BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics, params and tags together
 MAX_TAG_CHARS = 8000  # and a tag value of at most 8000 characters
-THUMBNAIL_PX = 256  # MLflow's own thumbnail size (mlflow.tracking.multimedia.COMPRESSED_IMAGE_SIZE)
+# The longest side of the WebP an image card shows: twice MLflow's own (COMPRESSED_IMAGE_SIZE, 256), which drew a
+# layer x step image a third of a card wide, its labels unreadable; the card scales it to fit.
+THUMBNAIL_PX = 512
 
 
 class MlflowSink:
@@ -48,6 +50,7 @@ class MlflowSink:
         self._images_tagged = False
         self._warned = False
         self._latest: dict[str, str] = {}  # image key -> file name of its newest image, at step 0
+        self._tagged: dict[str, str] = {}  # counter tags as last sent
 
     def _client(self) -> Any | None:
         if self.run_id is None:
@@ -74,12 +77,15 @@ class MlflowSink:
         frame = self.charts.frame(summary)
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, step) for key, value in frame.scalars.items()]
-        tags = dict(frame.counters)  # the run's counters: tags, not one flat or ramping chart each
+        # The run's counters: tags, not one flat or ramping chart each; only those that changed (a tag costs
+        # a database round trip, and most counters never change).
+        tags = {k: v for k, v in frame.counters.items() if self._tagged.get(k) != str(v)}
         warnings = anatomy_warnings(summary)
         if warnings and not self._warned:  # once: the layout does not change
             tags[WARNINGS_KEY] = warnings
             self._warned = True
         self._log_batch(client, metrics, tags)
+        self._tagged.update({k: str(v) for k, v in tags.items()})
         if frame.images:
             self._log_images(client, frame, step, now)
 

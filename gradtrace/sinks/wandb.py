@@ -75,7 +75,8 @@ class WandbSink:
         self.charts = charts or LiveCharts()
         self.artifact_name = artifact_name
         self._defined_for: Any | None = None
-        self._warned_for: Any | None = None
+        self._summarized_for: Any | None = None  # the run whose summary has self._summarized
+        self._summarized: dict[str, Any] = {}  # counters (and anatomy warnings) as last put in its summary
 
     def _run(self) -> Any | None:
         if self._explicit_run is not None:
@@ -114,12 +115,15 @@ class WandbSink:
             payload[HISTOGRAM_KEY] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
         payload[self.step_key] = step
         run.log(payload)
-        summary_values = dict(frame.counters)
-        warnings = anatomy_warnings(summary)
-        if warnings and self._warned_for is not run:  # once per run: the layout does not change
-            summary_values[WARNINGS_KEY] = warnings
-            self._warned_for = run
-        run.summary.update(summary_values)
+        if self._summarized_for is not run:  # a run whose summary has nothing of gradtrace's yet
+            self._summarized, self._summarized_for = {}, run
+            warnings = anatomy_warnings(summary)
+            if warnings:  # once per run: the layout does not change
+                run.summary.update({WARNINGS_KEY: warnings})
+        changed = {k: v for k, v in frame.counters.items() if self._summarized.get(k) != v}  # most never change
+        if changed:
+            run.summary.update(changed)
+            self._summarized.update(changed)
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         """Per-matrix table, final values in the run summary, and the masks file as an artifact."""
