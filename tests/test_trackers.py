@@ -172,16 +172,11 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
     assert not {"gradtrace/optimizer_steps", "gradtrace/final/update_sparsity"} & set(client.get_run(run_id).data.metrics)
     artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
     for metric in LAYER_STEP:
-        for step in (2, 4, 6):
-            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{LABELS[metric]}.layer_x_step+step+{step}+")
-                      and p.endswith(".png")]
+        for step in (2, 4, 6):  # each at MLflow's step 0 (where its image card opens), named by its step
+            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{LABELS[metric]}.layer_x_step+step+0+")
+                      and p.endswith(f"+training-step-{step}.png")]
             png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
             assert_layer_step_image(decode(png), [r for r in history if r["step"] <= step], metric)
-        # and the newest at step 0, where MLflow's image card opens
-        [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{LABELS[metric]}.layer_x_step+step+0+")
-                  and p.endswith("+latest.png")]
-        png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
-        assert_layer_step_image(decode(png), history, metric)
     # Counters and final values: run tags (strings), equal to the run log's.
     tags = client.get_run(run_id).data.tags
     assert tags["gradtrace/optimizer_steps"] == str(records[6]["global"]["optimizer_steps"])

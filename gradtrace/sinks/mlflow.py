@@ -3,9 +3,9 @@
 Shown: every chart scalar as a metric against the global step (the run page's "Model metrics" tab makes
 one section per key up to its last ``/``: ``gradtrace`` with the sparsities first, then
 ``gradtrace_heatmap``, ``gradtrace_kind``...), the layer x step and layer x kind images as step images in
-those sections (the newest also at step 0, where MLflow's image cards open: :meth:`MlflowSink._log_images`),
-the counters (``gradtrace/optimizer_steps``...) and an unrecognised MoE layout's
-``gradtrace/anatomy_warnings`` as run tags; at the end the final values as tags
+those sections (at MLflow's step 0, where its image cards open, named by their training step:
+:meth:`MlflowSink._log_images`), the counters (``gradtrace/optimizer_steps``...) and an unrecognised MoE
+layout's ``gradtrace/anatomy_warnings`` as run tags; at the end the final values as tags
 (``gradtrace/final/<name>``, not one-point charts), and the per-matrix table
 (``gradtrace_final/per_matrix.json``), the masks file and the run's summary as artifacts under
 ``gradtrace/``. MLflow has no histogram type: the cancellation histogram stays in the run log and the
@@ -17,7 +17,6 @@ The run is found once, at the first log, and kept by id: the Trainer's callback 
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,6 @@ from gradtrace.sinks.payload import TABLE_KEY, WARNINGS_KEY, LiveCharts, anatomy
 ARTIFACT_DIR = "gradtrace"
 MAX_BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics, params and tags together
 MAX_TAG_CHARS = 8000  # and a tag value of at most 8000 characters
-# The longest side of the WebP an image card shows: twice MLflow's own (COMPRESSED_IMAGE_SIZE, 256), which drew a
-# layer x step image a third of a card wide, its labels unreadable; the card scales it to fit.
-THUMBNAIL_PX = 512
 
 
 class MlflowSink:
@@ -49,7 +45,7 @@ class MlflowSink:
         self.charts = charts or LiveCharts()
         self._images_tagged = False
         self._warned = False
-        self._latest: dict[str, str] = {}  # image key -> file name of its newest image, at step 0
+        self._last_ms = 0  # the time in the previous step's image names
         self._tagged: dict[str, str] = {}  # counter tags as last sent
 
     def _client(self) -> Any | None:
@@ -103,42 +99,30 @@ class MlflowSink:
         """The step's images as MLflow step images, in one upload.
 
         The run page finds step images by file name (what ``MlflowClient.log_image(key=, step=)`` writes:
-        ``images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>.png`` and a WebP thumbnail beside it,
-        ``...+compressed.webp``, which is what the card shows). Here the uuid is left out, so the names read
-        as what they hold, and the frame's PNG is uploaded as drawn (``log_image`` encodes each image again,
-        and uploads it and its thumbnail one by one).
+        ``images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>.png``, and beside it the smaller image the
+        card shows, ``...+compressed.webp``: a 256-pixel WebP, in which a layer x step image filled a third
+        of its card, unreadable). Its image card opens at step 0, where training has logged nothing ("No
+        image logged at this step"), and shows one image per step: the last listed (names sort by time).
 
-        MLflow opens an image card at step 0, where training has logged nothing ("No image logged at this
-        step"): each image is also written at step 0 under one name per key, ``...+latest.png``, replaced at
-        every logging step, so the card opens on the newest picture (whose title says its step) and its
-        slider goes back through the logging steps.
+        So every image goes to MLflow's step 0, named by the training step it shows in place of the uuid
+        (``...+step+0+timestamp+<ms>+training-step-40.png``: readable, and in time order): the card opens on
+        the newest (whose title says its step), and Artifacts > images lists every step's. The frame's PNG is
+        uploaded as drawn, and is also the card's image (``...+compressed.png``: the run page takes a PNG
+        there too), at its full size; nothing is encoded again (``log_image`` encodes each image twice).
         """
         import tempfile
 
-        from PIL import Image
-
+        now = max(now, self._last_ms + 1)  # strictly later than the previous step's: the newest sorts last
+        self._last_ms = now
         with tempfile.TemporaryDirectory(prefix="gradtrace-mlflow-") as folder:
             for key, png in frame.images.items():
-                pixels = frame.pixels.get(key)
-                image = Image.fromarray(pixels) if pixels is not None else Image.open(io.BytesIO(png))
-                # a box average by a whole factor: a tenth of thumbnail()'s Lanczos time, as legible at this size
-                image = image.reduce(max(1, -(-max(image.size) // THUMBNAIL_PX)))
-                thumbnail = io.BytesIO()
-                image.save(thumbnail, format="WEBP", quality=80, method=0)
-                for stem in self._image_stems(key, step, now):
-                    (Path(folder) / f"{stem}.png").write_bytes(png)
-                    (Path(folder) / f"{stem}+compressed.webp").write_bytes(thumbnail.getvalue())
+                stem = f"{key.replace('/', '~')}+step+0+timestamp+{now}+training-step-{step}"  # no folders: / as ~
+                for name in (f"{stem}.png", f"{stem}+compressed.png"):
+                    (Path(folder) / name).write_bytes(png)
             client.log_artifacts(self.run_id, folder, artifact_path="images")
         if not self._images_tagged:  # the run page shows its image panels when this tag is set
             client.set_tag(self.run_id, "mlflow.loggedImages", True)
             self._images_tagged = True
-
-    def _image_stems(self, key: str, step: int, now: int) -> list[str]:
-        """File names (without extension) of ``key``'s image at ``step``: the newest at step 0 (its name
-        fixed at the first write, so each write replaces it), and the step's own."""
-        name = key.replace("/", "~")  # as log_image does: no folders under images/
-        latest = self._latest.setdefault(key, f"{name}+step+0+timestamp+{now}+latest")
-        return [latest] if step == 0 else [latest, f"{name}+step+{step}+timestamp+{now}"]
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         """Final values as tags (not one-point charts); per-matrix table and the masks file (with
