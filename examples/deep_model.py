@@ -6,7 +6,7 @@ Builds a deep, narrow Llama config locally (random weights, bf16, the demo's cha
 it with a plain ``transformers.Trainer`` and ``GradTraceCallback`` on the demo's addition task, and then
 replays the run log through the charts every tracker gets (:class:`gradtrace.sinks.payload.LiveCharts`):
 it prints how many distinct chart keys a tracker receives by default and with ``per_layer_curves=True``,
-and writes the last layer x step image of update sparsity (what ``gradtrace_layer_step/update_sparsity``
+and writes the last layer x step image of update sparsity (what ``gradtrace_heatmap/update.layer_x_step``
 shows at the end of the run, in W&B, TensorBoard, MLflow or trackio).
 """
 

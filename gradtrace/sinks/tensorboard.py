@@ -3,8 +3,10 @@
 TensorBoard reads every event file of a directory as one run, so the sink writes its own file beside the
 Trainer's (``$TENSORBOARD_LOGGING_DIR``, or the newest ``<output_dir>/runs/<date_host>``) and its charts
 appear in the Trainer's run, on the same global-step axis. Shown: the scalars (SCALARS tab), the layer x
-step and layer x kind images (IMAGES), the cancellation-ratio histogram (HISTOGRAMS), and at the end the
-per-matrix table as text (TEXT). TensorBoard has no artifacts: the masks file stays in the run dir.
+step and layer x kind images (IMAGES), the cancellation-ratio histogram (HISTOGRAMS); as text (TEXT), the
+run summary (``gradtrace/run_summary``: the counters and any anatomy warning at the first logging step,
+every final value at the end) and the per-matrix table. TensorBoard has no artifacts: the masks file
+stays in the run dir.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradtrace.sinks.payload import HISTOGRAM_KEY, TABLE_KEY, LiveCharts
+from gradtrace.sinks.payload import (
+    GLOBAL_SECTION,
+    HISTOGRAM_KEY,
+    TABLE_KEY,
+    LiveCharts,
+    anatomy_warnings,
+    final_summary,
+)
 
+SUMMARY_TAG = f"{GLOBAL_SECTION}/run_summary"  # a text: TensorBoard's time series shows no text cards
 TEXT_TABLE_ROWS = 2000  # the TEXT tab renders a markdown table; past this many matrices it is cut (the run log has all)
 
 
@@ -30,6 +40,16 @@ def trainer_log_dir(output_dir: str | os.PathLike) -> str:
     if candidates:
         return str(max(candidates, key=lambda d: d.stat().st_mtime))
     return str(runs / "gradtrace")
+
+
+def summary_text(values: dict[str, Any], warnings: str | None = None) -> str:
+    """A run summary as TensorBoard's markdown: one row per value, then the anatomy warnings."""
+    lines = ["| name | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |"
+              for key, value in values.items()]
+    if warnings:
+        lines += ["", "**anatomy warnings**", "", *(f"- {line}" for line in warnings.splitlines())]
+    return "\n".join(lines)
 
 
 def png_summary(tag: str, png: bytes, height: int, width: int) -> Any:
@@ -56,6 +76,7 @@ class TensorBoardSink:
         self._log_dir = log_dir
         self.charts = charts or LiveCharts()
         self._writer: Any | None = None
+        self._summary_written = False
 
     @property
     def log_dir(self) -> str | None:
@@ -76,6 +97,9 @@ class TensorBoardSink:
         frame = self.charts.frame(summary)
         for key, value in frame.scalars.items():
             writer.add_scalar(key, value, step)
+        if not self._summary_written:  # once: the counters' start, and the warnings that will not change
+            writer.add_text(SUMMARY_TAG, summary_text(frame.counters, anatomy_warnings(summary)), step)
+            self._summary_written = True
         for key, png in frame.images.items():
             height, width = frame.pixels[key].shape[:2]
             writer._get_file_writer().add_summary(png_summary(key, png, height, width), step)  # noqa: SLF001
@@ -92,10 +116,11 @@ class TensorBoardSink:
         writer.flush()
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        """The per-matrix table as a markdown text, then close the event file."""
+        """The final values and the per-matrix table as markdown texts, then close the event file."""
         if not summary:
             return
         writer = self._open()
+        writer.add_text(SUMMARY_TAG, summary_text(final_summary(summary), anatomy_warnings(summary)), summary["step"])
         columns, rows = self.charts.table(summary)
 
         def cell(value: Any) -> str:

@@ -1,10 +1,12 @@
 """Send summaries to the active Weights & Biases run (the Trainer's, or the user's ``wandb.init``).
 
 The keys are :mod:`.payload`'s, shared by every tracker; W&B's default workspace makes one panel section
-per first key segment (``gradtrace/``, ``gradtrace_kind/``, ``gradtrace_layer_step/``, ...). Every series is
-plotted against ``step_key`` (the Trainer's ``train/global_step``, or ``gradtrace/step``). At the end: the
-per-matrix table (``gradtrace_final/per_matrix``), the final values in the run summary, and the masks file
-as an artifact of type ``gradtrace-masks`` so another run can fetch it with
+per first key segment (``gradtrace/``, ``gradtrace_heatmap/``, ``gradtrace_kind/``, ...). Every series is
+plotted against ``step_key`` (the Trainer's ``train/global_step``, or ``gradtrace/step``). The counters
+(``gradtrace/optimizer_steps``, ``gradtrace/tracked_elements``...) and an unrecognised MoE layout's
+``gradtrace/anatomy_warnings`` go to the run summary, not the charts. At the end: the per-matrix table
+(``gradtrace_final/per_matrix``), the final values in the run summary (``gradtrace/final/<name>``), and
+the masks file as an artifact of type ``gradtrace-masks`` so another run can fetch it with
 ``run.use_artifact("<name>:latest")``.
 
 The sink only formats what :meth:`TraceSession.log` already measured (one host sync per logging step,
@@ -25,8 +27,10 @@ from gradtrace.sinks.payload import (
     HISTOGRAM_KEY,
     SECTIONS,
     TABLE_KEY,
+    WARNINGS_KEY,
     LiveCharts,
-    final_scalars,
+    anatomy_warnings,
+    final_summary,
     finite,
     masks_artifact,
 )
@@ -71,6 +75,8 @@ class WandbSink:
         self.charts = charts or LiveCharts()
         self.artifact_name = artifact_name
         self._defined_for: Any | None = None
+        self._summarized_for: Any | None = None  # the run whose summary has self._summarized
+        self._summarized: dict[str, Any] = {}  # counters (and anatomy warnings) as last put in its summary
 
     def _run(self) -> Any | None:
         if self._explicit_run is not None:
@@ -109,6 +115,15 @@ class WandbSink:
             payload[HISTOGRAM_KEY] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
         payload[self.step_key] = step
         run.log(payload)
+        if self._summarized_for is not run:  # a run whose summary has nothing of gradtrace's yet
+            self._summarized, self._summarized_for = {}, run
+            warnings = anatomy_warnings(summary)
+            if warnings:  # once per run: the layout does not change
+                run.summary.update({WARNINGS_KEY: warnings})
+        changed = {k: v for k, v in frame.counters.items() if self._summarized.get(k) != v}  # most never change
+        if changed:
+            run.summary.update(changed)
+            self._summarized.update(changed)
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         """Per-matrix table, final values in the run summary, and the masks file as an artifact."""
@@ -126,7 +141,7 @@ class WandbSink:
             columns, rows = expert_rows(summary["per_expert"])
             tables[EXPERT_TABLE_KEY] = wandb.Table(columns=columns, data=rows)
         run.log({**tables, self.step_key: summary["step"]})
-        final = final_scalars(summary)
+        final = final_summary(summary)
         name = self.artifact_name or default_artifact_name(run)
         artifact = masks_artifact(wandb.Artifact, name, run_dir, artifact_metadata(summary, run_dir))
         if artifact is not None:

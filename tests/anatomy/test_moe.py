@@ -29,7 +29,7 @@ from gradtrace.tracking.tracker import COUNT_FIELDS, GradTracker
 from gradtrace.views.report import write_report
 from gradtrace.views.watch import LogFollower, render
 from tests.helpers import moe_models
-from tests.helpers.moe_models import token_data, training_args
+from tests.helpers.moe_models import RouterlessMixture, token_data, training_args
 from tests.helpers.reference import assert_masks_equal_reference
 
 pytestmark = pytest.mark.filterwarnings("error::gradtrace.GradTraceWarning")
@@ -264,25 +264,9 @@ def test_a_frozen_router_still_identifies_the_experts(tmp_path, reference):
         k: 1 - c["gradient"] / c["numel"] for k, c in expected.items()}
 
 
-class _RouterlessMixture(nn.Module):
-    """Named like a MoE block (``mlp.experts.down_proj``) but with no router: a soft mixture whose expert
-    dimension gradtrace cannot identify."""
-
-    def __init__(self):
-        super().__init__()
-        self.mlp = nn.Module()
-        self.mlp.experts = nn.Module()
-        self.mlp.experts.down_proj = nn.Parameter(torch.randn(4, 3, 5))
-        self.mlp.mix = nn.Parameter(torch.zeros(4))
-
-    def forward(self, x):
-        weights = self.mlp.mix.softmax(0)
-        return torch.einsum("e,eij,bj->bi", weights, self.mlp.experts.down_proj, x).pow(2).sum()
-
-
 def test_an_unidentified_expert_dimension_is_said_once_and_training_goes_on(tmp_path):
     model = nn.Module()
-    model.layers = nn.ModuleList([_RouterlessMixture()])
+    model.layers = nn.ModuleList([RouterlessMixture()])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracer = gradtrace.trace(model, optimizer, tmp_path, log_every=1, wandb=False, strict=True)
     for _ in range(2):

@@ -84,7 +84,7 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):
     the Trainer opens no run of its own (report_to="none"), so the sink logs to ours, against the Trainer's step."""
     import wandb
 
-    from gradtrace.sinks.payload import TABLE_KEY, chart_keys_bound, finite
+    from gradtrace.sinks.payload import chart_keys_bound, finite, is_counter
     from gradtrace.sinks.wandb import EXPERT_TABLE_KEY
     from gradtrace.views.live import expert_image
     from gradtrace.views.run_data import expert_grid
@@ -97,28 +97,29 @@ def test_wandb_gets_the_expert_heatmaps_curves_and_table(tmp_path, wandb_env):
     wandb.finish()
     wb = read_run(wandb_env)
     records = {r["step"]: r for r in read_run_log(tmp_path / "run")["logs"]}
-    rows = {row["train/global_step"]: row for row in wb.history if "gradtrace/experts_without_gradient" in row}
+    rows = {row["train/global_step"]: row for row in wb.history if "gradtrace_expert/experts_without_gradient" in row}
     assert sorted(rows) == sorted(records) == [1, 2]
     for step, record in records.items():
         row = rows[step]
-        for key in ("experts_without_gradient", "expert_gradient_density_min", "expert_gradient_density_median",
-                    "expert_gradient_density_max"):
-            assert row[f"gradtrace/{key}"] == record["global"][key]
-        # the ranked experts: 2 x 3 order statistics, equal to the run log's named extremes
-        ranked = {k: v for k, v in row.items() if k.startswith("gradtrace_expert/")}
-        assert ranked == {f"gradtrace_expert/{side}_{i}": e["gradient_density"]
-                          for side, entries in record["expert_extremes"].items() for i, e in enumerate(entries, 1)}
-        assert len(ranked) == 6
-        entry = row["gradtrace_heatmap/expert_gradient_sparsity"]
+        for name, key in (("experts_without_gradient", "experts_without_gradient"),
+                          ("min_gradient_density", "expert_gradient_density_min"),
+                          ("median_gradient_density", "expert_gradient_density_median"),
+                          ("max_gradient_density", "expert_gradient_density_max")):
+            assert row[f"gradtrace_expert/{name}"] == record["global"][key]
+        # the 3 least and 3 most touched experts, one series each, named by layer and expert as in the run log
+        named = {k: v for k, v in row.items() if k.startswith("gradtrace_expert/layer_")}
+        assert named == {"gradtrace_expert/layer_{}.expert_{}".format(*e["expert"].split("/")): e["gradient_density"]
+                         for entries in record["expert_extremes"].values() for e in entries}
+        assert len(named) == 6
+        entry = row["gradtrace_heatmap/grad.layer_x_expert"]
         logged, image = pixels(wb.files_dir / entry["path"]), expert_image(record, "gradient_sparsity")
         assert (logged == pixels(image.png)).all()
         assert_grid_image(logged, image, expert_grid(record["per_expert"], "gradient_sparsity").values)
-    # the whole key set stays the stated bound: the dense model's plus the expert images and six ranked series
-    keys = {k for row in wb.history for k in row if k.startswith("gradtrace")} - {"gradtrace/step", TABLE_KEY,
-                                                                                  EXPERT_TABLE_KEY}
-    last = records[2]
-    assert len(keys) == chart_keys_bound(len([v for v in last["global"].values() if finite(v)]), len(last["per_kind"]),
-                                         moe=True)
+    # each logging step's keys are the stated bound: the dense model's plus the expert images and six named series
+    for step, record in records.items():
+        keys = {k for k in rows[step] if k.startswith("gradtrace")} - {"gradtrace/step"}
+        charted = [k for k, v in record["global"].items() if finite(v) and not is_counter(k)]
+        assert len(keys) == chart_keys_bound(len(charted), len(record["per_kind"]), moe=True)
     [table_row] = [row for row in wb.history if EXPERT_TABLE_KEY in row]
     table = json.loads(wb.load_file(table_row[EXPERT_TABLE_KEY]["path"]))
     got = {f"{r[0]}/{r[1]}": dict(zip(table["columns"], r, strict=True)) for r in table["data"]}

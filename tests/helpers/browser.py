@@ -110,6 +110,45 @@ def trackio_show(project: str, trackio_dir: str | os.PathLike, *, log: Path) -> 
                  log=log, env=env)
 
 
+def mlflow_server(store_uri: str, *, log: Path) -> contextlib.AbstractContextManager[str]:
+    """``mlflow server`` on the tracking store ``store_uri`` (its runs' artifacts are read where they lie)."""
+    port = free_port()
+    return serve([bin_of("mlflow"), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
+                  "--port", str(port), "--workers", "1"], f"http://127.0.0.1:{port}/", log=log, timeout=240)
+
+
+def visible_titles(locator: Any) -> list[str]:
+    """What a person reads of each TensorBoard card title (``tb-truncated-path`` elements): each part as
+    shown, cut where its box ends with an ellipsis (the browser's own text measure, in the element's font)."""
+    return locator.evaluate_all("""paths => paths.map(path => [...path.children].map(span => {
+        const text = span.textContent;
+        if (span.scrollWidth <= span.clientWidth) return text;
+        const context = document.createElement('canvas').getContext('2d');
+        const style = getComputedStyle(span);
+        context.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+        const room = span.clientWidth - context.measureText('\u2026').width;
+        let shown = text.length;
+        while (shown > 0 && context.measureText(text.slice(0, shown)).width > room) shown--;
+        return text.slice(0, shown) + '\u2026';
+    }).join(''))""")
+
+
+def tensorboard_card_titles(page: Any) -> dict[str, str]:
+    """Every drawn TensorBoard card's tag and its title as shown (:func:`visible_titles`), paging through the
+    groups that hold more cards than one page."""
+    titles = page.locator("card-view tb-truncated-path")
+    shown: dict[str, str] = {}
+    while True:
+        tags = titles.evaluate_all("paths => paths.map(p => p.getAttribute('title'))")
+        shown.update(zip(tags, visible_titles(titles), strict=True))
+        later = page.locator('button[aria-label="Next page"]:enabled')
+        if not later.count():
+            return shown
+        later.first.click()
+        page.wait_for_function("before => JSON.stringify([...document.querySelectorAll('card-view tb-truncated-path')]"
+                               ".map(p => p.getAttribute('title'))) !== JSON.stringify(before)", arg=tags)
+
+
 def filter_tensorboard_tags(page: Any, regex: str) -> None:
     """Type ``regex`` into TensorBoard's time-series tag filter (cards outside the viewport are not
     rendered, so a filter is how a test brings the ones it checks into the DOM)."""

@@ -89,3 +89,19 @@ def token_data(seed: int, rows: int = 6, length: int = 3) -> Dataset:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (rows, length), generator=generator).tolist()
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+class RouterlessMixture(torch.nn.Module):
+    """Named like a MoE block (``mlp.experts.down_proj``) but with no router: a soft mixture whose expert
+    dimension gradtrace cannot identify."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.experts = torch.nn.Module()
+        self.mlp.experts.down_proj = torch.nn.Parameter(torch.randn(4, 3, 5))
+        self.mlp.mix = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        weights = self.mlp.mix.softmax(0)
+        return torch.einsum("e,eij,bj->bi", weights, self.mlp.experts.down_proj, x).pow(2).sum()

@@ -38,8 +38,8 @@ def test_deep_model_example_keeps_its_charts_bounded_and_draws_the_run_log(tmp_p
     assert [r["step"] for r in records] == [2, 4]
     default, per_layer = set(result["default_keys"]), set(result["per_layer_keys"])
     assert not any(k.startswith("gradtrace_layer/") for k in default)
-    assert {f"gradtrace_layer/{i:02d}/{m}" for i in range(12) for m in ("update_sparsity", "absorbed")} <= per_layer
-    assert {"gradtrace_layer_step/update_sparsity", "gradtrace_heatmap/update_sparsity"} <= default
+    assert {f"gradtrace_layer/layer_{i:02d}.{m}" for i in range(12) for m in ("update", "absorbed")} <= per_layer
+    assert {"gradtrace_heatmap/update.layer_x_step", "gradtrace_heatmap/update.layer_x_kind"} <= default
     assert f"{len(default)} chart keys by default" in capsys.readouterr().out
     png = (tmp_path / "view.png").read_bytes()
     assert png == result["image"].png

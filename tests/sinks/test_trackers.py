@@ -28,7 +28,11 @@ from gradtrace.sinks.payload import (
     HISTOGRAM_KEY,
     TABLE_KEY,
     chart_keys_bound,
+    final_summary,
     finite,
+    is_counter,
+    layer_step_key,
+    run_summary,
     scalar_payload,
 )
 from tests.helpers.models import Tokens, tiny_llama
@@ -45,6 +49,9 @@ if "trackio" not in __import__("sys").modules:
 from gradtrace.sinks.payload import LAYER_STEP_METRICS as LAYER_STEP  # noqa: E402
 
 KEY_BOUND = 60  # stated in README: distinct chart keys per run by default, at any depth
+# How chart keys name the per-layer metrics (short, so a card title cut to its width still tells them apart).
+LABELS = {"gradient_sparsity": "grad", "update_sparsity": "update", "cancelled": "cancelled", "absorbed": "absorbed",
+          "changed_without_gradient": "changed_no_grad"}
 
 
 @pytest.fixture
@@ -97,13 +104,23 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
             [event] = [e for e in tb.Scalars(key) if e.step == step]
             assert event.value == np.float32(value), (key, step)  # TensorBoard stores float32
     assert not [t for t in tags["scalars"] if t.startswith("gradtrace_layer/")]  # default: no per-layer series
+    gradtrace_scalars = {t for t in tags["scalars"] if t.startswith("gradtrace")}
+    assert gradtrace_scalars == set(scalar_payload(records[6]))
+    assert not {"gradtrace/optimizer_steps", "gradtrace/tracked_elements", "gradtrace/zero_lr_steps",
+                "gradtrace/final/update_sparsity"} & gradtrace_scalars  # counters and finals: no charts
+    # ... but the run summary, as text: the counters at the first logging step, every final value at the end
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in tb.Tensors("gradtrace/run_summary/text_summary")}
+    assert sorted(texts) == [2, 6]
+    assert f"| gradtrace/optimizer_steps | {records[2]['global']['optimizer_steps']} |" in texts[2]
+    assert f"| gradtrace/tracked_elements | {records[2]['global']['tracked_elements']} |" in texts[2]
+    assert f"| gradtrace/final/update_sparsity | {records[6]['global']['update_sparsity']:.6g} |" in texts[6]
     for metric in LAYER_STEP:
-        images = tb.Images(f"gradtrace_layer_step/{metric}")
+        images = tb.Images(layer_step_key(metric))
         assert [i.step for i in images] == [2, 4, 6]
         for image in images:
             assert_layer_step_image(decode(image.encoded_image_string),
                                     [r for r in history if r["step"] <= image.step], metric)
-    assert [i.step for i in tb.Images("gradtrace_heatmap/update_sparsity")] == [2, 4, 6]
+    assert [i.step for i in tb.Images("gradtrace_heatmap/update.layer_x_kind")] == [2, 4, 6]
     histograms = tb.Histograms(HISTOGRAM_KEY)
     assert [e.step for e in histograms] == [2, 4, 6]  # else the loop below would pass on no histogram at all
     for event in histograms:
@@ -124,15 +141,22 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
         by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}
         assert by_step == {s: float(scalar_payload(r)[key]) for s, r in records.items()
                            if key in scalar_payload(r)}, key
+    assert not {"gradtrace/optimizer_steps", "gradtrace/final/update_sparsity"} & set(client.get_run(run_id).data.metrics)
     artifacts = [a.path for a in client.list_artifacts(run_id, "images")]
     for metric in LAYER_STEP:
-        for step in (2, 4, 6):
-            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_layer_step~{metric}+step+{step}+")
-                      and p.endswith(".png") and "compressed" not in p]
+        for step in (2, 4, 6):  # each at MLflow's step 0 (where its image card opens), named by its step
+            [path] = [p for p in artifacts if p.startswith(f"images/gradtrace_heatmap~{LABELS[metric]}.layer_x_step+step+0+")
+                      and p.endswith(f"+training-step-{step}.png")]
             png = Path(client.download_artifacts(run_id, path, str(tmp_path / "dl"))).read_bytes()
             assert_layer_step_image(decode(png), [r for r in history if r["step"] <= step], metric)
-    final = client.get_run(run_id).data.metrics
-    assert final["gradtrace/final/update_sparsity"] == records[6]["global"]["update_sparsity"]
+    # Counters and final values: run tags (strings), equal to the run log's.
+    tags = client.get_run(run_id).data.tags
+    assert tags["gradtrace/optimizer_steps"] == str(records[6]["global"]["optimizer_steps"])
+    assert tags["gradtrace/tracked_elements"] == str(records[6]["global"]["tracked_elements"])
+    for metric, value in records[6]["global"].items():
+        if finite(value):
+            assert tags[f"gradtrace/final/{metric}"] == str(value), metric
+    assert tags["gradtrace/final/step"] == "6"
     masks = Path(client.download_artifacts(run_id, "gradtrace/masks.safetensors", str(tmp_path / "dl")))
     assert masks.read_bytes() == (out / "gradtrace" / "masks.safetensors").read_bytes()
     table = Path(client.download_artifacts(run_id, f"{TABLE_KEY}.json", str(tmp_path / "dl"))).read_text()
@@ -179,23 +203,29 @@ def test_64_layers_stay_under_the_chart_key_bound_in_every_tracker(tmp_path, mlf
         tb = tb_events(root / "run" / "tensorboard").Tags()
         tb_keys = set(tb["scalars"]) | set(tb["images"]) | set(tb["histograms"])
         client = MlflowClient(mlflow_store)
-        ml_metrics = {k for k in client.get_run(run_id).data.metrics if not k.startswith("gradtrace/final/")}
+        ml_metrics = set(client.get_run(run_id).data.metrics)
         ml_images = {p.path.split("/")[1].split("+")[0].replace("~", "/")
                      for p in client.list_artifacts(run_id, "images")}
-        # trackio keeps the final values as a row (W&B: in the run summary, not the history).
+        # Every tracker's final values and counters are in its run summary, not in its charts.
         tr_keys = {k for row in SQLiteStorage.get_logs(project, run=f"L{layers}") for k in row
-                   if k.startswith("gradtrace") and k not in ("gradtrace/step", TABLE_KEY)
-                   and not k.startswith("gradtrace/final/")}
+                   if k.startswith("gradtrace") and k not in ("gradtrace/step", TABLE_KEY)}
         record = read_run_log(root / "run")["logs"][-1]
         assert len(record["per_layer"]) == layers
         kinds = len(record["per_kind"])
-        expected = chart_keys_bound(len([v for v in record["global"].values() if finite(v)]), kinds)
+        charted = [k for k, v in record["global"].items() if finite(v) and not is_counter(k)]
+        expected = chart_keys_bound(len(charted), kinds)
         assert len(wb_keys) == len(tb_keys) == expected <= KEY_BOUND, (layers, len(wb_keys), len(tb_keys))
         # MLflow has no histogram type: the same keys less the cancellation histogram.
         assert ml_metrics | ml_images == wb_keys - {HISTOGRAM_KEY}
         assert tr_keys == wb_keys  # trackio has scalars, images and histograms: every key
         # The bound does not grow with depth: the number of kinds and global values is the model's, not its layers'.
         assert not [k for k in wb_keys if k.startswith("gradtrace_layer/")]
+        # The counters and final values: W&B's summary, MLflow's tags, trackio's config.
+        ends = {**run_summary(record), **final_summary(record)}
+        ml_tags = client.get_run(run_id).data.tags
+        tr_config = SQLiteStorage.get_run_config(project, f"L{layers}")
+        for key, value in ends.items():
+            assert wb.summary[key] == value and ml_tags[key] == str(value) and tr_config[key] == value, key
 
 
 def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
@@ -214,13 +244,13 @@ def test_per_layer_curves_restore_the_per_layer_series_in_tensorboard(tmp_path):
     layers = ("0", "1", "2")
     assert all(sorted(r["per_layer"]) == list(layers) for r in logs)
     # Every per-layer metric that the run log has a finite value of, and nothing else, is a series.
-    expected = {f"gradtrace_layer/{layer}/{metric}" for layer in layers for metric in BREAKDOWN_METRICS
+    expected = {f"gradtrace_layer/layer_{layer}.{LABELS[metric]}" for layer in layers for metric in BREAKDOWN_METRICS
                 if any(finite(r["per_layer"][layer].get(metric)) for r in logs)}
     assert {t for t in tb.Tags()["scalars"] if t.startswith("gradtrace_layer/")} == expected
     assert len(expected) == len(layers) * len(BREAKDOWN_METRICS)  # this run has all 5 per layer
     for layer in layers:
         for metric in BREAKDOWN_METRICS:
-            series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/{layer}/{metric}")}
+            series = {e.step: e.value for e in tb.Scalars(f"gradtrace_layer/layer_{layer}.{LABELS[metric]}")}
             assert series == {r["step"]: np.float32(r["per_layer"][layer][metric]) for r in logs
                               if finite(r["per_layer"][layer].get(metric))}, (layer, metric)
 
@@ -230,12 +260,12 @@ CHOSEN_LAYER_STEP = ("cancelled", "absorbed")
 
 
 def assert_only_chosen_layer_step_images(tb, history: list[dict]) -> None:
-    """The ``gradtrace_layer_step/`` images are exactly CHOSEN_LAYER_STEP, each showing the run log."""
-    images = {t for t in tb.Tags()["images"] if t.startswith("gradtrace_layer_step/")}
-    assert images == {f"gradtrace_layer_step/{m}" for m in CHOSEN_LAYER_STEP}
+    """The layer x step images are exactly CHOSEN_LAYER_STEP's, each showing the run log."""
+    images = {t for t in tb.Tags()["images"] if t.endswith(".layer_x_step")}
+    assert images == {f"gradtrace_heatmap/{LABELS[m]}.layer_x_step" for m in CHOSEN_LAYER_STEP}
     steps = [int(r["step"]) for r in history]
     for metric in CHOSEN_LAYER_STEP:
-        logged = tb.Images(f"gradtrace_layer_step/{metric}")
+        logged = tb.Images(layer_step_key(metric))
         assert [i.step for i in logged] == steps
         assert_layer_step_image(decode(logged[-1].encoded_image_string), history, metric)
 
@@ -299,3 +329,51 @@ def test_report_to_names_are_checked_and_a_missing_tracker_only_warns(tmp_path, 
     optimizer.step()
     tracer.finish()
     assert tb_events(tmp_path / "b" / "tensorboard").Scalars("gradtrace/update_sparsity")[0].step == 1
+
+
+def test_anatomy_warnings_reach_every_tracker_once(tmp_path, mlflow_store, monkeypatch):
+    """An unrecognised MoE layout (experts without a router): its warning in each tracker's run summary."""
+    import mlflow
+    import wandb
+    from mlflow.tracking import MlflowClient
+
+    trackio = pytest.importorskip("trackio", reason="trackio is not installed (the `test` extra installs it)")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from tests.helpers.moe_models import RouterlessMixture
+    from tests.helpers.wandb_file import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([RouterlessMixture()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wandb.init(mode="offline", dir=tmp_path, project="gradtrace-tests")
+    mlflow.start_run(run_name="routerless")
+    project = f"gradtrace-{tmp_path.name}"
+    trackio.init(project=project, name="routerless", embed=False)
+    tracer = gradtrace.trace(model, optimizer, tmp_path / "run", log_every=1, strict=True,
+                             report_to=["wandb", "tensorboard", "mlflow", "trackio"])
+    for _ in range(3):
+        model.layers[0](torch.randn(2, 5)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tracer.finish()
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    wandb.finish()
+    trackio.finish()
+
+    log = read_run_log(tmp_path / "run")
+    [note] = log["logs"][0]["anatomy_warnings"]
+    assert "no identifiable expert dimension" in note and len(log["logs"]) == 3
+    wb = read_run(tmp_path)
+    assert wb.summary["gradtrace/anatomy_warnings"] == note
+    assert not [row for row in wb.history if "gradtrace/anatomy_warnings" in row]  # not a chart
+    assert MlflowClient(mlflow_store).get_run(run_id).data.tags["gradtrace/anatomy_warnings"] == note
+    assert SQLiteStorage.get_run_config(project, "routerless")["gradtrace/anatomy_warnings"] == note
+    tb = tb_events(tmp_path / "run" / "tensorboard")
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in tb.Tensors("gradtrace/run_summary/text_summary")}
+    assert sorted(texts) == [1, 3]  # the first logging step's summary, and the final one
+    assert all(f"- {note}" in text for text in texts.values())

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradtrace.sinks.payload import LAYER_STEP_METRICS, LiveCharts, scalar_payload
+from gradtrace.sinks.payload import (
+    HISTOGRAM_KEY,
+    LiveCharts,
+    final_summary,
+    finite,
+    scalar_payload,
+)
 from gradtrace.views.live import LayerStepHistory
 from tests.helpers.tracker_checks import assert_layer_step_image
 
@@ -84,14 +90,16 @@ def test_bad_input_is_named():
 def test_default_scalars_have_no_per_layer_series_and_one_render_serves_every_sink():
     record = summary(5, 64)
     keys = set(scalar_payload(record))
-    assert keys == {"gradtrace/update_sparsity", "gradtrace/tracked_elements", "gradtrace_kind/q/gradient_sparsity",
-                    "gradtrace_kind/q/update_sparsity"}
+    # tracked_elements is a counter: the run summary's, not a chart
+    assert keys == {"gradtrace/update_sparsity", "gradtrace_kind/grad.q", "gradtrace_kind/update.q"}
     with_layers = set(scalar_payload(record, per_layer_curves=True)) - keys
-    assert len(with_layers) == 64 * 5 and "gradtrace_layer/07/absorbed" in with_layers  # zero-padded
+    assert len(with_layers) == 64 * 5 and "gradtrace_layer/layer_07.absorbed" in with_layers  # zero-padded
     charts = LiveCharts()
     first = charts.frame(record)
     assert charts.frame(record) is first  # a second sink gets the same frame, not a second render
-    assert sorted(first.images) == sorted(f"gradtrace_layer_step/{m}" for m in LAYER_STEP_METRICS)  # no per_matrix: no layer x kind
+    assert first.counters == {"gradtrace/tracked_elements": 10}
+    # no per_matrix: no layer x kind
+    assert sorted(first.images) == ["gradtrace_heatmap/grad.layer_x_step", "gradtrace_heatmap/update.layer_x_step"]
 
 
 def test_the_colour_scale_fits_a_narrow_spread():
@@ -109,3 +117,79 @@ def test_the_colour_scale_fits_a_narrow_spread():
     assert len(colours) == 4  # the four distinct values, four colours (on 0..100% they were one)
     assert_layer_step_image(shown, [{"step": s, "per_layer": {k: {"update_sparsity": v} for k, v in p.items()}}
                                     for s, p in values.items()], "update_sparsity")
+
+
+def moe_summary() -> dict:
+    """A real tracker's summary of two sparse steps of a tiny Qwen2-MoE (routed and shared experts), with the
+    counter the session adds (``zero_lr_steps``) and a weight-sync curve and counter."""
+    import torch
+
+    from gradtrace import GradTracker
+    from gradtrace.tracking.summary import summarize
+    from tests.helpers.moe_models import qwen2_moe
+
+    torch.manual_seed(0)
+    model = qwen2_moe()
+    tracker = GradTracker(model)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator) * (torch.rand(p.shape, generator=generator) < 0.3)
+        tracker.observe_gradients()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-1e-2)
+        tracker.observe_update()
+    summary = summarize(tracker.measure(), step=2)
+    summary["global"].update(zero_lr_steps=0, sync_step_changed=0.25, sync_host_bytes=4096)
+    return summary
+
+
+def test_chart_names_put_the_sparsities_first_and_counters_in_the_run_summary():
+    summary = moe_summary()
+    frame = LiveCharts().frame(summary)
+    charts = [*frame.scalars, *frame.images, HISTOGRAM_KEY]
+    assert all(key.count("/") == 1 for key in charts), charts  # <section>/<name>: one section per key, everywhere
+    # TensorBoard and MLflow order sections (then cards) alphabetically: the first section is the headline.
+    first = min(key.split("/")[0] for key in charts)
+    assert first == "gradtrace"
+    assert sorted(k.split("/")[1] for k in charts if k.split("/")[0] == first) == [
+        "gradient_sparsity", "update_sparsity", "update_sparsity_abs_1e-05", "update_sparsity_rel_0.001"]
+    g = summary["global"]
+    for metric in ("cancelled", "absorbed", "changed_without_gradient", "no_gradient", "updated"):
+        assert frame.scalars[f"gradtrace_split/{metric}"] == g[metric]
+    assert frame.scalars["gradtrace_sync/step_changed"] == 0.25
+    # Counters are not charts; the run summary has them, with the run log's values.
+    counters = ("optimizer_steps", "tracked_elements", "zero_lr_steps", "zero_gradient_steps", "skipped_overflow_steps",
+                "nonfinite_gradient_steps", "discarded_gradient_elements", "step_gradient_density_step", "experts",
+                "sync_host_bytes")
+    assert frame.counters == {f"gradtrace/{name}": g[name] for name in counters}
+    assert not [key for key in frame.scalars if key.split("/")[1] in counters]
+    # No two charts share the name TensorBoard and MLflow keep when they shorten a title (after the last /).
+    names = [key.rsplit("/", 1)[1] for key in charts]
+    assert len(set(names)) == len(names), sorted(names)
+    # ... not even in their first 17 characters: TensorBoard's narrowest cards, in a 1280-pixel window, show
+    # 18 to 20 of them (tests/views/test_browser.py reads the titles as drawn)
+    assert len({name[:17] for name in names}) == len(names), sorted(names)
+    # Per kind: one section, each card named by its metric (short) and kind (shared_expert as shared).
+    for kind, values in summary["per_kind"].items():
+        short = kind.replace("shared_expert", "shared")
+        assert frame.scalars[f"gradtrace_kind/update.{short}"] == values["update_sparsity"]
+        assert frame.scalars[f"gradtrace_kind/grad.{short}"] == values["gradient_sparsity"]
+    assert {"expert.gate_up", "shared_expert.gate_up", "shared_expert.down"} <= set(summary["per_kind"])
+    # The least and most touched experts: one series each, named by layer and expert.
+    extremes = [e for entries in summary["expert_extremes"].values() for e in entries]
+    assert len(extremes) == 6
+    expert_series = {k: v for k, v in frame.scalars.items() if k.startswith("gradtrace_expert/layer_")}
+    assert expert_series == {"gradtrace_expert/layer_{}.expert_{}".format(*e["expert"].split("/")): e["gradient_density"]
+                             for e in extremes}
+    for name, metric in (("experts_without_gradient", "experts_without_gradient"),
+                         ("min_gradient_density", "expert_gradient_density_min"),
+                         ("median_gradient_density", "expert_gradient_density_median"),
+                         ("max_gradient_density", "expert_gradient_density_max")):
+        assert frame.scalars[f"gradtrace_expert/{name}"] == g[metric]
+    assert {k for k in frame.images if "layer_x_expert" in k} == {"gradtrace_heatmap/update.layer_x_expert",
+                                                                    "gradtrace_heatmap/grad.layer_x_expert"}
+    # the final values (every global value and the step) are a run summary too, never a chart
+    assert final_summary(summary) == {**{f"gradtrace/final/{k}": v for k, v in g.items() if finite(v)},
+                                      "gradtrace/final/step": 2}

@@ -8,6 +8,7 @@ on SQLite, and the files of a W&B offline run.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,12 @@ def test_tensorboard_stores_the_drawn_png(tmp_path):
             assert (event.height, event.width) == (height, width)
 
 
-def test_mlflow_step_images_are_the_drawn_pngs_with_thumbnails(tmp_path, monkeypatch):
+def test_mlflow_images_are_the_drawn_pngs_at_step_0_named_by_their_step_in_time_order(tmp_path, monkeypatch):
+    """MLflow's image card opens at step 0 and shows the last image listed there: every step's image at step 0,
+    named by its training step, listed in logging order (so the card shows the newest)."""
     import mlflow
 
-    from gradtrace.sinks.mlflow import THUMBNAIL_PX, MlflowSink
+    from gradtrace.sinks.mlflow import MlflowSink
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -94,21 +97,22 @@ def test_mlflow_step_images_are_the_drawn_pngs_with_thumbnails(tmp_path, monkeyp
             drawn[summary["step"]] = dict(charts.frame(summary).images)
     client = mlflow.MlflowClient(uri)
     assert client.get_run(run.info.run_id).data.tags.get("mlflow.loggedImages") == "True"
+    listed = [a.path.split("/")[1] for a in client.list_artifacts(run.info.run_id, "images")]  # as the run page gets them
     folder = Path(client.download_artifacts(run.info.run_id, "images", str(tmp_path / "down")))
-    files = sorted(p.name for p in folder.iterdir())
-    assert len(files) == 2 * sum(len(images) for images in drawn.values())  # each PNG and its thumbnail
-    for step, images in drawn.items():
-        for key, png in images.items():
-            # the names MlflowClient.log_image(key=, step=) gives: how the run page finds step images
-            stem = f"{key.replace('/', '~')}+step+{step}+timestamp+"
-            pngs = [f for f in files if f.startswith(stem) and f.endswith(".png")]
-            thumbs = [f for f in files if f.startswith(stem) and f.endswith("+compressed.webp")]
-            assert len(pngs) == 1 and thumbs == [pngs[0][:-4] + "+compressed.webp"]
-            assert (folder / pngs[0]).read_bytes() == png
-            thumb = Image.open(folder / thumbs[0])
-            width, height = Image.open(io.BytesIO(png)).size
-            assert max(thumb.size) <= THUMBNAIL_PX
-            assert abs(thumb.size[0] / thumb.size[1] - width / height) < 0.05
+    assert len(listed) == 2 * sum(len(images) for images in drawn.values())  # each PNG, and the card's copy
+    for key in drawn[1]:
+        # the names the run page reads step images by (as MlflowClient.log_image(key=, step=) writes them),
+        # the training step in place of the uuid
+        pattern = re.escape(f"{key.replace('/', '~')}+step+0+timestamp+") + r"(\d{13})\+training-step-(\d+)\.png"
+        images = [(name, re.fullmatch(pattern, name)) for name in listed]
+        images = [(name, match) for name, match in images if match]
+        assert [int(match.group(2)) for _, match in images] == sorted(drawn)  # listed in logging order
+        assert [int(m.group(1)) for _, m in images] == sorted({int(m.group(1)) for _, m in images})  # times increase
+        for name, match in images:
+            png = drawn[int(match.group(2))][key]
+            card = name[:-4] + "+compressed.png"
+            assert card in listed
+            assert (folder / name).read_bytes() == (folder / card).read_bytes() == png  # as drawn, full size
 
 
 def test_wandb_media_are_the_drawn_pngs(tmp_path, monkeypatch):

@@ -31,6 +31,11 @@ from tests.helpers.tracker_checks import assert_grid_image, assert_layer_step_im
 from tests.helpers.wandb_file import read_run
 
 VOCAB = 64
+# Global values that count steps or elements: in the run summary, not charted.
+COUNTERS = ("optimizer_steps", "zero_gradient_steps", "nonfinite_gradient_steps", "skipped_overflow_steps",
+            "discarded_gradient_elements", "step_gradient_density_step", "tracked_elements", "zero_lr_steps")
+# How chart keys name the per-layer metrics (short: a title cut to a card's width still tells them apart).
+LABELS = {"gradient_sparsity": "grad", "update_sparsity": "update", "cancelled": "cancelled", "absorbed": "absorbed"}
 SEEN_TOKENS = 40  # embedding rows 40..63 never get a gradient: gradient sparsity > 0
 
 
@@ -66,8 +71,7 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
 
     # define_metric: each section is plotted against the step key.
     globs = {m["glob_name"]: m["step_metric"] for m in wb.metrics if m["glob_name"]}
-    for section in ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_layer_step", "gradtrace_heatmap",
-                    "gradtrace_cancellation"):
+    for section in ("gradtrace", "gradtrace_kind", "gradtrace_layer", "gradtrace_heatmap", "gradtrace_split"):
         assert globs[f"{section}/*"] == step_key, section
 
     rows = rows_at(wb.history, step_key, "gradtrace/update_sparsity")
@@ -75,36 +79,40 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
     for step, record in records.items():
         row = rows[step]
         assert row[step_key] == step == record["step"]
-        # The global curves, under the gradtrace/<metric> contract, equal the run log exactly.
-        curves = {k: v for k, v in record["global"].items() if isinstance(v, float | int) and math.isfinite(v)}
-        for metric in ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_1e-05",
-                       "update_sparsity_rel_0.001", "cancelled", "absorbed", "changed_without_gradient"):
-            assert metric in curves, metric
-        for metric, value in curves.items():
-            assert row[f"gradtrace/{metric}"] == value, (step, metric)
+        # The global curves equal the run log exactly: the sparsities under the gradtrace/<metric> contract,
+        # where the elements went under gradtrace_split/; the counters are in the run summary, not charts.
+        g = record["global"]
+        for metric in ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_1e-05", "update_sparsity_rel_0.001"):
+            assert row[f"gradtrace/{metric}"] == g[metric], (step, metric)
+        for metric in ("cancelled", "absorbed", "changed_without_gradient", "no_gradient", "updated",
+                       "gradient_unchanged", "zero_lr", "step_gradient_density"):
+            assert row[f"gradtrace_split/{metric}"] == g[metric], (step, metric)
+        for counter in COUNTERS:
+            assert f"gradtrace/{counter}" not in row and counter in g
         # Per kind / per layer, read against the run log's own groups (not the sink's flattening).
         for kind, values in record["per_kind"].items():
-            assert row[f"gradtrace_kind/{kind}/update_sparsity"] == values["update_sparsity"]
-            assert row[f"gradtrace_kind/{kind}/gradient_sparsity"] == values["gradient_sparsity"]
+            assert row[f"gradtrace_kind/update.{kind}"] == values["update_sparsity"]
+            assert row[f"gradtrace_kind/grad.{kind}"] == values["gradient_sparsity"]
         for layer, values in record["per_layer"].items():
             for metric in ("update_sparsity", "gradient_sparsity", "cancelled", "absorbed"):
-                key = f"gradtrace_layer/{layer}/{metric}"
+                key = f"gradtrace_layer/layer_{layer}.{LABELS[metric]}"
                 if per_layer_curves:
                     assert row[key] == values[metric], (step, key)
                 else:
                     assert key not in row  # by default, per-layer numbers are in the layer x step images
-        scalars = {k for k in row if k.startswith(("gradtrace/", "gradtrace_kind/", "gradtrace_layer/"))}
+        scalars = {k for k in row if k.startswith(("gradtrace/", "gradtrace_kind/", "gradtrace_layer/", "gradtrace_split/"))
+                   and not isinstance(row[k], dict)}
         assert scalars - {step_key} == set(scalar_payload(record, per_layer_curves=per_layer_curves))
         # The live layer x step images: every layer's cell at every step so far shows the run log's value.
         history = [records[s] for s in expected_steps if s <= step]
         for metric in LAYER_STEP_METRICS:
-            entry = row[f"gradtrace_layer_step/{metric}"]
+            entry = row[f"gradtrace_heatmap/{LABELS[metric]}.layer_x_step"]
             assert entry["_type"] == "image-file" and entry["format"] == "png"
             assert_layer_step_image(pixels(wb.files_dir / entry["path"]), history, metric)
 
         # Heatmaps: an image file in the run's files, showing this step's grid.
         for metric in ("update_sparsity", "gradient_sparsity"):
-            entry = row[f"gradtrace_heatmap/{metric}"]
+            entry = row[f"gradtrace_heatmap/{LABELS[metric]}.layer_x_kind"]
             assert entry["_type"] == "image-file" and entry["format"] == "png"
             logged = pixels(wb.files_dir / entry["path"])
             assert logged.shape[0] > 100 and logged.shape[1] > 200 and logged.std() > 10
@@ -146,10 +154,13 @@ def assert_dashboard_matches_run_log(wb, run_dir: Path, step_key: str, *, expect
     # position: causal attention and the shifted loss leave its hidden state unused).
     assert by_name["model.embed_tokens.weight"]["gradient_sparsity"] == 1 - len(tokens[:, :-1].unique()) / VOCAB > 0
 
-    # Run summary: the final global values.
+    # Run summary: the final global values, and the counters (their last values).
     for metric, value in final["global"].items():
         if isinstance(value, float | int) and math.isfinite(value):
             assert wb.summary[f"gradtrace/final/{metric}"] == value, metric
+    for counter in COUNTERS:
+        assert wb.summary[f"gradtrace/{counter}"] == final["global"][counter], counter
+    assert "gradtrace/anatomy_warnings" not in wb.summary  # a dense Llama: nothing unrecognised
 
     # The masks file, as an artifact of type gradtrace-masks, byte for byte (MD5 as in the manifest).
     [artifact] = [a for a in wb.artifacts if a["type"] == ARTIFACT_TYPE]

@@ -1,10 +1,12 @@
-"""The live views in a real browser: TensorBoard's and trackio's own dashboards after a real Trainer run,
-and ``gradtrace report``'s HTML, loaded in headless Chromium (playwright driving the system's browser).
+"""The live views in a real browser: TensorBoard's, MLflow's and trackio's own dashboards after a real Trainer
+run, and ``gradtrace report``'s HTML, loaded in headless Chromium (playwright driving the system's browser).
 
 What is checked is what a person would see: the gradtrace panels in the rendered page (not only in the
 stores, which tests/sinks/test_trackers*.py read back), the number TensorBoard shows equal to the run log's,
-the charts drawn, every report image decoded, no console error. A screenshot of each page is kept under
-``$GRADTRACE_TEST_ARTIFACTS/<test name>/`` when that is set, else under the test's ``tmp_path``.
+TensorBoard's first cards the sparsities and no two card titles alike as shown, MLflow's run page showing a
+gradtrace image without touching its slider, the charts drawn, every report image decoded, no console error.
+A screenshot of each page is kept under ``$GRADTRACE_TEST_ARTIFACTS/<test name>/`` when that is set, else
+under the test's ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -24,7 +27,9 @@ from tests.helpers.browser import (
     chromium_installed,
     css_rgb,
     filter_tensorboard_tags,
+    mlflow_server,
     tensorboard,
+    tensorboard_card_titles,
     trackio_show,
     wait_for_drawn,
 )
@@ -58,24 +63,36 @@ def browser():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One real Trainer run reporting to TensorBoard and trackio at once (6 steps, a log every 2)."""
+    """One real Trainer run reporting to TensorBoard, MLflow (a SQLite store) and trackio at once (6 steps,
+    a log every 2)."""
+    import mlflow
     from transformers import Trainer, TrainingArguments
 
     root = tmp_path_factory.mktemp("browser-run")
     project = f"gradtrace-browser-{uuid.uuid4().hex[:8]}"
+    store = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TENSORBOARD_LOGGING_DIR", str(root / "tb"))
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", "gradtrace-browser")
+        mlflow.set_tracking_uri(store)
+        experiment = mlflow.MlflowClient(store).create_experiment(
+            "gradtrace-browser", artifact_location=(root / "mlflow-artifacts").as_uri())
         args = TrainingArguments(output_dir=str(root / "out"), per_device_train_batch_size=4, max_steps=6,
-                                 logging_steps=2, report_to=["tensorboard", "trackio"], project=project,
+                                 logging_steps=2, report_to=["tensorboard", "trackio", "mlflow"], project=project,
                                  run_name="tiny", use_cpu=True, save_strategy="no", learning_rate=1e-3,
                                  disable_tqdm=True, seed=0, trackio_static_space_id=False)
         Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(),
                 callbacks=[gradtrace.GradTraceCallback(strict=True)]).train()
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
     from trackio.utils import TRACKIO_DIR
 
+    [run] = mlflow.MlflowClient(store).search_runs([experiment])
     records = {int(r["step"]): r for r in read_run_log(root / "out" / "gradtrace")["logs"]}
     assert sorted(records) == [2, 4, 6]
-    return {"root": root, "tb": root / "tb", "project": project, "trackio_dir": TRACKIO_DIR, "records": records}
+    return {"root": root, "tb": root / "tb", "project": project, "trackio_dir": TRACKIO_DIR, "records": records,
+            "mlflow": store, "experiment": experiment, "run_id": run.info.run_id}
 
 
 def new_page(browser):
@@ -94,9 +111,11 @@ def test_tensorboard_shows_the_gradtrace_curves_and_images(trained, browser, art
         try:
             page.goto(url + "#timeseries", wait_until="load")
             # The run's tag list (the dashboard's own menu) names gradtrace's curves.
-            filter_tensorboard_tags(page, "^gradtrace(_layer_step)?/update_sparsity$")
-            card = page.locator('scalar-card-component:has([title="gradtrace/update_sparsity"])')
-            image_card = page.locator('image-card-component:has([title="gradtrace_layer_step/update_sparsity"])')
+            filter_tensorboard_tags(page, "^gradtrace/update_sparsity$|^gradtrace_heatmap/update.layer_x_step$")
+            # (the cards of the filtered view: the groups TensorBoard opened before the filter may linger, hidden)
+            card = page.locator('scalar-card-component:has([title="gradtrace/update_sparsity"]) >> visible=true')
+            image_card = page.locator(
+                'image-card-component:has([title="gradtrace_heatmap/update.layer_x_step"]) >> visible=true')
             card.wait_for()
             image_card.locator("img").wait_for()
             # The card's data table shows the last step's value: the run log's, to TensorBoard's rounding.
@@ -113,6 +132,73 @@ def test_tensorboard_shows_the_gradtrace_curves_and_images(trained, browser, art
                                    arg=image_card.locator("img").element_handle())
             page.screenshot(path=str(artifacts / "tensorboard.png"))
             assert not page.errors, page.errors
+        finally:
+            page.close()
+
+
+def test_tensorboard_opens_on_the_sparsities_and_no_two_card_titles_look_alike(trained, browser, artifacts):
+    from tests.helpers.tensorboard_events import tb_events
+
+    tags = tb_events(trained["tb"]).Tags()
+    expected = sorted({*tags["scalars"], *tags["images"], *tags["histograms"]})
+    assert {"train/loss", "gradtrace/update_sparsity", "gradtrace_split/cancellation_ratio"} <= set(expected)
+    with tensorboard(trained["tb"], log=artifacts / "tensorboard.log") as url:
+        # Tall enough that every card is drawn (TensorBoard renders only the cards in view); the width, and
+        # so how much of each title shows, is an ordinary 1280-pixel window's.
+        page = browser.new_page(viewport={"width": 1280, "height": 16000})
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        try:
+            page.goto(url + "#timeseries", wait_until="load")
+            titles = page.locator("card-view tb-truncated-path")
+            titles.first.wait_for()
+            # TensorBoard opens the first two groups (alphabetical) and folds the others: what a person sees
+            # first is the headline sparsities, then the images.
+            groups = page.locator(".card-group .group-title").all_inner_texts()
+            assert groups == sorted(groups) and groups[:2] == ["gradtrace", "gradtrace_heatmap"], groups
+            page.wait_for_function("() => document.querySelectorAll('.card-group:has(card-view)').length == 2")
+            opened = titles.evaluate_all("paths => paths.map(p => p.getAttribute('title'))")
+            assert opened[:4] == ["gradtrace/gradient_sparsity", "gradtrace/update_sparsity",
+                                  "gradtrace/update_sparsity_abs_1e-05", "gradtrace/update_sparsity_rel_0.001"]
+            assert all(tag.startswith("gradtrace_heatmap/") for tag in opened[4:])
+            page.screenshot(path=str(artifacts / "tensorboard-first-screen.png"), clip={"x": 0, "y": 0, "width": 1280,
+                                                                                     "height": 900})
+            folded = page.locator('.card-group:not(:has(card-view)) button[aria-label="Expand group"]')
+            while folded.count():  # open the others, to read every title
+                folded.first.click()
+            shown = tensorboard_card_titles(page)
+            assert sorted(shown) == expected
+            # Each title as it reads, cut to the card's width: no two of gradtrace's alike.
+            ours = {tag: text for tag, text in shown.items() if tag.startswith("gradtrace")}
+            assert len(set(ours.values())) == len(ours), sorted(ours.values())
+            assert any("\u2026" in text for text in ours.values())  # some titles are cut: the check bites
+            (artifacts / "tensorboard-titles.txt").write_text("".join(f"{t}\t{s}\n" for t, s in shown.items()))
+        finally:
+            page.close()
+
+
+def test_mlflow_run_page_shows_a_gradtrace_image_without_interaction(trained, browser, artifacts):
+    with mlflow_server(trained["mlflow"], log=artifacts / "mlflow.log") as url:
+        page = new_page(browser)
+        try:
+            page.goto(f"{url}#/experiments/{trained['experiment']}/runs/{trained['run_id']}/model-metrics",
+                      wait_until="load")
+            # The run's chart sections: gradtrace's sparsities first, then its images.
+            heading = page.get_by_text("gradtrace_heatmap", exact=True)
+            heading.wait_for()
+            # Section headings read "<name>\n(<charts>)", in page order.
+            sections = re.findall(r"^(\S+)\n\(\d+\)$", page.inner_text("body"), re.M)
+            assert sections[:3] == ["gradtrace", "gradtrace_heatmap", "gradtrace_kind"], sections
+            # An image card opens at step 0: it shows gradtrace's newest image there, not "No image logged".
+            heading.scroll_into_view_if_needed()  # MLflow draws the cards in view
+            image = page.locator('img[src*="gradtrace_heatmap"]').first
+            image.wait_for()
+            image.scroll_into_view_if_needed()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+            [shown] = parse_qs(urlparse(image.get_attribute("src")).query)["path"]
+            assert shown.startswith("images/gradtrace_heatmap~") and shown.endswith("+training-step-6+compressed.png")
+            assert page.get_by_text("No image logged at this step").count() == 0
+            page.screenshot(path=str(artifacts / "mlflow.png"))
+            assert not [e for e in page.errors if "404" not in e], page.errors  # the UI probes optional endpoints
         finally:
             page.close()
 

@@ -8,7 +8,7 @@ fresh allocation whose pages fault in on first touch and each a pass over main m
 (``int16`` for the 16-bit dtypes: NumPy has no bfloat16), in chunks whose temporaries stay in a core's
 L2 cache, and the counts that involve the gradient bitmap are popcounts of packed bytes.
 
-The results are bit-identical to the torch path; tests/test_cpu_measure.py compares the two on edge
+The results are bit-identical to the torch path; tests/tracking/test_cpu_measure.py compares the two on edge
 values, in every mode, across chunk boundaries and on a trained model. What the torch path computes, and
 how this module reproduces it:
 

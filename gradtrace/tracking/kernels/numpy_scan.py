@@ -11,7 +11,7 @@ matrices after the first step) skips the compare and the packing.
 
 A gradient holding any NaN/inf contributes nothing (the tracker's rule), which is only known once the
 whole tensor is read: the packed bits and the sampled values go to scratch buffers first and are folded
-into the state after the last chunk. Results are bit-identical to the torch path; tests/test_tracker.py
+into the state after the last chunk. Results are bit-identical to the torch path; tests/tracking/test_tracker.py
 compares the two on edge values and chunk boundaries. :meth:`CpuScanner.fold_changes` does the same for
 the exact per-step change detector of ``ever_changed`` mode (:meth:`GradTracker.observe_update`).
 """
