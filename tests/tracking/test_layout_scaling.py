@@ -43,6 +43,7 @@ def _round_trip_seconds(count: int) -> float:
 @pytest.mark.slow
 def test_layout_and_state_round_trip_are_linear_in_the_parameter_count():
     small = min(_round_trip_seconds(SMALL) for _ in range(2))
-    large = _round_trip_seconds(LARGE)
-    # 10x the parameters: linear is ~10x, quadratic ~100x; 30x leaves room for a loaded machine
-    assert large < 30 * small, (small, large)
+    large = min(_round_trip_seconds(LARGE) for _ in range(2))
+    # 10x the parameters: linear is ~10x, quadratic ~100x; the best of two runs each and 40x leave room for
+    # a machine shared with other jobs (one run of each once read 30x there, passing alone at ~10x)
+    assert large < 40 * small, (small, large)
