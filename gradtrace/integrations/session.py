@@ -238,7 +238,7 @@ class TraceSession:
     def state_path(directory: str | os.PathLike) -> Path:
         """This rank's tracker-state file in ``directory``: one per rank, since under FSDP2 each holds
         only its own shards (``tracker_state.safetensors`` in a single process)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if several_processes():
             rank, world = dist.get_rank(), dist.get_world_size()
             return Path(directory) / STATE_NAME.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors")
         return Path(directory) / STATE_NAME
@@ -338,7 +338,7 @@ def weights_fingerprint(tracker: GradTracker) -> str | None:
     """A hash of the tracked parameters' names, shapes, dtypes and of the raw bits of their values (one
     64-bit sum per parameter, read from the host once): tells apart the weights of two checkpoints.
     ``None`` with several processes, where each holds another part (an elastic resume re-cuts them)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         return None
     named = tracker.named_parameters()
     with torch.no_grad():
