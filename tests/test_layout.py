@@ -156,7 +156,7 @@ def test_an_engine_is_one_module_on_the_base():
                "gradtrace.tracking.config", "gradtrace.tracking"}
     engines = PACKAGE / "tracking" / "engines"
     for path in sorted(engines.glob("*.py")):
-        if path.name in ("__init__.py", "base.py"):
+        if path.name in ("__init__.py", "base.py", "choice.py"):  # choice.py: the order engines are chosen in
             continue
         module = __import__(_module_name(path), fromlist=["*"])
         defined = [v for v in vars(module).values()

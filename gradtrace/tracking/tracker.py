@@ -27,10 +27,9 @@ from gradtrace.formats.masks_file import PackedMask
 from gradtrace.tracking import parameter_set, persistence, reshard, sharding
 from gradtrace.tracking.config import TrackerConfig
 from gradtrace.tracking.engines.base import Engine, Placement, Span
-from gradtrace.tracking.engines.local import LocalShards
+from gradtrace.tracking.engines.choice import choose_engine
 from gradtrace.tracking.engines.partitions import EnginePartitions
-from gradtrace.tracking.engines.split import SplitTracking, should_split
-from gradtrace.tracking.engines.zero3 import Zero3Partitions
+from gradtrace.tracking.engines.split import SplitTracking
 from gradtrace.tracking.folding import Folding
 from gradtrace.tracking.kernels import Backend, torch_path
 from gradtrace.tracking.measuring import COUNT_FIELDS, Measurement, Measuring
@@ -81,15 +80,7 @@ class GradTracker(Folding, Measuring):
         self._primary = _local(self._params[0][1]).device
         # Who keeps which part of each parameter (gradtrace.tracking.engines): sharded parameters are kept
         # as their local shards; replicated ones, under torch.distributed, divided among the ranks.
-        sharded = [p for _, p in self._params if sharding.is_sharded(p)]
-        if sharded:
-            group = sharding.reduction_group(sharded)
-            zero3 = any(sharding.is_zero3(p) for p in sharded)
-            self._engine: Engine = Zero3Partitions(group) if zero3 else LocalShards(group)
-        elif should_split(split, self._params):
-            self._engine = SplitTracking(self._params)
-        else:
-            self._engine = LocalShards()
+        self._engine: Engine = choose_engine(self._params, split)
         self._group = self._engine.group
         # Where collectives run (NCCL needs CUDA tensors even when the state is offloaded to the CPU).
         self._collective_device = (sharding.collective_device(self._group, self._primary)
