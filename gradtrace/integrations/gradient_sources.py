@@ -22,6 +22,7 @@ from torch import nn
 from gradtrace.integrations import deepspeed
 from gradtrace.integrations.failures import Failures
 from gradtrace.integrations.parameters import (
+    ParameterWatch,
     describe_selection,
     learning_rates,
     stepped_parameters,
@@ -113,7 +114,7 @@ class OptimizerHooks(GradientSource):
         return describe_selection(not_stepped, self.optimizer)
 
     def current_parameters(self) -> Callable[[], Named]:
-        return lambda: stepped_parameters(self.model, self.optimizer)[0]
+        return ParameterWatch(self.model, self.optimizer)
 
     def attach(self, session: TraceSession, *, failures: Failures, wants_detail: Callable[[], bool],
                announced: bool = False, after_step: Callable[[], None] | None = None) -> None:

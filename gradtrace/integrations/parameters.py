@@ -4,13 +4,15 @@ A parameter that requires a gradient but is in none of the optimizer's param gro
 and never changes; tracking it would report it "absorbed by rounding" even in fp32. So the tracked set is
 the model's trainable parameters that the optimizer holds, found by identity in its param groups (through
 wrappers such as accelerate's ``AcceleratedOptimizer``). The set is looked at again before every step, so
-a parameter replaced, unfrozen or added with ``add_param_group`` mid-run is noticed.
+a parameter replaced, unfrozen or added with ``add_param_group`` mid-run is noticed
+(:class:`ParameterWatch` makes that look cheap).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -50,6 +52,54 @@ def stepped_parameters(model: nn.Module, optimizer: Any) -> tuple[list[tuple[str
         return trainable, []
     tracked = [(name, p) for name, p in trainable if id(p) in held]
     return tracked, [name for name, p in trainable if id(p) not in held]
+
+
+class ParameterWatch:
+    """The parameters to track now (:func:`stepped_parameters`), derived again only when something they
+    depend on may have changed; called before every optimizer step.
+
+    A check compares identities, shapes, dtypes and ``requires_grad`` flags with those of the last
+    derivation: each module's parameters and submodules (a tensor or module replaced, added or removed,
+    with ``setattr`` or behind its back), every parameter's shape, dtype and ``requires_grad``, the tensors
+    in the optimizer's param groups. That is O(tensors + modules) and reads no values; deriving the set
+    walks ``named_parameters()`` and builds every name, which cost 0.1–0.4 ms a step on a 57-tensor model.
+    Unchanged, a call returns the very list it returned before, so callers can tell by identity.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any):
+        self.model, self.optimizer = model, optimizer
+        self._derive()
+
+    def __call__(self) -> list[tuple[str, nn.Parameter]]:
+        if self._changed():
+            self._derive()
+        return self._tracked
+
+    def _derive(self) -> None:
+        self._tracked = stepped_parameters(self.model, self.optimizer)[0]
+        self._modules = list(self.model.modules())
+        self._members = self._module_members()
+        self._parameters = [p for p in self._members if isinstance(p, torch.Tensor)]
+        self._layout = [(p.shape, p.dtype, p.requires_grad) for p in self._parameters]
+        self._groups = getattr(unwrap_optimizer(self.optimizer), "param_groups", None) or []
+        self._held = self._group_members()
+
+    def _module_members(self) -> list[Any]:
+        # Submodules too: a module added or replaced brings parameters no cached module holds.
+        return [*(p for m in self._modules for p in m._parameters.values()),
+                *(c for m in self._modules for c in m._modules.values())]
+
+    def _group_members(self) -> list[int]:
+        return [id(p) for group in self._groups for p in group.get("params", ())]
+
+    def _changed(self) -> bool:
+        members = self._module_members()
+        if len(members) != len(self._members) or any(a is not b for a, b in zip(members, self._members, strict=True)):
+            return True
+        if any(p.shape != shape or p.dtype != dtype or p.requires_grad != trainable
+               for p, (shape, dtype, trainable) in zip(self._parameters, self._layout, strict=True)):
+            return True
+        return self._group_members() != self._held
 
 
 def describe_selection(not_stepped: list[str], optimizer: Any) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class TraceSession:
         self.zero_lr_parameters: set[str] = set(tracker.parameter_names)
         self._parameter_by_name: dict[str, Any] | None = None  # built on the first step with a group at lr 0
         self._parameter_fingerprint: tuple | None = None
+        self._parameter_list: list[tuple[str, Any]] | None = None
         # weight-sync budget (gradtrace.sync): per-step changes in the sync dtype; off unless set
         self.sync: SyncObserver | None = None
 
@@ -84,7 +85,8 @@ class TraceSession:
         """Call ``source()`` (the ``(name, parameter)`` pairs to track, as given to the tracker) before every
         step (:meth:`check_parameters`), so that a parameter set changed mid-run is noticed."""
         self._parameter_source = source
-        self._parameter_fingerprint = self._fingerprint(source())
+        self._parameter_list = source()
+        self._parameter_fingerprint = self._fingerprint(self._parameter_list)
 
     @staticmethod
     def _fingerprint(named: list[tuple[str, Any]]) -> tuple:
@@ -96,6 +98,9 @@ class TraceSession:
         if self._parameter_source is None:
             return
         named = self._parameter_source()
+        if named is self._parameter_list:  # a source that says "unchanged" by returning the same list
+            return
+        self._parameter_list = named
         fingerprint = self._fingerprint(named)
         if fingerprint == self._parameter_fingerprint:
             return
