@@ -206,3 +206,36 @@ def test_the_finite_check_agrees_with_isfinite_in_any_chunk(dtype):
             grad = base.clone()
             grad[at] = bad
             assert scanner.finite(grad) is bool(torch.isfinite(grad).all()) is False, (bad, at)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_full_bitmap_step_answers_finite_and_nonzero_exactly(dtype):
+    """A full bitmap with nothing counted takes a shortcut (one sum for "finite, some nonzero"): it must give
+    torch's answers where that sum misleads — finite values whose sum overflows, values that cancel to 0,
+    all zeros, negative zeros — and drop a gradient with a NaN/inf wherever it sits, sums untouched."""
+    finfo = torch.finfo(dtype)
+    base = torch.randn(1000, dtype=torch.float64).to(dtype)
+    overflow = torch.full((1000,), finfo.max, dtype=dtype)
+    cancelling = torch.tensor([1.0, -1.0] * 500, dtype=dtype)
+    cases = {"normal": base, "overflowing sum": overflow, "cancelling": cancelling,
+             "zeros": torch.zeros(1000, dtype=dtype), "negative zeros": torch.full((1000,), -0.0, dtype=dtype)}
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, 999):
+            grad = base.clone()
+            grad[at] = bad
+            cases[f"{bad} at {at}"] = grad
+    for case, grad in cases.items():
+        for stride, start in ((1, 0), (64, 5)):
+            samples = grad[start::stride].float()
+            sums = (torch.ones(samples.numel()), torch.ones(samples.numel()))
+            bits = torch.full((125,), 0xFF, dtype=torch.uint8)
+            folded = CpuScanner(chunk_elements=64).fold(grad, bits, full=True, count=False, sums=sums,
+                                                        stride=stride, sample_start=start)
+            finite = bool(torch.isfinite(grad).all())
+            assert folded.finite is finite, case
+            assert folded.any_nonzero is bool((grad != 0).any()), case
+            assert folded.full and folded.nonzero is None and bool((bits == 0xFF).all()), case
+            if finite:
+                assert torch.equal(sums[0], 1 + samples) and torch.equal(sums[1], 1 + samples.abs()), case
+            else:
+                assert bool((sums[0] == 1).all()) and bool((sums[1] == 1).all()), case

@@ -18,6 +18,7 @@ the exact per-step change detector of ``ever_changed`` mode (:meth:`GradTracker.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -63,6 +64,14 @@ def _as_float32(raw: np.ndarray, dtype: torch.dtype, out: np.ndarray) -> None:
         out[:] = raw.view(np.float16)
     else:
         out[:] = raw.view(np.float32)
+
+
+def _finite_and_nonzero(grad: torch.Tensor) -> bool:
+    """``True`` only if every element of ``grad`` is finite and some element is nonzero; ``False`` means "not
+    known": the exact pass decides. IEEE arithmetic carries any NaN or inf into the sum; a finite sum that
+    overflows, or one that is zero (all zeros, or values that cancel), gives ``False`` as well."""
+    total = float(torch.sum(grad))
+    return total != 0 and math.isfinite(total)
 
 
 class ScratchBuffers:
@@ -122,6 +131,18 @@ class CpuScanner:
         dtype = grad.dtype
         raw = grad.detach().reshape(-1).view(RAW_BITS[dtype]).numpy()  # zero-copy; numpy has no bfloat16
         numel = raw.size
+        if full and not count and _finite_and_nonzero(grad):
+            # The common step of a dense model: nothing to pack or count, so the one question is "finite?",
+            # answered by a sum (one vectorised read, no temporaries, about twice the speed of the pass below).
+            if sums is not None:
+                samples = None
+                if stride > 1:
+                    taken = raw[sample_start::stride]
+                    samples = self._scratch("samples", taken.size, np.float32)
+                    _as_float32(taken, dtype, samples)
+                with np.errstate(over="ignore"):
+                    self._add_sums(grad, sums, samples)
+            return Folded(any_nonzero=True, finite=True, nonzero=None, full=True)
         chunk = self.chunk
         magnitude_max = _SIGN_CLEARED[raw.itemsize]  # the mask that clears the sign bit
         magnitude = self._scratch("magnitude", min(chunk, numel), raw.dtype)
