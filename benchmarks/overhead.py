@@ -270,9 +270,15 @@ class TimedGradTraceCallback(GradTraceCallback):
     """``GradTraceCallback`` that also adds up the wall time spent inside its per-step events."""
 
     seconds = 0.0
+    by_event: dict[str, float] = {}
 
     def take_seconds(self) -> float:
         spent, self.seconds = self.seconds, 0.0
+        return spent
+
+    def take_events(self) -> dict[str, float]:
+        """Seconds inside each event since the last call (the per-event breakdown of ``take_seconds``)."""
+        spent, self.by_event = self.by_event, {}
         return spent
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -289,13 +295,16 @@ def _timed(event: str):
         try:
             return inner(self, args, state, control, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self.seconds += spent
+            self.by_event = {**self.by_event, event: self.by_event.get(event, 0.0) + spent}
 
     return wrapper
 
 
 # every event that fires inside a training step (on_log runs after on_step_end, outside the timed window)
-for _event in ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end"):
+TIMED_EVENTS = ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
+for _event in TIMED_EVENTS:
     setattr(TimedGradTraceCallback, _event, _timed(_event))
 
 
@@ -341,7 +350,9 @@ class StepTimer(TrainerCallback):
         wall, cpu = self._start
         self.steps.append({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
                            "log": bool(control.should_log), "step": state.global_step,
-                           "in_gradtrace": self.traced.take_seconds() if self.traced is not None else None})
+                           "in_gradtrace": self.traced.take_seconds() if self.traced is not None else None,
+                           "in_events": (self.traced.take_events() if isinstance(self.traced, TimedGradTraceCallback)
+                                         else None)})
 
 
 def run_once(setting: Setting, work: Workload, variant: str, tmp: Path) -> dict[str, Any]:
@@ -401,6 +412,9 @@ def run_once(setting: Setting, work: Workload, variant: str, tmp: Path) -> dict[
         "wall": us([s["wall"] for s in measured]),
         "cpu": us([s["cpu"] for s in measured]),
         "in_gradtrace": us([s["in_gradtrace"] for s in measured]) if gradtrace_cb is not None else None,
+        # per event: seconds of each measured step spent inside it (the events a step did not enter: 0)
+        "in_events": ({event: us([s["in_events"].get(event, 0.0) for s in measured]) for event in TIMED_EVENTS}
+                      if measured and measured[0]["in_events"] is not None else None),
         "warmup_wall": us([s["wall"] for s in steps[:setting.warmup]]),
         "logging_step_wall": us([s["wall"] for s in logging]),
         "loadavg_1min_before": load_before,
@@ -451,11 +465,20 @@ def bench_setting(setting: Setting, work: Workload, tmp: Path) -> dict[str, Any]
             # measure of its cost, and the ratio it implies against the uninstrumented median step
             "in_gradtrace_ms": quantiles(inside) if inside else None,
             "ratio_from_in_gradtrace": 1 + statistics.median(inside) / base if inside else None,
+            "in_events_ms": _event_medians(runs[variant]),
             "logging_step_wall_s": statistics.median(logging) if logging else None,
             "n_steps": len(wall),
             "runs": runs[variant],
         }
     return {"setting": asdict(setting), "numel": work.numel, "variants": variants}
+
+
+def _event_medians(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Median ms per step inside each of gradtrace's events, over every measured step of the runs."""
+    if not runs or runs[0].get("in_events") is None:
+        return None
+    return {event: statistics.median([t for run in runs for t in run["in_events"][event]]) * 1e3
+            for event in TIMED_EVENTS}
 
 
 LEGEND = """Columns: step ms = median wall time of an optimizer step (warm-up and logging steps excluded); IQR = its
@@ -494,6 +517,15 @@ def print_setting(result: dict[str, Any]) -> None:
             "" if log is None else f"{log * 1e3:.0f}", target,
         )
     console.print(table)
+    events = Table(title="inside gradtrace, per event: median ms per (non-logging) step", title_justify="left")
+    events.add_column("variant")
+    for event in TIMED_EVENTS:
+        events.add_column(event.removeprefix("on_"), justify="right")
+    for name, row in v.items():
+        if row.get("in_events_ms"):
+            events.add_row(name, *(f"{row['in_events_ms'][event]:.3f}" for event in TIMED_EVENTS))
+    if events.row_count:
+        console.print(events)
 
 
 # ------------------------------------------------------------------------------------- memory, logging
