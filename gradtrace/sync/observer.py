@@ -55,20 +55,32 @@ class SyncObserver:
             raise ValueError(f"sync_every must be a positive number of optimizer steps, got {every!r}")
         self.dtype = sync_dtype(dtype)
         self.every = every
-        self.named = list(named)
-        self.sharded = any(_is_sharded(p) for _, p in self.named)
-        layout = expert_layout({name: tuple(p.shape) for name, p in self.named})
-        self.fused = {} if self.sharded else dict(layout.fused)  # a shard holds no whole expert slices
-        self.listed = dict(layout.listed)
-        self.previous = self._buffers()  # the values after the latest step
+        self.restart(0, named)
+
+    def restart(self, step: int, named: Sequence[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Start over from the weights as they are now, taken as those after global optimizer step ``step``
+        (0 at the start; a resumed run's checkpoint step; the step before which the tracked parameters
+        changed, with the new ``named``). Windows stay aligned to global steps: window k ends at step
+        ``k * every``; the first one after a restart mid-window starts at ``step`` (``window_start_step``)."""
+        if named is not None:
+            self.named = list(named)
+            self.sharded = any(_is_sharded(p) for _, p in self.named)
+            layout = expert_layout({name: tuple(p.shape) for name, p in self.named})
+            self.fused = {} if self.sharded else dict(layout.fused)  # a shard holds no whole expert slices
+            self.listed = dict(layout.listed)
+            self.previous = self._buffers()  # the values after the latest step
+            self._before = self._buffers()  # the values before it (the other buffer of the pair)
+            self.synced = self._buffers() if self.every > 1 else None  # the values at the last sync
         self._snapshot_into(self.previous)
-        self._before = self._buffers()  # the values before it (the other buffer of the pair)
-        self.synced = self._buffers() if every > 1 else None  # the values at the last sync
         if self.synced is not None:
             for name, buffer in self.synced.items():
                 buffer.copy_(self.previous[name])
-        self.steps = 0
-        self.window_end_step = 0
+        self.steps = step
+        self.stepped = False  # whether a step was observed since the (re)start: the latest step's patch exists
+        self.synced_step = step  # the step whose values ``synced`` holds (the window's start)
+        # the latest complete window since the (re)start: steps window_start_step + 1 ... window_end_step
+        self.window_start_step: int | None = None
+        self.window_end_step: int | None = None
         self.step_counts: dict[str, np.ndarray] = {}  # name -> changed elements per slice (1 slice if not fused)
         self.window_counts: dict[str, np.ndarray] = {}
         self._patch: Patch | None = None
@@ -122,20 +134,23 @@ class SyncObserver:
         self.step_counts = self._snapshot_and_count(self._before, self.previous)
         self._patch = None
         self.steps += 1
+        self.stepped = True
         if self.synced is None:
-            self.window_counts, self.window_end_step = self.step_counts, self.steps
-        elif self.steps % self.every == 0:
+            self.window_counts = self.step_counts
+            self.window_start_step, self.window_end_step = self.steps - 1, self.steps
+        elif self.steps % self.every == 0:  # global steps: a resumed run's windows end where the whole run's do
             self.window_counts = self._count(self.synced, self.previous)
             self._window_patch = Patch({name: diff_tensor(self.synced[name], self.previous[name])
                                         for name in sorted(self.previous)})
             for name, buffer in self.synced.items():
                 buffer.copy_(self.previous[name])
-            self.window_end_step = self.steps
+            self.window_start_step, self.window_end_step = self.synced_step, self.steps
+            self.synced_step = self.steps
 
     @property
     def patch(self) -> Patch | None:
         """The latest step's patch (``None`` before the first step), built on first use."""
-        if self._patch is None and self.steps:
+        if self._patch is None and self.stepped:
             self._patch = Patch({name: diff_tensor(self._before[name], self.previous[name])
                                  for name in sorted(self.previous)})
         return self._patch
@@ -169,11 +184,12 @@ class SyncObserver:
                          for n, row in zip(names, table.tolist(), strict=True)}
         return per_param, per_slice
 
-    @staticmethod
-    def _fractions(counts: dict[str, int]) -> dict[str, Any]:
+    def _fractions(self, counts: dict[str, int]) -> dict[str, Any]:
         n = counts["numel"]
-        return {"step_changed": counts["step_changed"] / n if n else None,
-                "window_changed": counts["window_changed"] / n if n else None, "numel": n}
+        return {"step_changed": counts["step_changed"] / n if n and self.stepped else None,
+                # None until a window completes after the (re)start: no window to report yet
+                "window_changed": counts["window_changed"] / n if n and self.window_end_step is not None
+                else None, "numel": n}
 
     def _sizes(self, patch: Patch | None) -> dict[str, int] | None:
         if patch is None:
@@ -199,6 +215,7 @@ class SyncObserver:
             "dtype": self.dtype_name,
             "sync_every": self.every,
             "step": self.steps,
+            "window_start_step": self.window_start_step,
             "window_end_step": self.window_end_step,
             "host_bytes": self.host_bytes,
             "global": self._fractions(overall),
