@@ -8,6 +8,10 @@ patch can be built on demand): ``2 x numel x itemsize`` bytes (4 B per parameter
 with ``sync_every > 1`` (the values at the last sync as well); :attr:`SyncObserver.host_bytes` says how
 many. Off unless asked for (``sync_dtype=``).
 
+Steps and windows count global optimizer steps: :meth:`SyncObserver.restart` copies the weights afresh when
+a run starts or resumes (the checkpoint's weights, what the engine had) and when the tracked parameters
+change, so that no step is compared against a stale copy.
+
 Under FSDP2 each rank diffs its local shard; element counts are summed over the ranks at summary time
 and the bytes are those of the per-shard patches summed (what a per-rank sharded sync sends).
 """
