@@ -110,6 +110,7 @@ class TraceSession:
             return
         step = self.tracker.steps
         before = self.tracker.apply_parameter_changes(changes)
+        self.restart_sync(step, parameters_changed=True)
         self._parameter_by_name = None  # rebound or new tensors
         self.zero_lr_parameters |= {name for name, _ in [*changes.added, *changes.restarted]}  # no step yet
         record: dict[str, Any] = {"step": step, **changes.describe()}
@@ -165,6 +166,17 @@ class TraceSession:
     def _drop_sync(self) -> None:
         self.sync = None  # its state no longer matches the weights
 
+    def restart_sync(self, step: int, *, parameters_changed: bool = False) -> None:
+        """The weights now are those after global step ``step`` (the run starts or resumes, or the tracked
+        parameters changed before the next step): the observer copies them afresh, over the parameters
+        tracked now, so that it never compares against a stale copy; its windows stay on global steps."""
+        if self.sync is None:
+            return
+        named = self.tracker.named_parameters() if parameters_changed else None
+        self.failures.attempt("sync", "the weight-sync observer", self.sync.restart, step, named,
+                              dropped=self._drop_sync,
+                              consequence="it is switched off, training and the rest of the tracking continue")
+
     def _with_sync(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Add the ``sync`` section (per-step / per-window fractions and bytes) and its headline curves."""
         if self.sync is not None:
@@ -176,6 +188,7 @@ class TraceSession:
 
     # ------------------------------------------------------------------ events
     def start(self, *, step: int = 0, resumed_from: str | None = None) -> None:
+        self.restart_sync(step)  # a resumed run's first step is compared with the weights it resumed
         record = {"event": "start", "time": time.time(), "step": step, "info": self.info}
         if resumed_from:
             record["resumed_from"] = resumed_from

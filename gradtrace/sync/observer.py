@@ -8,6 +8,10 @@ patch can be built on demand): ``2 x numel x itemsize`` bytes (4 B per parameter
 with ``sync_every > 1`` (the values at the last sync as well); :attr:`SyncObserver.host_bytes` says how
 many. Off unless asked for (``sync_dtype=``).
 
+Steps and windows count global optimizer steps: :meth:`SyncObserver.restart` copies the weights afresh when
+a run starts or resumes (the checkpoint's weights, what the engine had) and when the tracked parameters
+change, so that no step is compared against a stale copy.
+
 Under FSDP2 each rank diffs its local shard; element counts are summed over the ranks at summary time
 and the bytes are those of the per-shard patches summed (what a per-rank sharded sync sends).
 """
@@ -55,20 +59,32 @@ class SyncObserver:
             raise ValueError(f"sync_every must be a positive number of optimizer steps, got {every!r}")
         self.dtype = sync_dtype(dtype)
         self.every = every
-        self.named = list(named)
-        self.sharded = any(_is_sharded(p) for _, p in self.named)
-        layout = expert_layout({name: tuple(p.shape) for name, p in self.named})
-        self.fused = {} if self.sharded else dict(layout.fused)  # a shard holds no whole expert slices
-        self.listed = dict(layout.listed)
-        self.previous = self._buffers()  # the values after the latest step
+        self.restart(0, named)
+
+    def restart(self, step: int, named: Sequence[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Start over from the weights as they are now, taken as those after global optimizer step ``step``
+        (0 at the start; a resumed run's checkpoint step; the step before which the tracked parameters
+        changed, with the new ``named``). Windows stay aligned to global steps: window k ends at step
+        ``k * every``; the first one after a restart mid-window starts at ``step`` (``window_start_step``)."""
+        if named is not None:
+            self.named = list(named)
+            self.sharded = any(_is_sharded(p) for _, p in self.named)
+            layout = expert_layout({name: tuple(p.shape) for name, p in self.named})
+            self.fused = {} if self.sharded else dict(layout.fused)  # a shard holds no whole expert slices
+            self.listed = dict(layout.listed)
+            self.previous = self._buffers()  # the values after the latest step
+            self._before = self._buffers()  # the values before it (the other buffer of the pair)
+            self.synced = self._buffers() if self.every > 1 else None  # the values at the last sync
         self._snapshot_into(self.previous)
-        self._before = self._buffers()  # the values before it (the other buffer of the pair)
-        self.synced = self._buffers() if every > 1 else None  # the values at the last sync
         if self.synced is not None:
             for name, buffer in self.synced.items():
                 buffer.copy_(self.previous[name])
-        self.steps = 0
-        self.window_end_step = 0
+        self.steps = step
+        self.stepped = False  # whether a step was observed since the (re)start: the latest step's patch exists
+        self.synced_step = step  # the step whose values ``synced`` holds (the window's start)
+        # the latest complete window since the (re)start: steps window_start_step + 1 ... window_end_step
+        self.window_start_step: int | None = None
+        self.window_end_step: int | None = None
         self.step_counts: dict[str, np.ndarray] = {}  # name -> changed elements per slice (1 slice if not fused)
         self.window_counts: dict[str, np.ndarray] = {}
         self._patch: Patch | None = None
@@ -122,20 +138,23 @@ class SyncObserver:
         self.step_counts = self._snapshot_and_count(self._before, self.previous)
         self._patch = None
         self.steps += 1
+        self.stepped = True
         if self.synced is None:
-            self.window_counts, self.window_end_step = self.step_counts, self.steps
-        elif self.steps % self.every == 0:
+            self.window_counts = self.step_counts
+            self.window_start_step, self.window_end_step = self.steps - 1, self.steps
+        elif self.steps % self.every == 0:  # global steps: a resumed run's windows end where the whole run's do
             self.window_counts = self._count(self.synced, self.previous)
             self._window_patch = Patch({name: diff_tensor(self.synced[name], self.previous[name])
                                         for name in sorted(self.previous)})
             for name, buffer in self.synced.items():
                 buffer.copy_(self.previous[name])
-            self.window_end_step = self.steps
+            self.window_start_step, self.window_end_step = self.synced_step, self.steps
+            self.synced_step = self.steps
 
     @property
     def patch(self) -> Patch | None:
         """The latest step's patch (``None`` before the first step), built on first use."""
-        if self._patch is None and self.steps:
+        if self._patch is None and self.stepped:
             self._patch = Patch({name: diff_tensor(self._before[name], self.previous[name])
                                  for name in sorted(self.previous)})
         return self._patch
@@ -169,11 +188,12 @@ class SyncObserver:
                          for n, row in zip(names, table.tolist(), strict=True)}
         return per_param, per_slice
 
-    @staticmethod
-    def _fractions(counts: dict[str, int]) -> dict[str, Any]:
+    def _fractions(self, counts: dict[str, int]) -> dict[str, Any]:
         n = counts["numel"]
-        return {"step_changed": counts["step_changed"] / n if n else None,
-                "window_changed": counts["window_changed"] / n if n else None, "numel": n}
+        return {"step_changed": counts["step_changed"] / n if n and self.stepped else None,
+                # None until a window completes after the (re)start: no window to report yet
+                "window_changed": counts["window_changed"] / n if n and self.window_end_step is not None
+                else None, "numel": n}
 
     def _sizes(self, patch: Patch | None) -> dict[str, int] | None:
         if patch is None:
@@ -190,13 +210,16 @@ class SyncObserver:
         layer, per kind, per expert) and patch bytes per encoding. Collective under FSDP2."""
         per_param, per_slice = self._counts()
         overall = total(per_param)
-        step_sizes, window_sizes = self._sizes(self.patch), self._sizes(self.window_patch)
+        step_sizes = self._sizes(self.patch)
+        # with every=1 the window is the step: the same patch, its sizes not computed twice
+        window_sizes = step_sizes if self.window_patch is self.patch else self._sizes(self.window_patch)
         dense = overall["numel"] and (step_sizes or window_sizes or {}).get("dense")
         index_bytes = 4  # int32 indices below 2^31 elements per tensor
         section: dict[str, Any] = {
             "dtype": self.dtype_name,
             "sync_every": self.every,
             "step": self.steps,
+            "window_start_step": self.window_start_step,
             "window_end_step": self.window_end_step,
             "host_bytes": self.host_bytes,
             "global": self._fractions(overall),
@@ -232,8 +255,8 @@ def count_changed(before: torch.Tensor, after: torch.Tensor, slices: int = 1, *,
     dtype), so the compare reads the fresh cast while it is still in cache: one pass over memory instead of
     a copy pass and a compare pass. 2^18 elements a chunk: measured fastest on the 52M model."""
     old, new = raw_bits(before.reshape(-1)).numpy(), raw_bits(after.reshape(-1)).numpy()
-    flat_target = after.reshape(-1)
-    flat_source = source.reshape(-1) if source is not None else None
+    flat_source, flat_target = (source.reshape(-1), after.reshape(-1)) if source is not None else (None, None)
+    differs = np.empty(min(chunk, new.size), dtype=bool)  # one scratch mask, reused chunk after chunk
     width = new.size // slices
     counts = np.zeros(slices, dtype=np.int64)
     for s in range(slices):
@@ -241,7 +264,9 @@ def count_changed(before: torch.Tensor, after: torch.Tensor, slices: int = 1, *,
             j = min(i + chunk, (s + 1) * width)
             if flat_source is not None:
                 flat_target[i:j].copy_(flat_source[i:j])
-            counts[s] += np.count_nonzero(old[i:j] != new[i:j])
+            mask = differs[: j - i]
+            np.not_equal(old[i:j], new[i:j], out=mask)
+            counts[s] += np.count_nonzero(mask)
     return counts
 
 

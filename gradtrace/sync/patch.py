@@ -35,21 +35,48 @@ def _bytes_of(tensor: torch.Tensor) -> bytes:
     return raw_bits(tensor.detach().contiguous().cpu()).numpy().tobytes()
 
 
-def _gaps_and_widths(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The gaps between sorted flat indices (the first from 0) and each one's LEB128 length in bytes."""
-    gaps = np.diff(indices.astype(np.uint64), prepend=np.uint64(0))
-    bits = np.zeros(gaps.shape, dtype=np.int64)  # significant bits, exactly (no float rounding)
-    for shift in (32, 16, 8, 4, 2, 1):
-        high = (gaps >> np.uint64(bits + shift)) > 0
-        bits = np.where(high, bits + shift, bits)
-    return gaps, bits // 7 + 1
+def _gaps(indices: np.ndarray) -> np.ndarray:
+    """The gaps between sorted flat indices, the first from 0 (in the indices' own integer type)."""
+    return np.diff(indices, prepend=indices.dtype.type(0))
+
+
+def _varint_thresholds(gaps: np.ndarray):
+    """The gaps at or above which a LEB128 varint takes one byte more: 2^7, 2^14, ... (those the type holds)."""
+    limit = np.iinfo(gaps.dtype).max
+    return [1 << (7 * k) for k in range(1, 10) if 1 << (7 * k) <= limit]
+
+
+def _varint_widths(gaps: np.ndarray) -> np.ndarray:
+    """Each gap's LEB128 length in bytes: 1, plus one per 7-bit threshold it reaches."""
+    widths = np.ones(gaps.shape, dtype=np.int64)
+    for threshold in _varint_thresholds(gaps):
+        reaches = gaps >= threshold
+        if not reaches.any():
+            break
+        widths += reaches
+    return widths
+
+
+def varint_bytes(indices: np.ndarray) -> int:
+    """``len(varint_deltas(indices))`` without writing it: the same widths, summed (one compare and count
+    per 7-bit threshold instead of building the bytes)."""
+    if indices.size == 0:
+        return 0
+    gaps, total = _gaps(indices), indices.size
+    for threshold in _varint_thresholds(gaps):
+        reaching = int(np.count_nonzero(gaps >= threshold))
+        if not reaching:
+            break
+        total += reaching
+    return total
 
 
 def varint_deltas(indices: np.ndarray) -> bytes:
     """Gaps between sorted flat indices (the first from 0) as unsigned LEB128 varints, vectorized."""
     if indices.size == 0:
         return b""
-    gaps, width = _gaps_and_widths(indices)
+    gaps = _gaps(indices).astype(np.uint64)
+    width = _varint_widths(gaps)
     longest = int(width.max())
     shifts = (7 * np.arange(longest, dtype=np.uint64))[None, :]
     groups = ((gaps[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
@@ -118,7 +145,7 @@ class TensorPatch:
         if encoding == "indices_values":
             return self.changed * self.indices.element_size() + values
         if encoding == "delta_indices_values":
-            return int(_gaps_and_widths(self.indices.numpy())[1].sum()) + values  # what varint_deltas writes
+            return varint_bytes(self.indices.numpy()) + values  # the widths varint_deltas writes, summed
         if encoding == "bitmap_values":
             return (self.numel + 7) // 8 + values
         if encoding == "changed_tensors":
@@ -184,8 +211,11 @@ def diff_tensor(previous: torch.Tensor, current: torch.Tensor) -> TensorPatch:
                          f"{tuple(current.shape)} {current.dtype}")
     flat_prev, flat_cur = previous.reshape(-1), current.reshape(-1)
     index_dtype = torch.int32 if flat_cur.numel() < _INT32_LIMIT else torch.int64
-    if flat_cur.device.type == "cpu" and flat_prev.device.type == "cpu":
-        indices = torch.from_numpy(changed_indices(raw_bits(flat_prev).numpy(), raw_bits(flat_cur).numpy()))
+    if flat_cur.device.type == "cpu" and flat_prev.device.type == "cpu":  # NumPy: compare and gather on the bits
+        bits = raw_bits(flat_cur).numpy()
+        found = changed_indices(raw_bits(flat_prev).numpy(), bits)
+        values = torch.from_numpy(bits[found]).view(current.dtype)
+        return TensorPatch(tuple(current.shape), current.dtype, torch.from_numpy(found).to(index_dtype), values)
     else:
         indices = (raw_bits(flat_cur) != raw_bits(flat_prev.to(flat_cur.device))).nonzero().reshape(-1)
     return TensorPatch(tuple(current.shape), current.dtype, indices.to(index_dtype).cpu(),

@@ -21,7 +21,7 @@ from gradtrace.integrations.deepspeed import (
 )
 from gradtrace.integrations.failures import Failures
 from gradtrace.tracking.state import COUNTER_INDEX
-from tests.helpers.deepspeed_fakes import DeepSpeedOptimizerWrapper, fake_zero_optimizer
+from tests.helpers.deepspeed_fakes import DeepSpeedOptimizerWrapper, fake_engine, fake_zero_optimizer
 from tests.helpers.launching import DEEPSPEED_ENV, assert_same_masks, launch, ranks
 from tests.helpers.tiny_linear import linear
 
@@ -159,15 +159,6 @@ def test_a_failing_read_switches_off_and_the_step_still_runs():
         zero.step()
     assert failures.switched_off and not handle.active and "step" not in vars(zero)
     assert not torch.equal(model.weight, before)  # training went on
-
-
-def fake_engine(module, optimizer, stage=2):
-    """An nn.Module whose class looks like DeepSpeed's engine: ``.module``, ``.optimizer``, its ZeRO stage."""
-    cls = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine",
-                                                 "zero_optimization_stage": lambda self: stage})
-    engine = cls()
-    engine.module, engine.optimizer = module, optimizer
-    return engine
 
 
 def test_trace_drives_a_deepspeed_engine_through_its_step(tmp_path):

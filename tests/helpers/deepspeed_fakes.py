@@ -4,6 +4,7 @@ module, as gradtrace finds the real ones."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 class DeepSpeedOptimizerWrapper:
@@ -19,3 +20,12 @@ def fake_zero_optimizer(params, *, stage=2):
     optimizer = cls(params, lr=0.1)
     optimizer.partition_gradients = stage == 2
     return optimizer
+
+
+def fake_engine(module, optimizer, stage=2):
+    """An nn.Module whose class looks like DeepSpeed's engine: ``.module``, ``.optimizer``, its ZeRO stage."""
+    cls = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine",
+                                                 "zero_optimization_stage": lambda self: stage})
+    engine = cls()
+    engine.module, engine.optimizer = module, optimizer
+    return engine

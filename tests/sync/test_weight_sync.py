@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -17,7 +18,7 @@ from gradtrace import GradTraceCallback
 from gradtrace.anatomy.parameter_names import tracked_name
 from gradtrace.demo import runs
 from gradtrace.sync import ENCODINGS, Patch, SyncObserver, diff_weights
-from gradtrace.sync.patch import read_varint_deltas
+from gradtrace.sync.patch import read_varint_deltas, varint_bytes, varint_deltas
 from tests.helpers.sync_reference import assert_sync_section, changed
 
 STEPS, EVERY = 20, 4
@@ -147,6 +148,29 @@ def test_patch_encodings_decode_to_the_same_changes():
         patch.encode("dense")
     with pytest.raises(KeyError, match="'b'"):
         Patch(patch.tensors).apply({"a": engine["a"]})
+
+
+def test_byte_counts_computed_without_encoding_equal_the_encoded_lengths():
+    """The summary's byte counts come from the changed counts (and, for delta-coded indices, the varint widths
+    summed) without building the buffers: each equals the encoded buffer's length, gaps of every LEB128
+    width included (1 to 5 bytes in int32 indices, up to 10 past 2^31 elements)."""
+    int32 = np.cumsum([0, 1, 127, 128, 2**14 - 1, 2**14, 2**21, 2**28 - 1, 2**28, 3]).astype(np.int32)
+    int64 = np.cumsum([5, 2**31, 2**35, 2**42, 2**49, 2**56, 2**62]).astype(np.int64)
+    for indices in (int32, int64, np.zeros(0, dtype=np.int32)):
+        assert varint_bytes(indices) == len(varint_deltas(indices))
+        if indices.size:
+            assert read_varint_deltas(varint_deltas(indices), indices.size).tolist() == indices.tolist()
+    assert len(varint_deltas(int64[-1:])) == 9 and len(varint_deltas(int32[-1:])) == 5
+    generator = torch.Generator().manual_seed(1)
+    before = torch.randn(4000, 3, generator=generator)
+    after = before.clone()
+    after.view(-1)[torch.randperm(12000, generator=generator)[:700]] *= 1.5  # scattered: gaps of 1 and 2 bytes
+    after.view(-1)[11990:] += 1.0
+    current = after.to(torch.bfloat16)
+    patch = diff_weights({"w": before}, {"w": after}, "bfloat16")
+    assert 700 < patch.changed < 12000
+    for encoding in ENCODINGS:
+        assert patch.nbytes(encoding) == len(patch.encode(encoding, {"w": current})), encoding
 
 
 @pytest.mark.distributed
