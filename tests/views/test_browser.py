@@ -249,6 +249,33 @@ def test_report_html_renders_every_image_without_console_errors(tmp_path, browse
         assert broken == []
         text = page.inner_text("body")
         assert "sparse-bf16" in text and "dense-fp32" in text  # both runs are labelled in the rendered page
+        # No page wider than the window: the 21-row, 15-column matrix tables scroll inside their own boxes.
+        assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
+        box = page.locator("#matrices-sparse-bf16").locator("xpath=..")
+        assert box.evaluate("div => div.scrollWidth > div.clientWidth")  # it does scroll: the check bites
+        # Every layer over training: an image per metric and run, titled with the run log's range of that metric.
+        for run_dir, label in zip(runs, ("sparse-bf16", "dense-fp32"), strict=True):
+            logs = read_run_log(run_dir)["logs"]
+            for metric in ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed"):
+                values = [v[metric] for r in logs for v in r["per_layer"].values()]
+                image = page.locator(f'#layer-step-{label} img[data-metric="{metric}"]')
+                assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+                assert f"colour scale {100 * min(values):.2f}% to {100 * max(values):.2f}%" in image.get_attribute("title")
+        # A click on a column header sorts the table by it; a second click, the other way.
+        table = page.locator("#matrices-sparse-bf16")
+        header = [h.strip() for h in table.locator("thead th").all_inner_texts()]
+        column = header.index("update_sparsity")
+        read = f"t => [...t.tBodies[0].rows].map(r => Number(r.cells[{column}].dataset.value))"
+        before = table.evaluate(read)
+        assert before != sorted(before)  # model order first
+        table.locator("thead th").nth(column).click()
+        assert table.evaluate(read) == sorted(before)
+        table.locator("thead th").nth(column).click()
+        assert table.evaluate(read) == sorted(before, reverse=True)
+        names = table.evaluate("t => [...t.tBodies[0].rows].map(r => r.cells[0].textContent)")
+        final = read_run_log(runs[0])["logs"][-1]["per_matrix"]
+        assert sorted(names) == sorted(final)  # the rows moved whole
+        assert [final[n]["update_sparsity"] for n in names] == sorted(before, reverse=True)
         page.screenshot(path=str(artifacts / "report.png"), full_page=True)
         assert not page.errors, page.errors
     finally:
