@@ -5,7 +5,7 @@ Trainer's (``$TENSORBOARD_LOGGING_DIR``, or the newest ``<output_dir>/runs/<date
 appear in the Trainer's run, on the same global-step axis. Shown: the scalars (SCALARS tab), the layer x
 step and layer x kind images (IMAGES), the cancellation-ratio histogram (HISTOGRAMS); as text (TEXT), the
 run summary (``gradtrace/run_summary``: the counters and any anatomy warning at the first logging step,
-every final value at the end) and the per-matrix values (:func:`per_matrix_markdown`: two narrow tables,
+every final value at the end) and the per-matrix values (:func:`per_matrix_markdown`: four narrow tables,
 so that the TEXT tab, which breaks words anywhere, keeps every number whole). TensorBoard has no artifacts:
 the masks file stays in the run dir.
 """
@@ -57,27 +57,36 @@ def summary_text(values: dict[str, Any], warnings: str | None = None) -> str:
     return "\n".join(lines)
 
 
-# The per-matrix table as two narrow tables: TensorBoard's TEXT tab lets a word break anywhere
-# (``word-break: break-word``), so a table wider than its card had its numbers broken mid-digit.
-SPARSITY_COLUMNS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*")
+# The per-matrix values as a few narrow tables: TensorBoard's TEXT tab lets a word break anywhere
+# (``word-break: break-word``), so a table wider than its card had its numbers broken mid-digit; at its 16 px
+# text a card holds a matrix name and about three number columns.
+TABLES = (
+    ("sparsity per matrix", ("gradient_sparsity", "update_sparsity")),
+    ("update sparsity within a tolerance", ("update_sparsity_abs_", "update_sparsity_rel_")),
+    ("where each matrix's elements went: changed or not", ("no_gradient", "changed_without_gradient", "updated",
+                                                           "ever_changed")),
+    ("where each matrix's elements went: a gradient, yet unchanged", ("cancelled", "absorbed", "zero_lr")),
+)
 LEFT_OUT = ("numel", "gradient_unchanged")  # the elements are a column of their own; cancelled + absorbed + zero_lr
 
 
 def _header(metric: str) -> str:
-    """A column header that wraps between words only: ``update_sparsity_abs_1e-05`` -> ``update abs 1e-05``."""
-    return metric.replace("_sparsity", "").replace("_", " ")
+    """A column header that wraps between words only: ``update_sparsity_abs_1e-05`` -> ``abs 1e-05``,
+    ``gradient_sparsity`` -> ``gradient``, ``changed_without_gradient`` -> ``changed without gradient``."""
+    return metric.removeprefix("update_sparsity_").replace("_sparsity", "").replace("_", " ")
 
 
 def per_matrix_markdown(per_matrix: Mapping[str, Mapping[str, Any]], stride: int | None = None,
                         rows: int = TEXT_TABLE_ROWS) -> str:
-    """The final per-matrix values as markdown for TensorBoard: a sparsity table (gradient, update and its
-    tolerance variants) and a table of where each matrix's elements went, in % with two decimals; an
+    """The final per-matrix values as markdown for TensorBoard: :data:`TABLES`, each a matrix column and a few
+    values in % of the matrix's elements with two decimals (the first also the number of elements); an
     estimate from sampled gradient sums (``stride``: :func:`~gradtrace.views.run_data.sampling_stride`) reads
-    ``≈``. Two narrow tables rather than one wide one: every number stays whole."""
-    columns = matrix_columns(per_matrix)
-    sparsity = [c for c in columns if c in SPARSITY_COLUMNS[:2] or c.startswith(("update_sparsity_abs_",
-                                                                                 "update_sparsity_rel_"))]
-    split = [c for c in columns if c not in sparsity and c not in LEFT_OUT]
+    ``≈``. Narrow tables rather than one wide one: every number stays whole."""
+    columns = [c for c in matrix_columns(per_matrix) if c not in LEFT_OUT]
+    groups = [(title, [c for c in columns if any(c == n or (n.endswith("_") and c.startswith(n)) for n in names)])
+              for title, names in TABLES]  # a name ending in "_": the tolerance variants, named by their tolerance
+    placed = {c for _, metrics in groups for c in metrics}
+    groups[-1][1].extend(c for c in columns if c not in placed)  # a value this list does not know: shown last
 
     def table(metrics: list[str], with_elements: bool) -> list[str]:
         head = ["matrix", *(["elements"] if with_elements else []), *(_header(m) for m in metrics)]
@@ -90,13 +99,14 @@ def per_matrix_markdown(per_matrix: Mapping[str, Mapping[str, Any]], stride: int
             lines.append("| " + " | ".join(cells) + " |")
         return lines
 
-    parts = ["**sparsity per matrix** (% of its elements)", "", *table(sparsity, True)]
-    if split:
-        parts += ["", "**where each matrix's elements went** (% of its elements)", "", *table(split, False)]
-    if stride is not None and any(is_estimate(v, m, stride) for v in per_matrix.values() for m in split):
+    parts: list[str] = []
+    for index, (title, metrics) in enumerate(groups):
+        if metrics:
+            parts += ["" if parts else None, f"**{title}** (% of its elements)", "", *table(metrics, index == 0)]
+    if stride is not None and any(is_estimate(v, m, stride) for v in per_matrix.values() for m in columns):
         parts += ["", f"≈ estimated from the gradient sums kept on every {stride}th element "
                       '(cancellation="sampled")']
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p is not None)
 
 
 def _run_info(run_dir: str | os.PathLike) -> dict[str, Any]:

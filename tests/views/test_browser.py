@@ -183,6 +183,32 @@ def test_tensorboard_opens_on_the_sparsities_and_no_two_card_titles_look_alike(t
             page.close()
 
 
+def test_tensorboard_text_tables_keep_every_number_whole(trained, browser, artifacts):
+    """TensorBoard's TEXT tab breaks words anywhere in a table wider than its card (the 15-column table it had
+    showed '2048' as '20' over '48'): each number of gradtrace's per-matrix tables, as rendered in a 1280-pixel
+    window, lies on one line."""
+    with tensorboard(trained["tb"], log=artifacts / "tensorboard.log") as url:
+        page = new_page(browser)
+        try:
+            page.goto(url + "#text", wait_until="load")
+            # (TensorBoard puts each text in a one-cell table of its own: the tables inside it are gradtrace's)
+            tables = page.locator("tf-markdown-view table:has(th:text-is('matrix')):not(:has(table))")
+            tables.first.wait_for()
+            tables.first.scroll_into_view_if_needed()
+            assert tables.count() == 4  # sparsities, within a tolerance, where the elements went (two)
+            cells = tables.locator("td").evaluate_all(
+                "cells => cells.filter(td => /^≈?[0-9.,]+$/.test(td.textContent.trim())).map(td => {"
+                " const range = document.createRange(); range.selectNodeContents(td);"
+                " return [td.textContent.trim(), range.getClientRects().length]; })")
+            per_matrix = trained["records"][6]["per_matrix"]
+            assert len(cells) >= len(per_matrix) * 10  # every row's numbers were found
+            page.screenshot(path=str(artifacts / "tensorboard-text.png"))
+            assert [text for text, lines in cells if lines != 1] == [], "numbers broken over lines"
+            assert not page.errors, page.errors
+        finally:
+            page.close()
+
+
 def test_mlflow_run_page_shows_a_gradtrace_image_without_interaction(trained, browser, artifacts):
     with mlflow_server(trained["mlflow"], log=artifacts / "mlflow.log") as url:
         page = new_page(browser)
