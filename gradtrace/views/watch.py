@@ -169,10 +169,10 @@ def render(follower: LogFollower, *, width: int = 100, height: int | None = None
     if warnings is not None:
         parts.append(warnings)
     current = latest.get("global") or {}
-    per_expert = latest.get("per_expert") or {}
-    if per_expert:  # right after the header: one short line per MoE layer, above the long tables
-        parts.append(expert_lines(current, per_expert, latest.get("expert_extremes")))
     parts.append(global_table(current, follower.history, width))
+    per_expert = latest.get("per_expert") or {}
+    if per_expert:  # right after the global table: one short line per MoE layer, above the long tables
+        parts.append(expert_lines(current, per_expert, latest.get("expert_extremes")))
     per_kind = latest.get("per_kind") or {}
     per_layer = dict(sorted((latest.get("per_layer") or {}).items(), key=lambda kv: layer_sort_key(kv[0])))
     left = None if height is None else height - sum(_lines(part, width) for part in parts)
