@@ -143,6 +143,38 @@ def matrix_rows(per_matrix: Mapping[str, Mapping[str, Any]]) -> tuple[list[str],
     return ["name", "layer", "kind", "numel", *fractions], rows
 
 
+ESTIMATED_METRICS = ("cancelled", "absorbed")  # split in the proportion seen on the sampled elements
+_DEFAULT_SAMPLING = ("sampled", 64)  # TrackerConfig's default, for a run log that does not say
+
+
+def sampling_stride(info: Mapping[str, Any]) -> int | None:
+    """Every how many elements a run kept gradient sums, when it kept only some; ``None`` when it kept them
+    all (``cancellation="full"``, or ``"sampled"`` at stride 1) or none (``"off"``).
+
+    Read from the run's ``info["tracker_config"]``; a run log without one is taken to use the tracker's
+    default (``"sampled"``, every 64th element).
+    """
+    config = info.get("tracker_config") or {}
+    mode = config.get("cancellation", _DEFAULT_SAMPLING[0])
+    stride = config.get("sample_stride", _DEFAULT_SAMPLING[1])
+    return stride if mode == "sampled" and isinstance(stride, int) and stride > 1 else None
+
+
+def is_estimate(values: Mapping[str, Any], metric: str, stride: int | None) -> bool:
+    """Whether ``values[metric]`` (a summary's fractions of one group: global, a layer, a matrix...) is an
+    estimate from sampled gradient sums rather than a count.
+
+    ``cancelled`` and ``absorbed`` split the elements that received a gradient but kept their value in the
+    proportion seen on the sampled elements (:mod:`gradtrace.tracking.summary`): an estimate when the run
+    sampled (``stride``, from :func:`sampling_stride`) and there was something to split; when nothing was
+    (``cancelled + absorbed == 0``) both are exactly 0. Every other fraction is counted on every element.
+    """
+    value = values.get(metric)
+    if stride is None or metric not in ESTIMATED_METRICS or not isinstance(value, (int, float)):
+        return False
+    return sum(values.get(m) or 0.0 for m in ESTIMATED_METRICS) > 0
+
+
 def percent(value: Any, digits: int = 2) -> str:
     """A fraction as a percentage string (``0.953125`` -> ``"95.31%"``); ``"—"`` when unknown."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

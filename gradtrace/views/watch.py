@@ -1,8 +1,10 @@
 """``gradtrace watch RUN_DIR``: a live terminal view of a run, following its ``log.jsonl`` as it grows.
 
 Shows the run's progress (logging step, optimizer steps), the current global fractions with a sparkline
-of their history, and per-layer / per-kind bars of update and gradient sparsity. It needs nothing but
-the run log, so it works on another machine that sees the run directory (e.g. a shared filesystem).
+of their history and the range it is scaled to, and per-kind / per-layer update and gradient sparsity,
+fitted to the terminal: every layer stays on the screen, in side-by-side columns or a heat strip when one
+row each does not fit (:mod:`gradtrace.views.terminal`). It needs nothing but the run log, so it works on
+another machine that sees the run directory (e.g. a shared filesystem).
 
 The log is followed incrementally: each poll reads only the bytes appended since the last one (a run
 log holds a full per-matrix summary per line, so re-reading it every second would grow costly) and
@@ -11,8 +13,8 @@ keeps a line that is still being written for the next poll.
 
 from __future__ import annotations
 
+import io
 import json
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -29,11 +31,18 @@ from gradtrace.anatomy.naming import layer_sort_key
 from gradtrace.formats.run_dir import LOG_NAME, TRAINER_SUBDIR
 from gradtrace.formats.run_log import RunRecords
 from gradtrace.views.run_data import metric_keys, percent, run_label
+from gradtrace.views.terminal import (  # noqa: F401  (fraction_bar: the tests')
+    SPARK,
+    fit_groups,
+    fraction_bar,
+    heat_strip,
+    heat_strip_lines,
+    spark_range,
+    sparkline,
+)
 
 WATCH_METRICS = ("gradient_sparsity", "update_sparsity", "update_sparsity_abs_*", "update_sparsity_rel_*",
                  "cancelled", "absorbed", "changed_without_gradient", "updated", "no_gradient")
-_SPARK = "▁▂▃▄▅▆▇█"
-_EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 
 class LogFollower:
@@ -103,45 +112,44 @@ class LogFollower:
         return changed
 
 
-def fraction_bar(value: float | None, width: int = 30) -> str:
-    """A bar ``width`` characters wide filled to ``value`` (0..1), in eighths of a character."""
-    if value is None or not math.isfinite(value):
-        return " " * width
-    eighths = round(max(0.0, min(1.0, value)) * width * 8)
-    full, part = divmod(eighths, 8)
-    return ("█" * full + (_EIGHTHS[part] if part else "")).ljust(width)
+def _lines(renderable: Any, width: int) -> int:
+    """How many terminal lines ``renderable`` takes at ``width`` columns."""
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    return len(console.render_lines(renderable, console.options, pad=False))
 
 
-def sparkline(values: list[float], width: int = 24) -> str:
-    """The last ``width`` values as a sparkline scaled to their own range."""
-    values = [v for v in values if math.isfinite(v)][-width:]
-    if not values:
-        return ""
-    low, high = min(values), max(values)
-    span = high - low
-    return "".join(_SPARK[round((v - low) / span * (len(_SPARK) - 1)) if span else 0] for v in values)
-
-
-def _bars_table(title: str, groups: Mapping[str, Mapping[str, Any]], label: str, width: int) -> Table:
-    """Update and gradient sparsity of each group as bars, fitted into ``width`` terminal columns."""
-    label_width = max([len(label), *(len(k) for k in groups)])
-    # Two bars share what the label, the two percentages (7 chars) and the column padding leave.
-    bar_width = max(5, min(40, (width - label_width - 2 * 7 - 5 * 2) // 2))
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
-    table.add_column(label, justify="right", style="bold", no_wrap=True, min_width=label_width)
-    table.add_column("update sparsity", no_wrap=True, min_width=bar_width)
-    table.add_column("", justify="right", no_wrap=True, min_width=7)
-    table.add_column("gradient sparsity", no_wrap=True, min_width=bar_width)
-    table.add_column("", justify="right", no_wrap=True, min_width=7)
-    for key, values in groups.items():
-        update, gradient = values.get("update_sparsity"), values.get("gradient_sparsity")
-        table.add_row(key, Text(fraction_bar(update, bar_width), style="green"), percent(update),
-                      Text(fraction_bar(gradient, bar_width), style="cyan"), percent(gradient))
+def global_table(current: Mapping[str, Any], by_step: Mapping[int, Mapping[str, float]], width: int) -> Table:
+    """The global fractions now, each with a bar, a sparkline of its history and the range the sparkline is
+    scaled to (each is scaled to its own range: without it, a 13.0-14.2% wiggle and a 0-100% climb looked
+    alike)."""
+    steps = sorted(by_step)
+    metrics = metric_keys(current, WATCH_METRICS)
+    name_width = max(len(m) for m in metrics)
+    bar_width = 20 if width >= 110 else 10 if width >= 90 else 0  # narrow terminals: the sparkline first
+    histories = {m: [by_step[s][m] for s in steps if m in by_step[s]] for m in metrics}
+    range_width = 15  # "100.00%–100.00%"
+    gaps = 2 * (4 if bar_width else 3)
+    spark_width = max(4, min(40, width - name_width - 7 - bar_width - range_width - gaps))
+    table = Table(title="global (fraction of tracked elements)", title_justify="left", show_edge=False,
+                  pad_edge=False, box=None)
+    table.add_column("metric", no_wrap=True)
+    table.add_column("now", justify="right", no_wrap=True, min_width=7)
+    if bar_width:
+        table.add_column("", no_wrap=True, min_width=bar_width)
+    table.add_column(f"over {len(steps)} logs", no_wrap=True)
+    table.add_column("its range", no_wrap=True)
+    for metric in metrics:
+        value = current.get(metric)
+        cells = [metric, percent(value), *([fraction_bar(value, bar_width)] if bar_width else []),
+                 sparkline(histories[metric], spark_width), spark_range(histories[metric], spark_width)]
+        table.add_row(*cells)
     return table
 
 
-def render(follower: LogFollower, *, width: int = 100) -> Group:
-    """The dashboard for the follower's current state (a rich renderable), fitted to ``width`` columns."""
+def render(follower: LogFollower, *, width: int = 100, height: int | None = None) -> Group:
+    """The dashboard for the follower's current state (a rich renderable), fitted to ``width`` columns and,
+    when given, ``height`` lines: every layer stays on the screen (in side-by-side columns, or a heat strip,
+    when one row per layer does not fit); the per-kind table gives way first."""
     label = run_label(follower.path.parent, follower.info)
     status = "finished" if follower.ended else "running" if follower.latest else "waiting for the first measurement"
     latest = follower.latest
@@ -161,34 +169,41 @@ def render(follower: LogFollower, *, width: int = 100) -> Group:
     if warnings is not None:
         parts.append(warnings)
     current = latest.get("global") or {}
-    by_step = follower.history
-    steps = sorted(by_step)
-    metrics = metric_keys(current, WATCH_METRICS)
-    spark_width = max(8, min(40, width - max(len(m) for m in metrics) - 7 - 20 - 8))
-    fractions = Table(title="global (fraction of tracked elements)", title_justify="left", show_edge=False,
-                      pad_edge=False, box=None)
-    fractions.add_column("metric", no_wrap=True)
-    fractions.add_column("now", justify="right", no_wrap=True, min_width=7)
-    fractions.add_column("", no_wrap=True, min_width=20)
-    fractions.add_column(f"over {len(steps)} logs", no_wrap=True)
-    for metric in metrics:
-        history = [by_step[s][metric] for s in steps if metric in by_step[s]]
-        fractions.add_row(metric, percent(current.get(metric)), fraction_bar(current.get(metric), 20),
-                          sparkline(history, spark_width))
-    parts.append(fractions)
-    # Kinds (a dozen rows) before layers (one row per block): a terminal too short for the whole view
-    # crops the bottom, so the long table goes last.
-    per_kind = latest.get("per_kind") or {}
-    if per_kind:
-        parts.append(_bars_table("per module kind", per_kind, "kind", width))
-    per_layer = latest.get("per_layer") or {}
-    if per_layer:
-        parts.append(_bars_table("per layer", dict(sorted(per_layer.items(), key=lambda kv: layer_sort_key(kv[0]))),
-                                 "layer", width))
+    parts.append(global_table(current, follower.history, width))
     per_expert = latest.get("per_expert") or {}
     if per_expert:  # right after the global table: one short line per MoE layer, above the long tables
-        parts.insert(2, expert_lines(current, per_expert, latest.get("expert_extremes")))
+        parts.append(expert_lines(current, per_expert, latest.get("expert_extremes")))
+    per_kind = latest.get("per_kind") or {}
+    per_layer = dict(sorted((latest.get("per_layer") or {}).items(), key=lambda kv: layer_sort_key(kv[0])))
+    left = None if height is None else height - sum(_lines(part, width) for part in parts)
+    parts.extend(_groups_views(per_kind, per_layer, width, left))
     return Group(*parts)
+
+
+def _groups_views(per_kind: Mapping[str, Any], per_layer: Mapping[str, Any], width: int,
+                  lines: int | None) -> list[Any]:
+    """The per-kind and per-layer views in ``lines`` terminal lines (``None``: no limit). Every layer is
+    shown: one row each if that fits, else in side-by-side columns, else as a heat strip; the kinds get one
+    row each if the layers can still be shown, else columns, else a one-line note, else nothing."""
+    kinds_full = fit_groups("per module kind", per_kind, "kind", width, None) if per_kind else None
+    if not per_layer:
+        return [kinds_full[0]] if kinds_full else []
+    kind_lines = kinds_full[1] if kinds_full else 0
+    layers = fit_groups("per layer", per_layer, "layer", width, None if lines is None else lines - kind_lines)
+    if layers is not None:
+        return [pair[0] for pair in (kinds_full, layers) if pair is not None]
+    # The layers' most compact view with numbers (fewest lines the width allows), else the heat strip.
+    fewest = next((view for rows in range(1, len(per_layer) + 1)
+                   if (view := fit_groups("per layer", per_layer, "layer", width, rows + 2))), None)
+    if fewest is None or fewest[1] > lines:
+        fewest = (heat_strip("per layer", per_layer, "layer", width),
+                  heat_strip_lines(len(per_layer), max(len(k) for k in per_layer), width))
+    spare = lines - fewest[1]
+    kinds = fit_groups("per module kind", per_kind, "kind", width, spare) if per_kind else None
+    if kinds is None and per_kind and spare >= 1:
+        kinds = (Text(f"per module kind: {len(per_kind)} kinds, not shown in a terminal this short", style="dim"), 1)
+    layers = fit_groups("per layer", per_layer, "layer", width, lines - (kinds[1] if kinds else 0)) or fewest
+    return [pair[0] for pair in (kinds, layers) if pair is not None]
 
 
 def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[str, Any]],
@@ -215,7 +230,7 @@ def expert_lines(current: Mapping[str, Any], per_expert: Mapping[str, Mapping[st
         layers.setdefault(layer, []).append(None if sparsity is None else 1 - sparsity)
     width = max(len(layer) for layer in layers)
     for layer, densities in layers.items():
-        cells = "".join("·" if d is None or d <= 0 else _SPARK[min(len(_SPARK) - 1, round(d * (len(_SPARK) - 1)))]
+        cells = "".join("·" if d is None or d <= 0 else SPARK[min(len(SPARK) - 1, round(d * (len(SPARK) - 1)))]
                         for d in densities)
         text.append(f"\n  layer {layer.rjust(width)}  ")
         text.append(cells, style="cyan")
@@ -247,19 +262,20 @@ def watch(run_dir: str | os.PathLike, *, once: bool = False, interval: float = 1
                           f"the callback writes one to <output_dir>/{TRAINER_SUBDIR}) or a file in one",
                           style="red", markup=False)
             return 1
-        console.print(render(follower, width=console.width))
+        # A terminal shows the view in its height; a file or a pipe takes it all.
+        console.print(render(follower, width=console.width, height=console.height if console.is_terminal else None))
         return 0
     started = time.monotonic()
     try:
-        with Live(render(follower, width=console.width), console=console, refresh_per_second=4,
+        with Live(render(follower, width=console.width, height=console.height), console=console, refresh_per_second=4,
                   transient=False) as live:
             while not follower.ended:
                 if timeout is not None and time.monotonic() - started > timeout:
                     break
                 time.sleep(interval)
                 if follower.poll():
-                    live.update(render(follower, width=console.width))
-            live.update(render(follower, width=console.width))
+                    live.update(render(follower, width=console.width, height=console.height))
+            live.update(render(follower, width=console.width, height=console.height))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a user stops watching: not an error
     return 0

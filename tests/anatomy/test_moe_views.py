@@ -39,7 +39,7 @@ def test_report_has_the_layer_by_expert_heatmap_and_table(moe_run, tmp_path):
     page = write_report([moe_run], tmp_path).read_text()
     assert (tmp_path / "experts-moe-run0.png").stat().st_size > 1000
     assert "Layer x routed expert" in page
-    table = re.search(r'<table id="experts-[^"]+" class="per-expert">(.*?)</table>', page, re.S).group(1)
+    table = re.search(r'<table id="experts-[^"]+" class="per-expert[^"]*">(.*?)</table>', page, re.S).group(1)
     rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
     assert len(rows) == len(per_expert)
     for row, (key, values) in zip(rows, per_expert.items(), strict=True):

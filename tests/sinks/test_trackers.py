@@ -75,6 +75,45 @@ def decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
+def markdown_tables(text: str) -> dict[str, list[list[str]]]:
+    """The markdown tables of a TensorBoard text, by the bold title above each: rows of cells, header first."""
+    tables, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("**"):
+            title = line.split("**")[1]
+        elif line.startswith("|") and not line.startswith("|---"):
+            tables.setdefault(title, []).append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+HEADERS = {"gradient_sparsity": "gradient", "update_sparsity": "update", "update_sparsity_abs_1e-05": "abs 1e-05",
+           "update_sparsity_rel_0.001": "rel 0.001", "no_gradient": "no gradient",
+           "changed_without_gradient": "changed without gradient", "updated": "updated", "cancelled": "cancelled",
+           "absorbed": "absorbed", "zero_lr": "zero lr"}
+
+
+def assert_per_matrix_markdown(text: str, per_matrix: dict, estimated: set[tuple[str, str]] = frozenset()) -> None:
+    """TensorBoard's per-matrix text: four narrow tables, every value of the run log in % with two decimals,
+    ``≈`` exactly on the ``estimated`` (matrix, metric) pairs."""
+    tables = markdown_tables(text)
+    assert list(tables) == ["sparsity per matrix", "update sparsity within a tolerance",
+                            "where each matrix's elements went: changed or not",
+                            "where each matrix's elements went: a gradient, yet unchanged"]
+    shown = {}
+    for rows in tables.values():
+        assert len(rows[0]) <= 4  # narrow: TensorBoard breaks numbers mid-digit in a table wider than its card
+        assert [row[0] for row in rows[1:]] == list(per_matrix)  # one row per matrix, in model order
+        for row in rows[1:]:
+            shown.update({(row[0], head): cell for head, cell in zip(rows[0][1:], row[1:], strict=True)})
+    for name, values in per_matrix.items():
+        assert shown[(name, "elements")] == f"{values['numel']:,}"
+        for metric, value in values.items():
+            if metric in ("numel", "gradient_unchanged"):
+                continue
+            mark = "≈" if (name, metric) in estimated else ""
+            assert shown[(name, HEADERS[metric])] == f"{mark}{100 * value:.2f}", (name, metric)
+
+
 def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp_path, mlflow_store, monkeypatch):
     from mlflow.tracking import MlflowClient
     from transformers import Trainer, TrainingArguments
@@ -127,9 +166,8 @@ def test_trainer_report_to_tensorboard_and_mlflow_read_back_equal_to_run_log(tmp
         counts = records[event.step]["cancellation_histogram"]["counts"]
         assert event.histogram_value.bucket == counts and event.histogram_value.num == sum(counts) > 0
     [table] = tb.Tensors(f"{TABLE_KEY}/text_summary")
-    text = table.tensor_proto.string_val[0].decode()
-    assert table.step == 6 and len(text.splitlines()) == 2 + len(records[6]["per_matrix"])
-    assert "| model.layers.1.mlp.down_proj.weight | 1 | down |" in text
+    assert table.step == 6
+    assert_per_matrix_markdown(table.tensor_proto.string_val[0].decode(), records[6]["per_matrix"])
 
     # --- MLflow: the run the Trainer's MLflowCallback opened (its loss), gradtrace's keys inside.
     client = MlflowClient(mlflow_store)
@@ -377,3 +415,27 @@ def test_anatomy_warnings_reach_every_tracker_once(tmp_path, mlflow_store, monke
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in tb.Tensors("gradtrace/run_summary/text_summary")}
     assert sorted(texts) == [1, 3]  # the first logging step's summary, and the final one
     assert all(f"- {note}" in text for text in texts.values())
+
+
+def test_tensorboard_table_marks_the_estimates_of_a_sampled_run(tmp_path):
+    """cancellation="sampled": cancelled / absorbed are estimates wherever something was split between them
+    (elements with a gradient that kept their value, less those at lr 0), and marked so; exact elsewhere. The
+    bf16 run at a small lr keeps many values (estimates); the fp32 one at a large lr changes every element
+    with a gradient (nothing to split: exact zeros)."""
+    import json
+
+    from gradtrace.sinks.tensorboard import per_matrix_markdown, sampling_stride
+    from tests.helpers.traced_runs import traced_run
+
+    for dtype, lr in ((torch.bfloat16, 1e-5), (torch.float32, 1e-3)):
+        run = traced_run(tmp_path / str(dtype), dtype=dtype, lr=lr, tokens=32, steps=4, cancellation="sampled")
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["info"]["tracker_config"]["sample_stride"] == 64
+        per_matrix = summary["per_matrix"]
+        estimated = {(name, metric) for name, values in per_matrix.items() for metric in ("cancelled", "absorbed")
+                     if values["gradient_unchanged"] - values["zero_lr"] > 0}
+        text = per_matrix_markdown(per_matrix, sampling_stride(summary["info"]))
+        assert_per_matrix_markdown(text, per_matrix, estimated)
+        assert ('every 64th element (cancellation="sampled")' in text) == bool(estimated)
+        assert "≈" not in per_matrix_markdown(per_matrix, None)  # a run that kept every element's sums
+        assert len(estimated) == (2 * len(per_matrix) if dtype == torch.bfloat16 else 0)  # both cases met

@@ -183,6 +183,32 @@ def test_tensorboard_opens_on_the_sparsities_and_no_two_card_titles_look_alike(t
             page.close()
 
 
+def test_tensorboard_text_tables_keep_every_number_whole(trained, browser, artifacts):
+    """TensorBoard's TEXT tab breaks words anywhere in a table wider than its card (the 15-column table it had
+    showed '2048' as '20' over '48'): each number of gradtrace's per-matrix tables, as rendered in a 1280-pixel
+    window, lies on one line."""
+    with tensorboard(trained["tb"], log=artifacts / "tensorboard.log") as url:
+        page = new_page(browser)
+        try:
+            page.goto(url + "#text", wait_until="load")
+            # (TensorBoard puts each text in a one-cell table of its own: the tables inside it are gradtrace's)
+            tables = page.locator("tf-markdown-view table:has(th:text-is('matrix')):not(:has(table))")
+            tables.first.wait_for()
+            tables.first.scroll_into_view_if_needed()
+            assert tables.count() == 4  # sparsities, within a tolerance, where the elements went (two)
+            cells = tables.locator("td").evaluate_all(
+                "cells => cells.filter(td => /^≈?[0-9.,]+$/.test(td.textContent.trim())).map(td => {"
+                " const range = document.createRange(); range.selectNodeContents(td);"
+                " return [td.textContent.trim(), range.getClientRects().length]; })")
+            per_matrix = trained["records"][6]["per_matrix"]
+            assert len(cells) >= len(per_matrix) * 10  # every row's numbers were found
+            page.screenshot(path=str(artifacts / "tensorboard-text.png"))
+            assert [text for text, lines in cells if lines != 1] == [], "numbers broken over lines"
+            assert not page.errors, page.errors
+        finally:
+            page.close()
+
+
 def test_mlflow_run_page_shows_a_gradtrace_image_without_interaction(trained, browser, artifacts):
     with mlflow_server(trained["mlflow"], log=artifacts / "mlflow.log") as url:
         page = new_page(browser)
@@ -249,6 +275,33 @@ def test_report_html_renders_every_image_without_console_errors(tmp_path, browse
         assert broken == []
         text = page.inner_text("body")
         assert "sparse-bf16" in text and "dense-fp32" in text  # both runs are labelled in the rendered page
+        # No page wider than the window: the 21-row, 15-column matrix tables scroll inside their own boxes.
+        assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
+        box = page.locator("#matrices-sparse-bf16").locator("xpath=..")
+        assert box.evaluate("div => div.scrollWidth > div.clientWidth")  # it does scroll: the check bites
+        # Every layer over training: an image per metric and run, titled with the run log's range of that metric.
+        for run_dir, label in zip(runs, ("sparse-bf16", "dense-fp32"), strict=True):
+            logs = read_run_log(run_dir)["logs"]
+            for metric in ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed"):
+                values = [v[metric] for r in logs for v in r["per_layer"].values()]
+                image = page.locator(f'#layer-step-{label} img[data-metric="{metric}"]')
+                assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+                assert f"colour scale {100 * min(values):.2f}% to {100 * max(values):.2f}%" in image.get_attribute("title")
+        # A click on a column header sorts the table by it; a second click, the other way.
+        table = page.locator("#matrices-sparse-bf16")
+        header = [h.strip() for h in table.locator("thead th").all_inner_texts()]
+        column = header.index("update_sparsity")
+        read = f"t => [...t.tBodies[0].rows].map(r => Number(r.cells[{column}].dataset.value))"
+        before = table.evaluate(read)
+        assert before != sorted(before)  # model order first
+        table.locator("thead th").nth(column).click()
+        assert table.evaluate(read) == sorted(before)
+        table.locator("thead th").nth(column).click()
+        assert table.evaluate(read) == sorted(before, reverse=True)
+        names = table.evaluate("t => [...t.tBodies[0].rows].map(r => r.cells[0].textContent)")
+        final = read_run_log(runs[0])["logs"][-1]["per_matrix"]
+        assert sorted(names) == sorted(final)  # the rows moved whole
+        assert [final[n]["update_sparsity"] for n in names] == sorted(before, reverse=True)
         page.screenshot(path=str(artifacts / "report.png"), full_page=True)
         assert not page.errors, page.errors
     finally:

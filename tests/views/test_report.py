@@ -21,10 +21,11 @@ from PIL import Image
 from gradtrace import load_masks, read_run_log
 from gradtrace.anatomy.naming import kind_of, layer_of
 from gradtrace.cli import main as cli_main
-from gradtrace.views.report import write_report
-from gradtrace.views.run_data import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, run_label
+from gradtrace.views.report import layer_step_images, write_report
+from gradtrace.views.run_data import OUTSIDE_LAYERS, evolution_steps, layer_kind_grid, load_run, run_label
 from tests.helpers.traced_runs import traced_run
 
+LAYER_STEP = ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed")
 # matplotlib's default cycle: the first run is drawn in C0, the second in C1.
 C0, C1 = (31, 119, 180), (255, 127, 14)
 
@@ -122,7 +123,8 @@ def test_two_run_report_from_the_cli(runs, tmp_path, capsys):
     # Self-contained: every image is a data URI, nothing is fetched from anywhere.
     assert page.sources and all(src.startswith("data:image/png;base64,") for src in page.sources)
     expected_pngs = {"curves.png", "breakdown.png", "histogram.png", "heatmap-grpo-like.png", "heatmap-sft.png",
-                     "heatmap-diff-sft-vs-grpo-like.png", "evolution-grpo-like.png", "evolution-sft.png"}
+                     "heatmap-diff-sft-vs-grpo-like.png", "evolution-grpo-like.png", "evolution-sft.png",
+                     *(f"layer-step-{run}-{metric}.png" for run in ("grpo-like", "sft") for metric in LAYER_STEP)}
     assert {p.name for p in (tmp_path / "out").glob("*.png")} == expected_pngs
     assert {img["data-file"] for img in page.images} == expected_pngs
     for img in page.images:
@@ -130,7 +132,7 @@ def test_two_run_report_from_the_cli(runs, tmp_path, capsys):
         assert embedded == (tmp_path / "out" / img["data-file"]).read_bytes()  # the PNG beside it
         pixels = rgb(embedded)
         assert pixels.shape[0] >= 200 and pixels.shape[1] >= 400, img["data-file"]
-        assert pixels.std() > 10, f"{img['data-file']} looks blank"
+        assert pixels.std() > 10 or img.get("data-vmin") == img.get("data-vmax"), f"{img['data-file']} looks blank"
     # Overlaid: both runs are drawn in the curves and the histogram.
     for name in ("curves.png", "histogram.png", "breakdown.png"):
         image = rgb(tmp_path / "out" / name)
@@ -249,3 +251,78 @@ def test_grid_cells_weight_matrices_by_numel():
     cancelled = layer_kind_grid(per_matrix, "cancelled")
     assert cancelled.cell("0", "expert.down") == 0.25  # the unknown value is left out, not counted as 0
     assert cancelled.cell("1", "q") is None
+
+
+def test_layer_step_views_cover_every_layer_and_step_on_the_data_range(runs, tmp_path):
+    """One layer x step image per metric and run, every layer and logged step, its colour scale the data's
+    smallest to largest per-layer value (as the title says), each cell in the colour of its value."""
+    from matplotlib import colormaps
+
+    page = parse(write_report(list(runs), tmp_path))
+    for run_dir, label in zip(runs, ("grpo-like", "sft"), strict=True):
+        logs = read_run_log(run_dir)["logs"]
+        shown = {img["data-metric"]: img for img in page.images if img["data-file"].startswith(f"layer-step-{label}-")}
+        assert sorted(shown) == sorted(LAYER_STEP)
+        for metric, img in shown.items():
+            values = {(layer, r["step"]): v[metric] for r in logs for layer, v in r["per_layer"].items()}
+            low, high = min(values.values()), max(values.values())
+            assert float(img["data-vmin"]) == low and float(img["data-vmax"]) == high, (label, metric)
+            assert f"colour scale {100 * low:.2f}% to {100 * high:.2f}%" in img["title"]
+            pixels = rgb(tmp_path / img["data-file"])
+            # The cells' centres as drawn (raster's GridImage layout), read back.
+            image, _ = layer_step_images(load_run(run_dir))[metric]
+            assert image.rows == ("0", "1") and image.steps == tuple(r["step"] for r in logs)
+            if high == low:
+                continue
+            for (layer, step), value in values.items():
+                x, y = image.cell_center(layer, step)
+                expected = np.array(colormaps["viridis"]((value - low) / (high - low), bytes=True)[:3], dtype=int)
+                assert np.abs(pixels[y, x].astype(int) - expected).max() <= 2, (label, metric, layer, step)
+
+
+def test_estimates_are_marked_exactly_where_sampled_sums_split_the_elements(tmp_path):
+    """cancellation="sampled": a cancelled / absorbed value is an estimate where there was something to split
+    (elements with a gradient that kept their value, less those at lr 0); there it reads ≈ with a legend, and
+    nowhere else. bf16 at a small lr: estimates everywhere; fp32 at a large lr: nothing to split, exact."""
+    sampled = [traced_run(tmp_path / name, dtype=dtype, lr=lr, tokens=32, steps=4, cancellation="sampled",
+                          label=name) for name, dtype, lr in (("bf16", torch.bfloat16, 1e-5), ("fp32", torch.float32, 1e-3))]
+    html_path = write_report(sampled, tmp_path / "report")
+    page = parse(html_path)
+    counts = []
+    for run_dir in sampled:
+        final = final_record(run_dir)
+        rows = page.tables[f"matrices-{run_dir.name}"]
+        header = [text for _, text in rows[0]]
+        marked = {(cells[0][1], header[i]) for cells in rows[1:] for i, (attrs, text) in enumerate(cells)
+                  if "estimate" in attrs.get("class", "") or text.startswith("≈")}
+        expected = {(name, metric) for name, values in final["per_matrix"].items() for metric in ("cancelled", "absorbed")
+                    if values["gradient_unchanged"] - values["zero_lr"] > 0}
+        assert marked == expected
+        for cells in rows[1:]:
+            for (attrs, text), metric in zip(cells, header, strict=True):
+                if (cells[0][1], metric) in expected:
+                    assert text == f"≈{100 * float(attrs['data-value']):.3f}%"
+        counts.append(len(expected))
+    assert counts[0] == 2 * len(final_record(sampled[0])["per_matrix"]) and counts[1] == 0  # both cases met
+    global_rows = {cells[0][1]: cells[1:] for cells in page.tables["global"][1:]}
+    for metric in ("cancelled", "absorbed"):
+        assert [text.startswith("≈") for _, text in global_rows[metric]] == [True, False]
+    assert [text.startswith("≈") for _, text in global_rows["update_sparsity"]] == [False, False]
+    assert html_path.read_text().count("≈ an estimate") == 3  # under the global table, the bf16 matrices, its layers
+
+
+def test_heatmap_labels_stay_inside_the_figure():
+    """Long module kinds (a MoE's shared expert) under a layer x kind heatmap: the tick labels and the axis label
+    are drawn inside the image, not cut at its edge."""
+    from gradtrace.views.figures import heatmap_figure
+    from gradtrace.views.run_data import Grid
+
+    kinds = ["q", "o", "shared_expert.gate_up", "shared_expert.down", "expert.gate_up"]
+    grid = Grid("update_sparsity", ["0", "1"], kinds, [[0.5] * len(kinds)] * 2)
+    figure = heatmap_figure([grid, grid], ["update", "gradient"], suptitle="layer x module kind")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    for ax in figure.axes[:2]:
+        for text in [ax.xaxis.label, *ax.get_xticklabels()]:
+            box = text.get_window_extent(renderer)
+            assert box.y0 >= 0 and box.x0 >= 0 and box.x1 <= figure.bbox.width, text.get_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 
@@ -19,7 +20,8 @@ from torch import nn
 import gradtrace
 from gradtrace import TrackerConfig
 from gradtrace.cli import main as cli_main
-from gradtrace.views.watch import LogFollower, fraction_bar, sparkline, watch
+from gradtrace.views.terminal import heat_strip, heat_strip_lines
+from gradtrace.views.watch import LogFollower, fraction_bar, render, sparkline, watch
 
 
 class TwoBlocks(nn.Module):
@@ -163,3 +165,65 @@ def test_bars_and_sparklines():
     assert fraction_bar(1.0, 3) == "███" and fraction_bar(None, 3) == "   "
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([0.2, 0.2]) == "▁▁"
+
+
+@pytest.fixture(scope="module")
+def deep_run(tmp_path_factory):
+    """The run log of a real 24-layer tiny Llama (bf16, small lr: per-layer sparsities that differ), a log
+    every step for 6 steps."""
+    from tests.helpers.traced_runs import traced_run
+
+    return traced_run(tmp_path_factory.mktemp("deep") / "run", dtype=torch.bfloat16, lr=1e-5, tokens=32, steps=6,
+                      layers=24, log_every=1, label="deep")
+
+
+def shown(follower: LogFollower, width: int, height: int) -> list[str]:
+    """The view as a terminal of that size shows it: its lines."""
+    console = Console(width=width, height=height, record=True, file=io.StringIO(), color_system=None)
+    console.print(render(follower, width=width, height=height))
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width, height", [(100, 40), (80, 24)])
+def test_every_layer_and_the_sparkline_ranges_fit_the_terminal(deep_run, width, height):
+    follower = LogFollower(deep_run)
+    follower.poll()
+    lines = shown(follower, width, height)
+    text = "\n".join(lines)
+    assert len(lines) <= height and max(len(line) for line in lines) <= width
+    latest = follower.latest
+    assert len(latest["per_layer"]) == 24
+    for layer, values in latest["per_layer"].items():
+        update, gradient = (f"{100 * values[m]:.2f}%" for m in ("update_sparsity", "gradient_sparsity"))
+        # the layer's label, then its two values (bars between them are not digits)
+        assert re.search(rf"(?<![\d.]){layer} [^\d]*{re.escape(update)} [^\d]*{re.escape(gradient)}", text), layer
+    # Each global metric: its sparkline over the logged steps and the range it is scaled to, the data's min-max.
+    history = [follower.history[step] for step in sorted(follower.history)]
+    assert len(history) == 6
+    for metric in ("gradient_sparsity", "update_sparsity", "cancelled", "absorbed", "updated"):
+        values = [h[metric] for h in history]
+        low, high = min(values), max(values)
+        [line] = [line for line in lines if line.startswith(f"{metric} ")]
+        spark = "".join("▁▂▃▄▅▆▇█"[round((v - low) / (high - low) * 7) if high > low else 0] for v in values)
+        assert f"{spark}" in line and line.rstrip().endswith(f"{100 * low:.2f}%–{100 * high:.2f}%"), line
+    if height == 40:  # the kinds too, while there is room
+        for kind, values in latest["per_kind"].items():
+            update = f"{100 * values['update_sparsity']:.2f}%"
+            assert re.search(rf"{kind} [^\d]*{re.escape(update)}", text), kind
+
+
+def test_heat_strip_shows_every_layer_on_its_range(deep_run):
+    """The last resort of a terminal too small for columns: one block per layer, scaled to the range it prints."""
+    follower = LogFollower(deep_run)
+    follower.poll()
+    per_layer = follower.latest["per_layer"]
+    strip = heat_strip("per layer", per_layer, "layer", 40).plain.splitlines()
+    assert len(strip) == heat_strip_lines(24, 2, 40)
+    labels = [line.split()[1:] for line in strip if line.lstrip().startswith("layer ")]
+    assert sum(labels, []) == [str(layer) for layer in range(24)]
+    updates = [v["update_sparsity"] for v in per_layer.values()]
+    assert f"update {100 * min(updates):.2f}%–{100 * max(updates):.2f}%" in strip[1]
+    blocks = "".join(line.split(maxsplit=1)[1] for line in strip[3:] if line.lstrip().startswith("update "))
+    lowest, highest = min(range(24), key=updates.__getitem__), max(range(24), key=updates.__getitem__)
+    cells = blocks.split()
+    assert len(cells) == 24 and cells[lowest][0] == "▁" and cells[highest][0] == "█"
