@@ -264,9 +264,9 @@ def file_stem(key: str) -> str:
 class Frame:
     """Everything a tracker shows for one logging step; images are PNG bytes, by key, drawn once.
 
-    ``pixels`` holds the same images as RGB arrays and :meth:`png_file` as files, so each tracker takes
-    the form it stores without decoding or encoding them again (a PNG encode per tracker and image cost
-    more than drawing it).
+    ``drawn`` holds the same images as drawn (:class:`~gradtrace.views.raster.GridImage`: their size, and
+    their pixels on demand) and :meth:`png_file` as files, so each tracker takes the form it stores
+    without decoding or encoding them again (a PNG encode per tracker and image cost more than drawing it).
     """
 
     step: int
@@ -274,8 +274,13 @@ class Frame:
     counters: dict[str, Any] = field(default_factory=dict)  # run_summary(): for the run's summary, not charts
     images: dict[str, bytes] = field(default_factory=dict)
     histogram: tuple[list[int], list[float]] | None = None
-    pixels: dict[str, Any] = field(default_factory=dict)
+    drawn: dict[str, Any] = field(default_factory=dict)  # GridImage by key
     folder: Path | None = None  # where png_file writes; one folder per frame
+
+    @property
+    def pixels(self) -> dict[str, Any]:
+        """Each image as an (height, width, 3) uint8 RGB array, what its PNG decodes to (made at each ask)."""
+        return {key: image.pixels for key, image in self.drawn.items()}
 
     def png_file(self, key: str) -> Path:
         """The PNG of ``key`` as a file, written at the first ask (the trackers that take a path copy it)."""
@@ -350,7 +355,7 @@ class LiveCharts:
                 for metric in HEATMAP_METRICS:
                     drawn[layer_expert_key(metric)] = expert_image(summary, metric)
             frame.images = {key: image.png for key, image in drawn.items()}
-            frame.pixels = {key: image.pixels for key, image in drawn.items()}
+            frame.drawn = drawn
             frame.folder = self._frame_folder(step)
         self._last = (id(summary), step, frame)
         return frame

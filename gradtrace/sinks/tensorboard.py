@@ -170,7 +170,7 @@ class TensorBoardSink:
             writer.add_text(SUMMARY_TAG, summary_text(frame.counters, anatomy_warnings(summary)), step)
             self._summary_written = True
         for key, png in frame.images.items():
-            height, width = frame.pixels[key].shape[:2]
+            height, width = frame.drawn[key].shape
             writer._get_file_writer().add_summary(png_summary(key, png, height, width), step)  # noqa: SLF001
         if frame.histogram is not None:
             counts, edges = frame.histogram

@@ -2,10 +2,17 @@
 
 The live trackers get a few heatmaps at every logging step (layer x step per metric, layer x kind, layer x
 expert). Drawn as matplotlib figures they cost 0.1-0.6 s each, most of it in figure layout, text and the
-Agg renderer, while the picture is a grid of coloured cells with labels. Here the cells are an array
-indexed into the colormap's own lookup table, the labels are Pillow text, and the PNG is written with
-fast compression: a few tens of milliseconds (``benchmarks/live_charts.py`` measures both). The static
-report keeps matplotlib, where its layout matters more than its speed.
+Agg renderer, while the picture is a grid of coloured cells with labels. Here the picture is drawn as one
+byte per pixel, an index into a 256-colour palette (:data:`PALETTE`: the colormap, white, the blank-cell
+grey and 15 shades of ink for antialiased text), and written as a palette PNG: a third of the bytes of an
+RGB one to filter and compress, and a third to read back for the trackers that decode it
+(``benchmarks/live_charts.py`` and ``benchmarks/logging_step.py`` measure it). The static report keeps
+matplotlib, where its layout matters more than its speed.
+
+The palette holds the colormap's 256 colours less 17 that it merges with a neighbour differing by at
+most 1 in each channel, so a cell reads within 1/255 of ``matplotlib``'s own colour for its value. A
+grid with values written in its cells (``annotate``: at most 200 cells) is the exception: its text is
+blended over each cell's colour, which no fixed palette holds, so it is written as an RGB PNG.
 
 :class:`GridImage` says where each cell lies in the PNG, so a test (or a user) can read a colour back.
 """
@@ -20,11 +27,57 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CMAP = "viridis"
+WHITE = (255, 255, 255)
 BLANK = (238, 238, 238)  # no value for that cell (no such matrix in that layer, nothing logged yet)
 INK = (40, 40, 40)
+INK_LEVELS = 15  # shades of ink over white for antialiased text (and 0, white): no eye tells 15 from 255
 _TOP, _BOTTOM_MIN, _RIGHT = 45, 45, 110  # pixels: title, x labels, colour bar and its labels
 _BAR_W, _BAR_GAP = 15, 15
 _MAX_ROW_LABELS, _MAX_COLUMN_LABELS = 32, 12  # past these, every n-th label only (readable at any depth)
+# zlib level of the PNGs: these images are re-sent at every logging step, and past level 3 a palette
+# PNG gets little smaller for several times the time (benchmarks/live_charts.py prints each level's cost).
+COMPRESS_LEVEL = 2
+
+
+@dataclass(frozen=True)
+class Palette:
+    """The 256 colours of the live images and where each kind of pixel sits in them."""
+
+    colours: Any  # (256, 3) uint8
+    colormap: Any  # (256,) uint8: the slot of each of the colormap's 256 entries
+    white: int
+    blank: int
+    ink: Any  # (INK_LEVELS + 1,) uint8: the slot of each ink level, 0 (white) to INK_LEVELS (INK)
+    ink_level: Any  # (256,) int16: the ink level of each slot (white 0), -1 for the others (cells, colour bar)
+
+
+@functools.lru_cache(maxsize=1)
+def palette() -> Palette:
+    """The palette (built once): the colormap in its first slots, then white, blank and the ink shades."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    lut = colormaps[CMAP](np.arange(256), bytes=True)[:, :3].astype(np.int16)  # integer input: the LUT itself
+    merged = 256 - (2 + INK_LEVELS)  # slots left for the colormap
+    # Merge the closest neighbours (each entry at most once) until the colormap fits in its slots.
+    distance = np.abs(np.diff(lut, axis=0)).max(axis=1)
+    joined = np.zeros(256, dtype=bool)  # joined[i]: entry i shares entry i-1's slot
+    for i in np.argsort(distance, kind="stable"):
+        if joined.sum() == 256 - merged:
+            break
+        if not joined[i] and not joined[i + 1] and (i + 2 > 255 or not joined[i + 2]):
+            joined[i + 1] = True
+    slot_of = (np.cumsum(~joined) - 1).astype(np.uint8)
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[:merged] = lut[~joined]  # a merged slot keeps its first entry's colour
+    white, blank = merged, merged + 1
+    colours[white], colours[blank] = WHITE, BLANK
+    ink = np.array([white, *range(merged + 2, 256)], dtype=np.uint8)
+    shades = np.linspace(0.0, 1.0, INK_LEVELS + 1)[1:, None]
+    colours[merged + 2:] = np.rint((1 - shades) * np.array(WHITE) + shades * np.array(INK))
+    ink_level = np.full(256, -1, dtype=np.int16)
+    ink_level[ink] = np.arange(INK_LEVELS + 1)
+    return Palette(colours, slot_of, white, blank, ink, ink_level)
 
 
 @dataclass(frozen=True)
@@ -37,9 +90,19 @@ class GridImage:
     box: tuple[float, float, float, float]  # cell area: left, top, right, bottom
     vmin: float
     vmax: float
-    # The same picture as an (height, width, 3) uint8 array: trackers that take pixels get them without
-    # decoding the PNG again (one decode per tracker and image was a third of a logging step's cost).
-    pixels: Any = field(repr=False, compare=False)
+    # The picture as drawn, for trackers that take pixels without decoding the PNG: (height, width) palette
+    # slots (:func:`palette`), or (height, width, 3) RGB for an annotated grid.
+    canvas: Any = field(repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.canvas.shape[0], self.canvas.shape[1]
+
+    @property
+    def pixels(self) -> Any:
+        """The picture as an (height, width, 3) uint8 RGB array (what the PNG decodes to)."""
+        return self.canvas if self.canvas.ndim == 3 else palette().colours[self.canvas]
 
     def cell_box(self, row: int, column: int) -> tuple[float, float, float, float]:
         """Pixel box (left, top, right, bottom) of the cell at ``row``, ``column`` (indices)."""
@@ -63,6 +126,13 @@ def percent(value: float) -> str:
     return f"{100 * value:.3g}%"
 
 
+def colormap_entries(fractions: Any) -> Any:
+    """The colormap's LUT entry (0..255) of each fraction in 0..1, as ``matplotlib`` picks it."""
+    import numpy as np
+
+    return np.minimum((np.clip(fractions, 0.0, 1.0) * 256).astype(np.intp), 255)
+
+
 def draw_grid(values: Any, rows: Sequence[str], columns: Sequence[str], *, title: str, width: int, height: int,
               vmin: float = 0.0, vmax: float = 1.0, row_label: str = "layer", column_label: str = "",
               vertical_columns: bool = False, annotate: bool = False) -> GridImage:
@@ -73,71 +143,104 @@ def draw_grid(values: Any, rows: Sequence[str], columns: Sequence[str], *, title
         annotate: write each value in % in its cell (small grids only).
     """
     import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw
 
+    colours = palette()
     data = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
     small = font(10)
     row_labels_w = max((small.getlength(r) for r in rows), default=0)
     left = int(max(45, row_labels_w + 14))
     column_labels_h = (max((small.getlength(c) for c in columns), default=0) + 8) if vertical_columns else 16
     bottom = int(max(_BOTTOM_MIN, column_labels_h + 22))
-    canvas = np.full((_TOP + height + bottom, left + width + _RIGHT, 3), 255, dtype=np.uint8)
+    canvas = np.full((_TOP + height + bottom, left + width + _RIGHT), colours.white, dtype=np.uint8)
 
-    cmap = colormaps[CMAP]
     span = vmax - vmin if vmax > vmin else 1.0
-    cells = cmap(np.clip(np.nan_to_num((data - vmin) / span), 0.0, 1.0), bytes=True)[..., :3]
-    cells[~np.isfinite(data)] = BLANK
+    cells = colours.colormap[colormap_entries(np.nan_to_num((data - vmin) / span))]
+    cells[~np.isfinite(data)] = colours.blank
     # Pixel y (x) of the cell area belongs to row floor(y * rows / height): cells as equal as pixels allow.
     row_of = np.arange(height) * len(rows) // height
     column_of = np.arange(width) * len(columns) // width
     canvas[_TOP:_TOP + height, left:left + width] = cells[row_of][:, column_of]
     bar_left = left + width + _BAR_GAP
-    canvas[_TOP:_TOP + height, bar_left:bar_left + _BAR_W] = cmap(np.linspace(1.0, 0.0, height), bytes=True)[:, None, :3]
+    canvas[_TOP:_TOP + height, bar_left:bar_left + _BAR_W] = colours.colormap[
+        colormap_entries(np.linspace(1.0, 0.0, height))][:, None]
 
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((left - 1, _TOP - 1, left + width, _TOP + height), outline=INK)
-    draw.rectangle((bar_left - 1, _TOP - 1, bar_left + _BAR_W, _TOP + height), outline=INK)
-    write(image, (left + width / 2, _TOP / 2), title, size=12, anchor="mm")
+    ink = colours.ink[INK_LEVELS]
+    _outline(canvas, left - 1, _TOP - 1, left + width, _TOP + height, ink)
+    _outline(canvas, bar_left - 1, _TOP - 1, bar_left + _BAR_W, _TOP + height, ink)
+    write(canvas, (left + width / 2, _TOP / 2), title, size=12, anchor="mm")
     cell_w, cell_h = width / len(columns), height / len(rows)
     every = max(1, math.ceil(len(rows) / _MAX_ROW_LABELS))
     for row in range(0, len(rows), every):
-        write(image, (left - 5, _TOP + (row + 0.5) * cell_h), rows[row], size=10, anchor="rm")
-    write(image, (left - 5, _TOP - 4), row_label, size=11, anchor="rb")
+        write(canvas, (left - 5, _TOP + (row + 0.5) * cell_h), rows[row], size=10, anchor="rm")
+    write(canvas, (left - 5, _TOP - 4), row_label, size=11, anchor="rb")
     every = 1 if vertical_columns else max(1, math.ceil(len(columns) / _MAX_COLUMN_LABELS))
     for column in range(0, len(columns), every):
-        x = left + (column + 0.5) * cell_w
-        draw.line((x, _TOP + height, x, _TOP + height + 3), fill=INK)
+        x = int(left + (column + 0.5) * cell_w)
+        canvas[_TOP + height:_TOP + height + 4, x] = ink
         if vertical_columns:
-            _vertical_text(image, columns[column], (x, _TOP + height + 5), 10)
+            write(canvas, (x, _TOP + height + 5), columns[column], size=10, anchor="lm", vertical=True)
         else:
-            write(image, (x, _TOP + height + 5), columns[column], size=10, anchor="mt")
+            write(canvas, (x, _TOP + height + 5), columns[column], size=10, anchor="mt")
     if column_label:
-        write(image, (left + width / 2, image.height - 6), column_label, size=11, anchor="mb")
+        write(canvas, (left + width / 2, canvas.shape[0] - 6), column_label, size=11, anchor="mb")
     for fraction in np.linspace(0.0, 1.0, 5):
         y = _TOP + (1.0 - fraction) * (height - 1)
-        draw.line((bar_left + _BAR_W, y, bar_left + _BAR_W + 3, y), fill=INK)
-        write(image, (bar_left + _BAR_W + 6, y), percent(vmin + fraction * (vmax - vmin)), size=10, anchor="lm")
+        canvas[int(y), bar_left + _BAR_W:bar_left + _BAR_W + 4] = ink
+        write(canvas, (bar_left + _BAR_W + 6, y), percent(vmin + fraction * (vmax - vmin)), size=10, anchor="lm")
+    box = (float(left), float(_TOP), float(left + width), float(_TOP + height))
     if annotate:
-        for (row, column), value in np.ndenumerate(data):
-            if math.isfinite(value):
-                red, green, blue = (int(c) for c in cells[row, column])
-                light = 0.299 * red + 0.587 * green + 0.114 * blue > 127  # dark text on light cells
-                write(image, (left + (column + 0.5) * cell_w, _TOP + (row + 0.5) * cell_h), f"{100 * value:.0f}",
-                      size=10, anchor="mm", fill=(0, 0, 0) if light else (255, 255, 255))
+        return _annotated(colours.colours[canvas], data, rows, columns, box, vmin, vmax)
+    return GridImage(png=png_of(canvas), rows=tuple(rows), columns=tuple(columns), box=box, vmin=vmin, vmax=vmax,
+                     canvas=_read_only(canvas))
+
+
+def _annotated(pixels: Any, data: Any, rows: Sequence[str], columns: Sequence[str],
+               box: tuple[float, float, float, float], vmin: float, vmax: float) -> GridImage:
+    """``pixels`` (RGB) with each finite value written in % in its cell, dark on light cells, as an RGB PNG."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    left, top, right, bottom = box
+    cell_w, cell_h = (right - left) / len(columns), (bottom - top) / len(rows)
+    for (row, column), value in np.ndenumerate(data):
+        if math.isfinite(value):
+            x, y = left + (column + 0.5) * cell_w, top + (row + 0.5) * cell_h
+            red, green, blue = (int(c) for c in pixels[int(y), int(x)])
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 127  # dark text on light cells
+            mask, dx, dy = _text_mask(f"{100 * value:.0f}", 10, "mm", False)
+            image.paste((0, 0, 0) if light else (255, 255, 255), (round(x) + dx, round(y) + dy), mask)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast: these images are re-sent at every logging step
-    pixels = np.asarray(image)
-    pixels.flags.writeable = False  # shared by every tracker of the step
-    return GridImage(png=buffer.getvalue(), rows=tuple(rows), columns=tuple(columns),
-                     box=(float(left), float(_TOP), float(left + width), float(_TOP + height)), vmin=vmin, vmax=vmax,
-                     pixels=pixels)
+    image.save(buffer, format="PNG", compress_level=COMPRESS_LEVEL)
+    return GridImage(png=buffer.getvalue(), rows=tuple(rows), columns=tuple(columns), box=box, vmin=vmin, vmax=vmax,
+                     canvas=_read_only(np.asarray(image)))
+
+
+def png_of(canvas: Any) -> bytes:
+    """A palette PNG of ``canvas`` (palette slots, :func:`palette`)."""
+    from PIL import Image
+
+    image = Image.fromarray(canvas)  # mode L; with a palette, mode P
+    image.putpalette(palette().colours.tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def _read_only(array: Any) -> Any:
+    array.flags.writeable = False  # shared by every tracker of the step
+    return array
+
+
+def _outline(canvas: Any, left: int, top: int, right: int, bottom: int, slot: int) -> None:
+    """A one-pixel rectangle outline, corners included (Pillow's ``rectangle(outline=)``)."""
+    canvas[top, left:right + 1] = canvas[bottom, left:right + 1] = slot
+    canvas[top:bottom + 1, left] = canvas[top:bottom + 1, right] = slot
 
 
 @functools.lru_cache(maxsize=4096)
 def _text_mask(text: str, size: int, anchor: str, vertical: bool) -> tuple[Any, int, int]:
-    """``text`` rendered once as a coverage mask, and its offset from the anchor point.
+    """``text`` rendered once as a coverage mask (a Pillow "L" image), and its offset from the anchor point.
 
     The labels (layers, kinds, steps, the values written in cells) repeat from one logging step to the
     next; rendering each through FreeType again was most of a heatmap's drawing time.
@@ -154,17 +257,38 @@ def _text_mask(text: str, size: int, anchor: str, vertical: bool) -> tuple[Any, 
     return mask, left, top
 
 
-def write(image: Any, xy: tuple[float, float], text: str, *, size: int, anchor: str = "la",
-          fill: tuple[int, int, int] = INK) -> None:
-    """Write ``text`` at ``xy`` (Pillow's ``anchor``) in ``fill``, from the cached mask."""
-    mask, left, top = _text_mask(text, size, anchor, False)
-    image.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
+@functools.lru_cache(maxsize=4096)
+def _ink_mask(text: str, size: int, anchor: str, vertical: bool) -> tuple[Any, int, int]:
+    """:func:`_text_mask` as ink levels (0..:data:`INK_LEVELS`, a uint8 array), and its offset."""
+    import numpy as np
+
+    mask, left, top = _text_mask(text, size, anchor, vertical)
+    levels = (np.asarray(mask, dtype=np.uint16) * INK_LEVELS + 127) // 255
+    return _read_only(levels.astype(np.int16)), left, top
 
 
-def _vertical_text(image: Any, text: str, top_center: tuple[float, float], size: int) -> None:
-    """Write ``text`` rotated to read top to bottom, centred on ``top_center``'s x, starting at its y."""
-    mask, left, top = _text_mask(text, size, "lm", True)
-    image.paste(INK, (round(top_center[0]) + left, round(top_center[1]) + top), mask)
+def write(canvas: Any, xy: tuple[float, float], text: str, *, size: int, anchor: str = "la",
+          vertical: bool = False) -> None:
+    """Write ``text`` in ink at ``xy`` (Pillow's ``anchor``; ``vertical``: top to bottom, hanging from ``xy``)
+    on ``canvas`` (palette slots), from the cached mask.
+
+    Only white and ink pixels take it (each keeps the darker of its ink and the text's): text never
+    covers a cell or the colour bar.
+    """
+    import numpy as np
+
+    levels, left, top = _ink_mask(text, size, anchor, vertical)
+    x0, y0 = round(xy[0]) + left, round(xy[1]) + top
+    x1, y1 = min(x0 + levels.shape[1], canvas.shape[1]), min(y0 + levels.shape[0], canvas.shape[0])
+    if x0 < 0 or y0 < 0:  # clipped on the left / top: the part of the mask inside the canvas
+        levels, x0, y0 = levels[max(0, -y0):, max(0, -x0):], max(0, x0), max(0, y0)
+    if x1 <= x0 or y1 <= y0:
+        return
+    colours = palette()
+    region = canvas[y0:y1, x0:x1]
+    under = colours.ink_level[region]
+    darker = np.maximum(under, levels[:y1 - y0, :x1 - x0])
+    region[:] = np.where(under >= 0, colours.ink[darker.clip(0)], region)
 
 
 def grid_image(grid: Any, *, title: str, column_label: str, vertical_columns: bool = False) -> GridImage:
