@@ -2,6 +2,11 @@
 
     python benchmarks/logging_step.py                 # 24 layers, 20 logging steps
     python benchmarks/logging_step.py --layers 24 --steps 40
+    python benchmarks/logging_step.py --steps 40 --against /tmp/base --rounds 3   # before / after
+
+``--against DIR`` compares with another checkout of gradtrace (``git worktree add --detach DIR <commit>``):
+the same measurement runs in a fresh process for each, alternating (DIR, this checkout, DIR, ...) so both
+see the machine's load alike, and each version's figures are printed as the range over its rounds.
 
 A Llama-config model of the given depth (tiny widths, about 226k parameters at 24 layers) is traced by a
 real :class:`GradTracker`; each logging step, every tracker gets a real run in a temporary folder
@@ -19,8 +24,11 @@ gradtrace adds (drawing + the four sinks) as a multiple of ``measure()``. One th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,12 +139,8 @@ def timed(call) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=20, help="logging steps (one per optimizer step)")
-    parser.add_argument("--trackers", nargs="+", default=["TensorBoard", "MLflow", "trackio", "W&B"])
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Medians per logging step (ms) of each part, past the first steps (imports, opening runs)."""
     torch.set_num_threads(1)
     model = model_of(args.layers)
     tracker = GradTracker(model)
@@ -156,23 +160,80 @@ def main() -> None:
             times[f"{each.name} gradtrace"].append(timed(lambda: each.sink.log(summary, step)))  # noqa: B023
     for each in trackers:
         each.close()
-
     skip = min(2, args.steps - 1)  # the first steps import and open things: not a logging step's cost
     median = {key: statistics.median(values[skip:]) for key, values in times.items()}
-    parameters = sum(p.numel() for p in model.parameters())
+    median["sinks"] = sum(median[f"{name} gradtrace"] for name in args.trackers)
+    median["added"] = median["drawing"] + median["sinks"]
+    median["ratio"] = median["added"] / median["measure"]
+    median["alone"] = sum(median[f"{name} alone"] for name in args.trackers)
+    return median
+
+
+def report(args: argparse.Namespace, median: dict[str, float]) -> None:
+    skip = min(2, args.steps - 1)
     print(f"gradtrace from {gradtrace.__file__}")
-    print(f"{args.layers} layers, {parameters / 1e3:.0f}k parameters, median of logging steps {skip + 1}..{args.steps}, "
-          "ms per logging step, one thread\n")
+    print(f"{args.layers} layers, {sum(p.numel() for p in model_of(args.layers).parameters()) / 1e3:.0f}k parameters, "
+          f"median of logging steps {skip + 1}..{args.steps}, ms per logging step, one thread\n")
     print(f"{'':<14} {'alone':>8} {'+ gradtrace':>12}")
     for name in args.trackers:
         print(f"{name:<14} {median[f'{name} alone']:8.1f} {median[f'{name} gradtrace']:12.1f}")
-    sinks = sum(median[f"{name} gradtrace"] for name in args.trackers)
-    added = median["drawing"] + sinks
     print(f"{'drawing':<14} {'':>8} {median['drawing']:12.1f}   (once per step, shared)")
     print(f"{'measure()':<14} {'':>8} {median['measure']:12.1f}")
-    print(f"\ngradtrace adds {added:.1f} ms per logging step with {len(trackers)} trackers "
-          f"(drawing {median['drawing']:.1f} + sinks {sinks:.1f}) = {added / median['measure']:.2f}x measure(); "
-          f"the trackers alone take {sum(median[f'{n} alone'] for n in args.trackers):.1f} ms")
+    print(f"\ngradtrace adds {median['added']:.1f} ms per logging step with {len(args.trackers)} trackers "
+          f"(drawing {median['drawing']:.1f} + sinks {median['sinks']:.1f}) = {median['ratio']:.2f}x measure(); "
+          f"the trackers alone take {median['alone']:.1f} ms")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run the measurement for ``args.against`` and this checkout in turn, ``args.rounds`` times each."""
+    here = Path(__file__).resolve().parent.parent
+    versions = {"before": Path(args.against).resolve(), "now": here}
+    results: dict[str, list[dict[str, float]]] = {label: [] for label in versions}
+    for round_ in range(args.rounds):
+        for label, root in versions.items():
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                command = [sys.executable, __file__, "--layers", str(args.layers), "--steps", str(args.steps),
+                           "--json", out.name, "--trackers", *args.trackers]
+                env = {**os.environ, "PYTHONPATH": str(root)}
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    raise SystemExit(f"{label} ({root}) failed:\n{done.stderr[-3000:]}")
+                results[label].append(json.loads(Path(out.name).read_text()))
+            print(f"round {round_ + 1}, {label} ({root}): adds {results[label][-1]['added']:.1f} ms = "
+                  f"{results[label][-1]['ratio']:.2f}x measure()", flush=True)
+
+    def spread(label: str, key: str, digits: int = 1) -> str:
+        values = [r[key] for r in results[label]]
+        return f"{min(values):.{digits}f}-{max(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+    print(f"\n{args.layers} layers, {args.steps} logging steps, {args.rounds} rounds each, alternating; ms per "
+          "logging step (medians), range over the rounds")
+    print(f"{'':<22} {'alone':>12} {'before':>14} {'now':>14}")
+    for name in args.trackers:
+        print(f"{name:<22} {spread('before', f'{name} alone'):>12} {spread('before', f'{name} gradtrace'):>14} "
+              f"{spread('now', f'{name} gradtrace'):>14}")
+    for key, title in (("drawing", "drawing (shared)"), ("measure", "measure()"), ("added", "gradtrace adds")):
+        print(f"{title:<22} {'':>12} {spread('before', key):>14} {spread('now', key):>14}")
+    print(f"{'x measure()':<22} {'':>12} {spread('before', 'ratio', 2):>14} {spread('now', 'ratio', 2):>14}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=20, help="logging steps (one per optimizer step)")
+    parser.add_argument("--trackers", nargs="+", default=["TensorBoard", "MLflow", "trackio", "W&B"])
+    parser.add_argument("--against", metavar="DIR", help="another gradtrace checkout to compare with")
+    parser.add_argument("--rounds", type=int, default=2, help="with --against: runs of each version")
+    parser.add_argument("--json", metavar="FILE", help=argparse.SUPPRESS)  # --against's runs write here
+    args = parser.parse_args()
+    if args.against:
+        compare(args)
+        return
+    median = measure(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(median))
+    else:
+        report(args, median)
 
 
 if __name__ == "__main__":

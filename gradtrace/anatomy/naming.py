@@ -20,6 +20,7 @@ architecture still gets a usable, if less uniform, grouping.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # Wrappers that add a prefix or an indirection without changing what the parameter is.
@@ -107,6 +108,7 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@functools.lru_cache(maxsize=65536)  # the live images ask again for every name at every logging step
 def layer_key(name: str) -> str | None:
     """Group key of the parameter's block: ``"3"`` (language decoder), ``"vision.3"`` (other towers),
     ``"projector"`` (merger / projector, one group); ``None`` outside the blocks (embeddings, head)."""
@@ -156,6 +158,7 @@ def is_routed_expert(name: str) -> bool:
             and not any(p in _SHARED_EXPERTS for p in parts))
 
 
+@functools.lru_cache(maxsize=65536)  # as layer_key: a pure function of the name, asked at every logging step
 def kind_of(name: str) -> str:
     """Module kind of a parameter, e.g. ``"q"``, ``"down"``, ``"norm"``, ``"router"``, ``"expert.down"``;
     LoRA adds a suffix (``"q.lora_A"``), towers other than the decoder a prefix (``"vision.q"``)."""

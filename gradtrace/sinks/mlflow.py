@@ -5,7 +5,9 @@ one section per key up to its last ``/``: ``gradtrace`` with the sparsities firs
 ``gradtrace_heatmap``, ``gradtrace_kind``...), the layer x step and layer x kind images as step images in
 those sections (at MLflow's step 0, where its image cards open, named by their training step:
 :meth:`MlflowSink._log_images`), the counters (``gradtrace/optimizer_steps``...) and an unrecognised MoE
-layout's ``gradtrace/anatomy_warnings`` as run tags; at the end the final values as tags
+layout's ``gradtrace/anatomy_warnings`` as run tags, at the first log and the counters again at the end (a
+tag update is a database commit of its own: a third of the sink's time when a counter was re-tagged at
+every step); at the end the final values as tags
 (``gradtrace/final/<name>``, not one-point charts), and the per-matrix table
 (``gradtrace_final/per_matrix.json``), the masks file and the run's summary as artifacts under
 ``gradtrace/``. MLflow has no histogram type: the cancellation histogram stays in the run log and the
@@ -22,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.formats.run_dir import MASKS_NAME, SUMMARY_NAME
-from gradtrace.sinks.payload import TABLE_KEY, WARNINGS_KEY, LiveCharts, anatomy_warnings, final_summary
+from gradtrace.sinks.payload import (
+    TABLE_KEY,
+    WARNINGS_KEY,
+    LiveCharts,
+    anatomy_warnings,
+    final_summary,
+    run_summary,
+)
 
 ARTIFACT_DIR = "gradtrace"
 MAX_BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics, params and tags together
@@ -44,9 +53,8 @@ class MlflowSink:
         self.run_id = run_id
         self.charts = charts or LiveCharts()
         self._images_tagged = False
-        self._warned = False
+        self._tagged = False  # the counters (and anatomy warnings) are tags of the run
         self._last_ms = 0  # the time in the previous step's image names
-        self._tagged: dict[str, str] = {}  # counter tags as last sent
 
     def _client(self) -> Any | None:
         if self.run_id is None:
@@ -73,15 +81,13 @@ class MlflowSink:
         frame = self.charts.frame(summary)
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, step) for key, value in frame.scalars.items()]
-        # The run's counters: tags, not one flat or ramping chart each; only those that changed (a tag costs
-        # a database round trip, and most counters never change).
-        tags = {k: v for k, v in frame.counters.items() if self._tagged.get(k) != str(v)}
-        warnings = anatomy_warnings(summary)
-        if warnings and not self._warned:  # once: the layout does not change
-            tags[WARNINGS_KEY] = warnings
-            self._warned = True
+        # The run's counters: tags, not one flat or ramping chart each; once here, again at the end.
+        tags: dict[str, Any] = {}
+        if not self._tagged:
+            warnings = anatomy_warnings(summary)
+            tags = {**frame.counters, **({WARNINGS_KEY: warnings} if warnings else {})}
+            self._tagged = True
         self._log_batch(client, metrics, tags)
-        self._tagged.update({k: str(v) for k, v in tags.items()})
         if frame.images:
             self._log_images(client, frame, step, now)
 
@@ -125,15 +131,15 @@ class MlflowSink:
             self._images_tagged = True
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        """Final values as tags (not one-point charts); per-matrix table and the masks file (with
-        summary.json) as artifacts."""
+        """The counters as they end and the final values as tags (not one-point charts); per-matrix table and
+        the masks file (with summary.json) as artifacts."""
         client = self._client()
         if client is None or not summary:
             return
         columns, rows = self.charts.table(summary)
         client.log_table(self.run_id, data={c: [r[i] for r in rows] for i, c in enumerate(columns)},
                          artifact_file=f"{TABLE_KEY}.json")
-        self._log_batch(client, [], final_summary(summary))
+        self._log_batch(client, [], {**run_summary(summary), **final_summary(summary)})
         for name in (MASKS_NAME, SUMMARY_NAME):
             path = Path(run_dir) / name
             if path.is_file():

@@ -34,9 +34,10 @@ INK_LEVELS = 15  # shades of ink over white for antialiased text (and 0, white):
 _TOP, _BOTTOM_MIN, _RIGHT = 45, 45, 110  # pixels: title, x labels, colour bar and its labels
 _BAR_W, _BAR_GAP = 15, 15
 _MAX_ROW_LABELS, _MAX_COLUMN_LABELS = 32, 12  # past these, every n-th label only (readable at any depth)
-# zlib level of the PNGs: these images are re-sent at every logging step, and past level 3 a palette
-# PNG gets little smaller for several times the time (benchmarks/live_charts.py prints each level's cost).
-COMPRESS_LEVEL = 2
+# zlib level of the PNGs. Level 3 cost least for the four images of benchmarks/logging_step.py's 24-layer
+# model (48 kB): encoding them, W&B decoding them, and TensorBoard's checksum of their bytes (pure Python
+# without TensorFlow: 0.1-0.2 ms per kB). Level 1 wrote 59 kB in the same time, level 6 36 kB in three times it.
+COMPRESS_LEVEL = 3
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class Palette:
     white: int
     blank: int
     ink: Any  # (INK_LEVELS + 1,) uint8: the slot of each ink level, 0 (white) to INK_LEVELS (INK)
-    ink_level: Any  # (256,) int16: the ink level of each slot (white 0), -1 for the others (cells, colour bar)
+    # (256, INK_LEVELS + 1) uint8: a slot with text of each ink level written over it. White and ink slots
+    # take the darker of the two; the others (cells, colour bar) stay as they are.
+    inked: Any
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,9 +78,11 @@ def palette() -> Palette:
     ink = np.array([white, *range(merged + 2, 256)], dtype=np.uint8)
     shades = np.linspace(0.0, 1.0, INK_LEVELS + 1)[1:, None]
     colours[merged + 2:] = np.rint((1 - shades) * np.array(WHITE) + shades * np.array(INK))
-    ink_level = np.full(256, -1, dtype=np.int16)
-    ink_level[ink] = np.arange(INK_LEVELS + 1)
-    return Palette(colours, slot_of, white, blank, ink, ink_level)
+    inked = np.repeat(np.arange(256, dtype=np.uint8)[:, None], INK_LEVELS + 1, axis=1)
+    levels = np.arange(INK_LEVELS + 1)
+    for level, slot in enumerate(ink):
+        inked[slot] = ink[np.maximum(level, levels)]
+    return Palette(colours, slot_of, white, blank, ink, _read_only(inked))
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,12 @@ def font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+@functools.lru_cache(maxsize=4096)
+def text_width(text: str, size: int) -> float:
+    """Width of ``text`` at ``size`` in pixels (the labels repeat from one logging step to the next)."""
+    return font(size).getlength(text)
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.3g}%"
 
@@ -146,10 +157,9 @@ def draw_grid(values: Any, rows: Sequence[str], columns: Sequence[str], *, title
 
     colours = palette()
     data = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
-    small = font(10)
-    row_labels_w = max((small.getlength(r) for r in rows), default=0)
+    row_labels_w = max((text_width(r, 10) for r in rows), default=0)
     left = int(max(45, row_labels_w + 14))
-    column_labels_h = (max((small.getlength(c) for c in columns), default=0) + 8) if vertical_columns else 16
+    column_labels_h = (max((text_width(c, 10) for c in columns), default=0) + 8) if vertical_columns else 16
     bottom = int(max(_BOTTOM_MIN, column_labels_h + 22))
     canvas = np.full((_TOP + height + bottom, left + width + _RIGHT), colours.white, dtype=np.uint8)
 
@@ -264,7 +274,7 @@ def _ink_mask(text: str, size: int, anchor: str, vertical: bool) -> tuple[Any, i
 
     mask, left, top = _text_mask(text, size, anchor, vertical)
     levels = (np.asarray(mask, dtype=np.uint16) * INK_LEVELS + 127) // 255
-    return _read_only(levels.astype(np.int16)), left, top
+    return _read_only(levels.astype(np.intp)), left, top
 
 
 def write(canvas: Any, xy: tuple[float, float], text: str, *, size: int, anchor: str = "la",
@@ -275,8 +285,6 @@ def write(canvas: Any, xy: tuple[float, float], text: str, *, size: int, anchor:
     Only white and ink pixels take it (each keeps the darker of its ink and the text's): text never
     covers a cell or the colour bar.
     """
-    import numpy as np
-
     levels, left, top = _ink_mask(text, size, anchor, vertical)
     x0, y0 = round(xy[0]) + left, round(xy[1]) + top
     x1, y1 = min(x0 + levels.shape[1], canvas.shape[1]), min(y0 + levels.shape[0], canvas.shape[0])
@@ -284,11 +292,8 @@ def write(canvas: Any, xy: tuple[float, float], text: str, *, size: int, anchor:
         levels, x0, y0 = levels[max(0, -y0):, max(0, -x0):], max(0, x0), max(0, y0)
     if x1 <= x0 or y1 <= y0:
         return
-    colours = palette()
     region = canvas[y0:y1, x0:x1]
-    under = colours.ink_level[region]
-    darker = np.maximum(under, levels[:y1 - y0, :x1 - x0])
-    region[:] = np.where(under >= 0, colours.ink[darker.clip(0)], region)
+    region[:] = palette().inked[region, levels[:y1 - y0, :x1 - x0]]
 
 
 def grid_image(grid: Any, *, title: str, column_label: str, vertical_columns: bool = False) -> GridImage:
