@@ -203,14 +203,14 @@ def compare(args: argparse.Namespace) -> None:
                   f"{results[label][-1]['ratio']:.2f}x measure()", flush=True)
 
     def spread(label: str, key: str, digits: int = 1) -> str:
-        values = [r[key] for r in results[label]]
+        values = [r[key] for r in (results["before"] + results["now"] if label == "both" else results[label])]
         return f"{min(values):.{digits}f}-{max(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
     print(f"\n{args.layers} layers, {args.steps} logging steps, {args.rounds} rounds each, alternating; ms per "
           "logging step (medians), range over the rounds")
     print(f"{'':<22} {'alone':>12} {'before':>14} {'now':>14}")
     for name in args.trackers:
-        print(f"{name:<22} {spread('before', f'{name} alone'):>12} {spread('before', f'{name} gradtrace'):>14} "
+        print(f"{name:<22} {spread('both', f'{name} alone'):>12} {spread('before', f'{name} gradtrace'):>14} "
               f"{spread('now', f'{name} gradtrace'):>14}")
     for key, title in (("drawing", "drawing (shared)"), ("measure", "measure()"), ("added", "gradtrace adds")):
         print(f"{title:<22} {'':>12} {spread('before', key):>14} {spread('now', key):>14}")
