@@ -5,8 +5,8 @@
 
 At every logging step :class:`gradtrace.sinks.payload.LiveCharts` turns the tracker's summary into one
 frame (rendered once, whatever the number of trackers): the scalars, one layer x step image per shown
-metric (all layers x the steps so far, drawn with NumPy and Pillow) and the layer x kind heatmaps of the
-step (matplotlib). Summaries come from a real :class:`GradTracker` on a Llama-config model of the given
+metric (all layers x the steps so far) and the layer x kind heatmaps of the step, all drawn with NumPy and
+Pillow as palette PNGs. Summaries come from a real :class:`GradTracker` on a Llama-config model of the given
 depth (tiny widths: the cost of the charts depends on the number of layers and steps, not on the width),
 logged at every step of a short synthetic run.
 

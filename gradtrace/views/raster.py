@@ -61,23 +61,23 @@ def palette() -> Palette:
     from matplotlib import colormaps
 
     lut = colormaps[CMAP](np.arange(256), bytes=True)[:, :3].astype(np.int16)  # integer input: the LUT itself
-    merged = 256 - (2 + INK_LEVELS)  # slots left for the colormap
+    slots = 256 - (2 + INK_LEVELS)  # left for the colormap
     # Merge the closest neighbours (each entry at most once) until the colormap fits in its slots.
     distance = np.abs(np.diff(lut, axis=0)).max(axis=1)
     joined = np.zeros(256, dtype=bool)  # joined[i]: entry i shares entry i-1's slot
     for i in np.argsort(distance, kind="stable"):
-        if joined.sum() == 256 - merged:
+        if joined.sum() == 256 - slots:
             break
         if not joined[i] and not joined[i + 1] and (i + 2 > 255 or not joined[i + 2]):
             joined[i + 1] = True
     slot_of = (np.cumsum(~joined) - 1).astype(np.uint8)
     colours = np.zeros((256, 3), dtype=np.uint8)
-    colours[:merged] = lut[~joined]  # a merged slot keeps its first entry's colour
-    white, blank = merged, merged + 1
+    colours[:slots] = lut[~joined]  # a merged slot keeps its first entry's colour
+    white, blank = slots, slots + 1
     colours[white], colours[blank] = WHITE, BLANK
-    ink = np.array([white, *range(merged + 2, 256)], dtype=np.uint8)
+    ink = np.array([white, *range(slots + 2, 256)], dtype=np.uint8)
     shades = np.linspace(0.0, 1.0, INK_LEVELS + 1)[1:, None]
-    colours[merged + 2:] = np.rint((1 - shades) * np.array(WHITE) + shades * np.array(INK))
+    colours[slots + 2:] = np.rint((1 - shades) * np.array(WHITE) + shades * np.array(INK))
     inked = np.repeat(np.arange(256, dtype=np.uint8)[:, None], INK_LEVELS + 1, axis=1)
     levels = np.arange(INK_LEVELS + 1)
     for level, slot in enumerate(ink):

@@ -15,8 +15,19 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from gradtrace.views.raster import _BAR_GAP, _BAR_W, _BOTTOM_MIN, _MAX_COLUMN_LABELS, _MAX_ROW_LABELS, _RIGHT, _TOP
-from gradtrace.views.raster import BLANK, INK, font, percent
+from gradtrace.views.raster import (
+    _BAR_GAP,
+    _BAR_W,
+    _BOTTOM_MIN,
+    _MAX_COLUMN_LABELS,
+    _MAX_ROW_LABELS,
+    _RIGHT,
+    _TOP,
+    BLANK,
+    INK,
+    font,
+    percent,
+)
 
 
 def draw_rgb(values: Sequence[Sequence[float]], rows: Sequence[str], columns: Sequence[str], *, title: str, width: int,
