@@ -29,9 +29,9 @@ def _swap_in_group(model, optimizer):
 
 CHANGES = {
     "setattr parameter": lambda m, o: setattr(m[0], "weight", nn.Parameter(torch.zeros(8, 4))),
-    "behind setattr's back": lambda m, o: m[0]._parameters.__setitem__("bias", nn.Parameter(torch.zeros(8))),
+    "register_parameter": lambda m, o: m[0].register_parameter("bias", nn.Parameter(torch.zeros(8))),
     "new submodule": lambda m, o: m.add_module("head", nn.Linear(3, 2)),
-    "submodule replaced": lambda m, o: m._modules.__setitem__("2", nn.Linear(8, 3)),
+    "submodule replaced": lambda m, o: setattr(m, "2", nn.Linear(8, 3)),
     "frozen": lambda m, o: m[2].weight.requires_grad_(False),
     "resized in place": lambda m, o: setattr(m[2].bias, "data", torch.zeros(5)),
     "cast in place": lambda m, o: setattr(m[2].bias, "data", m[2].bias.data.double()),
@@ -47,6 +47,9 @@ def test_unchanged_returns_the_same_list():
     first = watch()
     model(torch.ones(2, 4)).sum().backward()
     optimizer.step()  # values change, the set does not
+    assert watch() is first
+    nn.ModuleList(list(model)[:2])  # a forward's throwaway container (Llama's self.layers[:n]) registers modules
+    nn.Linear(2, 2)  # and so does any module built elsewhere
     assert watch() is first
     assert [(n, id(p)) for n, p in first] == [(n, id(p)) for n, p in stepped_parameters(model, optimizer)[0]]
 
