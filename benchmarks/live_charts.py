@@ -30,8 +30,8 @@ import gradtrace
 from gradtrace import GradTracker
 from gradtrace.sinks.payload import HEATMAP_METRICS, LAYER_STEP_METRICS, LiveCharts, scalar_payload
 from gradtrace.tracking.summary import summarize
+from gradtrace.views.figures import figure_png, heatmap_figure
 from gradtrace.views.live import LayerStepHistory, layer_kind_image
-from gradtrace.views.report import figure_png, heatmap_figure
 from gradtrace.views.run_data import layer_kind_grid
 
 

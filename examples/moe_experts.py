@@ -20,7 +20,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Trainer, TrainingA
 from gradtrace import GradTraceCallback
 from gradtrace.demo.runs import CausalLMCollator
 from gradtrace.demo.tiny import build_tokenizer, text_dataset
-from gradtrace.views.report import expert_heatmap_figure, figure_png
+from gradtrace.views.figures import expert_heatmap_figure, figure_png
 
 
 def main(output_dir: str = "runs/moe-experts", *, steps: int = 20, png: str | None = None) -> dict:

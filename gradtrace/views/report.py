@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradtrace.views.figures import (  # noqa: F401  (figure_png, heatmap_figure: the examples' and benchmarks')
+from gradtrace.views.figures import (
     breakdown_figure,
     curves_figure,
     evolution_figure,
