@@ -102,11 +102,11 @@ def per_matrix_markdown(per_matrix: Mapping[str, Mapping[str, Any]], stride: int
     parts: list[str] = []
     for index, (title, metrics) in enumerate(groups):
         if metrics:
-            parts += ["" if parts else None, f"**{title}** (% of its elements)", "", *table(metrics, index == 0)]
+            parts += [*([""] if parts else []), f"**{title}** (% of its elements)", "", *table(metrics, index == 0)]
     if stride is not None and any(is_estimate(v, m, stride) for v in per_matrix.values() for m in columns):
         parts += ["", f"≈ estimated from the gradient sums kept on every {stride}th element "
                       '(cancellation="sampled")']
-    return "\n".join(p for p in parts if p is not None)
+    return "\n".join(parts)
 
 
 def _run_info(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -58,8 +58,8 @@ def _varint_widths(gaps: np.ndarray) -> np.ndarray:
 
 
 def varint_bytes(indices: np.ndarray) -> int:
-    """``len(varint_deltas(indices))`` without writing it: the same widths, summed (one compare and count
-    per 7-bit threshold instead of building the bytes)."""
+    """``len(varint_deltas(indices))`` without writing it: one compare and count per 7-bit threshold (not
+    ``_varint_widths(...).sum()``, whose int64 array of widths took 27 ms instead of 17 for 7.6M indices)."""
     if indices.size == 0:
         return 0
     gaps, total = _gaps(indices), indices.size

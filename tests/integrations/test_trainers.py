@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from gradtrace import GradTraceCallback, load_masks, read_run_log
 from gradtrace.demo import runs
 from tests.helpers.reference import assert_masks_equal_reference
+from tests.helpers.trainer_callbacks import StopAt
 
 pytestmark = pytest.mark.filterwarnings("error::gradtrace.GradTraceWarning")
 
@@ -84,15 +84,6 @@ def test_lora_tracks_only_the_adapters(tmp_path, base_path, reference):
     assert_masks_equal_reference(masks, reference, some_without_gradient=False)  # LoRA: every adapter element
     kinds = set(callback.summary["per_kind"])
     assert kinds == {"q.lora_A", "q.lora_B", "v.lora_A", "v.lora_B"}
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_from_checkpoint_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, base_path):

@@ -19,6 +19,7 @@ from gradtrace import GradTraceCallback
 from gradtrace.anatomy.parameter_names import tracked_name
 from gradtrace.demo import runs
 from tests.helpers.sync_reference import assert_sync_section, changed
+from tests.helpers.trainer_callbacks import StopAt
 
 EVERY, SAVED, STEPS = 4, 6, 12  # resumed mid-window: window 2 (steps 5-8) holds the checkpoint step 6
 
@@ -42,15 +43,6 @@ class CastWeights(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.weights[state.global_step] = self.cast()
         self.sections[state.global_step] = self.gradtrace.summary["sync"]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _trainer(base_path, output_dir, *extra):
